@@ -1,0 +1,239 @@
+"""Several LoRA adapters resident at once, routed per row inside one forward pass.
+
+Adapters never touch the base weights: each targeted `nn.Linear` gets a forward hook that adds
+`scale * B(A(x))` for the rows routed to each adapter (grouped, one small matmul pair per adapter present
+in the batch, like punica/S-LoRA's gather-scatter). Base state-dict keys therefore stay Jina V4's, and
+loading or unloading an adapter is a dictionary update done under a lock, all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+NO_ROUTE = -1
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
+
+
+def normalize_module_name(key: str) -> str:
+    """PEFT key prefix and both Qwen2.5-VL naming generations -> this model's module names."""
+    for prefix in ("base_model.model.", "base_model."):
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+            break
+    for old, new in (("model.language_model.", "model."), ("model.visual.", "visual."), ("language_model.", "model.")):
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+@dataclass
+class LoraAdapter:
+    """One adapter's weights, already validated against the model: module name -> (A, B)."""
+
+    name: str
+    rank: int
+    alpha: float
+    scaling: float
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    path: str = ""
+    config: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "targets": len(self.weights), "path": self.path}
+
+
+def read_peft_folder(path: str, *, name_filter: str | None = None) -> dict[str, tuple[dict, dict[str, tuple]]]:
+    """Read a PEFT LoRA folder. Returns {sub_adapter_name_or_'': (config, {module: (A, B)})}.
+
+    Jina V4's combined adapter keeps several tasks in one folder as `lora_A.<task>.weight`; a standard
+    PEFT folder has `lora_A.weight`, returned under the key ''.
+    """
+    config_path = os.path.join(path, ADAPTER_CONFIG)
+    weights_path = os.path.join(path, ADAPTER_WEIGHTS)
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{path}: no {ADAPTER_CONFIG}; an adapter is a PEFT folder")
+    if not os.path.isfile(weights_path):
+        raise ValueError(f"{path}: no {ADAPTER_WEIGHTS}")
+    try:
+        with open(config_path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
+    for flag in ("use_dora", "fan_in_fan_out"):
+        if config.get(flag):
+            raise ValueError(f"{path}: {flag}=true is not supported")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError(f"{path}: per-module rank_pattern/alpha_pattern are not supported")
+    if config.get("modules_to_save"):
+        raise ValueError(f"{path}: modules_to_save is not supported by per-row routing")
+    try:
+        tensors = load_file(weights_path)
+    except Exception as exc:
+        raise ValueError(f"{weights_path}: cannot be read ({exc})") from None
+    grouped: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if not match:
+            raise ValueError(f"{path}: unexpected tensor {key!r} (only lora_A/lora_B weights are supported)")
+        sub = match["name"] or ""
+        if name_filter is not None and sub and sub != name_filter:
+            continue
+        module = normalize_module_name(match["module"])
+        grouped.setdefault(sub, {}).setdefault(module, {})[match["ab"]] = tensor
+    out = {}
+    for sub, modules in grouped.items():
+        pairs = {}
+        for module, ab in modules.items():
+            if set(ab) != {"A", "B"}:
+                raise ValueError(f"{path}: module {module!r} has lora_{'A' if 'A' in ab else 'B'} without its pair")
+            pairs[module] = (ab["A"], ab["B"])
+        out[sub] = (config, pairs)
+    if not out:
+        raise ValueError(f"{path}: {ADAPTER_WEIGHTS} holds no LoRA weights")
+    return out
+
+
+class LoraRegistry:
+    """The resident adapters of one model and the per-row routing of the forward pass in flight."""
+
+    def __init__(self, model: nn.Module, max_loras: int, max_lora_rank: int):
+        self.model = model
+        self.max_loras = max_loras
+        self.max_lora_rank = max_lora_rank
+        self.adapters: dict[str, LoraAdapter] = {}
+        self.lock = threading.RLock()
+        self._ids: dict[str, int] = {}
+        self._module_weights: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._text_route: torch.Tensor | None = None
+        self._vision_routes: dict[int, torch.Tensor] = {}
+        self._next_id = 0
+
+    # ---- loading -------------------------------------------------------------------------------------
+
+    def build(self, name: str, config: dict, pairs: dict, path: str = "") -> LoraAdapter:
+        """Validate one adapter against the model (shapes, rank, targets) without changing anything."""
+        if not name or not isinstance(name, str) or name.lower() in ("none", "base"):
+            raise ValueError(f"invalid adapter name {name!r}")
+        modules = dict(self.model.named_modules())
+        rank = int(config.get("r", 0)) or next(iter(pairs.values()))[0].shape[0]
+        if rank > self.max_lora_rank:
+            raise ValueError(f"adapter {name!r}: rank {rank} exceeds max_lora_rank {self.max_lora_rank}")
+        alpha = float(config.get("lora_alpha", rank))
+        scaling = alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank
+        param = next(self.model.parameters())
+        weights = {}
+        for module_name, (a, b) in pairs.items():
+            target = modules.get(module_name)
+            if not isinstance(target, nn.Linear):
+                kind = "does not exist" if target is None else f"is a {type(target).__name__}, not a Linear layer"
+                raise ValueError(f"adapter {name!r}: target module {module_name!r} {kind} in this model")
+            if a.dim() != 2 or b.dim() != 2 or a.shape != (rank, target.in_features) or b.shape != (target.out_features, rank):
+                raise ValueError(
+                    f"adapter {name!r}: module {module_name!r} expects lora_A [{rank}, {target.in_features}] and "
+                    f"lora_B [{target.out_features}, {rank}], got {list(a.shape)} and {list(b.shape)}"
+                )
+            weights[module_name] = (a.to(param.device, param.dtype), b.to(param.device, param.dtype))
+        return LoraAdapter(name=name, rank=rank, alpha=alpha, scaling=scaling, weights=weights, path=path, config=config)
+
+    def add(self, adapters: list[LoraAdapter]) -> None:
+        """Make validated adapters resident, all or none."""
+        with self.lock:
+            names = [adapter.name for adapter in adapters]
+            clash = [n for n in names if n in self.adapters] or [n for n in set(names) if names.count(n) > 1]
+            if clash:
+                raise ValueError(f"adapter {clash[0]!r} is already loaded; unload it first")
+            if len(self.adapters) + len(adapters) > self.max_loras:
+                raise ValueError(
+                    f"loading {len(adapters)} more adapter(s) would exceed max_loras={self.max_loras} "
+                    f"({len(self.adapters)} loaded: {', '.join(sorted(self.adapters)) or 'none'})"
+                )
+            for adapter in adapters:
+                adapter_id = self._next_id
+                self._next_id += 1
+                self._ids[adapter.name] = adapter_id
+                self.adapters[adapter.name] = adapter
+                for module_name, (a, b) in adapter.weights.items():
+                    self._module_weights.setdefault(module_name, {})[adapter_id] = (a, b, adapter.scaling)
+                    if module_name not in self._hooks:
+                        module = self.model.get_submodule(module_name)
+                        self._hooks[module_name] = module.register_forward_hook(self._make_hook(module_name))
+
+    def remove(self, name: str) -> None:
+        with self.lock:
+            if name not in self.adapters:
+                raise ValueError(f"unknown adapter {name!r}; loaded: {', '.join(sorted(self.adapters)) or 'none'}")
+            adapter_id = self._ids.pop(name)
+            adapter = self.adapters.pop(name)
+            for module_name in adapter.weights:
+                per_module = self._module_weights[module_name]
+                per_module.pop(adapter_id, None)
+                if not per_module:
+                    del self._module_weights[module_name]
+                    self._hooks.pop(module_name).remove()
+
+    # ---- routing -------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def route(self, row_adapters: list[str | None], image_rows: list[int], image_tokens: list[int], merge_unit: int):
+        """Route each row to its adapter for the duration of one forward pass.
+
+        `image_rows[i]` is the batch row of the i-th encoded image and `image_tokens[i]` its patch count:
+        vision layers see all images' patches concatenated, so their routes are per patch (and per merged
+        patch for the merger).
+        """
+        with self.lock:
+            ids = torch.tensor([self._ids[a] if a is not None else NO_ROUTE for a in row_adapters], dtype=torch.long)
+            self._text_route = ids
+            self._vision_routes = {}
+            if image_rows:
+                per_image = ids[torch.tensor(image_rows, dtype=torch.long)]
+                counts = torch.tensor(image_tokens, dtype=torch.long)
+                patches = per_image.repeat_interleave(counts)
+                self._vision_routes[len(patches)] = patches
+                merged = per_image.repeat_interleave(counts // merge_unit)
+                self._vision_routes[len(merged)] = merged
+            try:
+                yield
+            finally:
+                self._text_route = None
+                self._vision_routes = {}
+
+    def _make_hook(self, module_name: str):
+        def hook(module, inputs, output):
+            per_module = self._module_weights.get(module_name)
+            if not per_module or self._text_route is None:
+                return output
+            x = inputs[0]
+            route = self._text_route if x.dim() == 3 else self._vision_routes.get(x.shape[0])
+            if route is None:
+                return output
+            route = route.to(x.device)
+            present = [i for i in torch.unique(route).tolist() if i in per_module]
+            for adapter_id in present:
+                a, b, scaling = per_module[adapter_id]
+                rows = (route == adapter_id).nonzero().squeeze(1)
+                if len(rows) == len(route):
+                    output = output + (x @ a.T @ b.T) * scaling
+                else:
+                    delta = (x.index_select(0, rows) @ a.T @ b.T) * scaling
+                    output = output.index_add(0, rows, delta.to(output.dtype))
+            return output
+
+        return hook
+
+
+__all__ = ["LoraRegistry", "LoraAdapter", "read_peft_folder", "normalize_module_name"]

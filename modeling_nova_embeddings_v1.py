@@ -1,0 +1,390 @@
+"""NovaEmbeddingsV1Model: Qwen2.5-VL backbone -> pooled (2048-d) or multi-vector (128-d per token) embeddings.
+
+Module names are Jina V4's (`model.layers.*`, `visual.*`, `multi_vector_projector.*`), so a Jina V4
+checkpoint loads as it is. What Nova adds: pooling masks computed per row (instructions excluded, mixed
+text/image batches correct), per-row LoRA routing in one forward pass, and `encode()` over mixed items.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLPreTrainedModel,
+    Qwen2_5_VLTextModel,
+)
+
+from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
+from .lora_nova_embeddings_v1 import LoraRegistry, read_peft_folder
+from .processing_nova_embeddings_v1 import NovaEmbeddingsV1Processor, PreparedItem
+
+ADAPTERS_DIR = "adapters"
+JINA_TASKS = {"retrieval", "text-matching", "code"}
+
+
+def _progress(iterable, total: int, enabled: bool):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc="Encoding", unit="batch")
+
+
+class NovaEmbeddingsV1PreTrainedModel(Qwen2_5_VLPreTrainedModel):
+    config_class = NovaEmbeddingsV1Config
+    config: NovaEmbeddingsV1Config
+    base_model_prefix = ""
+    _checkpoint_conversion_mapping = {}
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
+
+class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
+    def __init__(self, config: NovaEmbeddingsV1Config):
+        super().__init__(config)
+        self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
+        self.model = Qwen2_5_VLTextModel._from_config(config.text_config)
+        self.multi_vector_projector = nn.Linear(config.text_config.hidden_size, config.multi_vector_projector_dim)
+        self.post_init()
+        self.processor: NovaEmbeddingsV1Processor | None = None
+        self.lora = LoraRegistry(self, config.max_loras, config.max_lora_rank)
+
+    # ---- loading -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *args,
+        chat_template: str | None = None,
+        load_adapters: bool = True,
+        max_loras: int | None = None,
+        max_lora_rank: int | None = None,
+        device: str | torch.device | None = None,
+        **kwargs,
+    ):
+        """Load a Nova or Jina V4 directory (or hub id), then its processor and its task adapters.
+
+        Defaults: fp32 on CPU, bf16 on CUDA; sdpa attention, flash-attention 2 when installed on CUDA.
+        """
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        kwargs.setdefault("dtype", torch.bfloat16 if device.type == "cuda" else torch.float32)
+        kwargs.setdefault("attn_implementation", _default_attention(device))
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model.to(device).eval()
+        local_dir = _local_dir(pretrained_model_name_or_path, kwargs)
+        model.lora.max_loras = max_loras or model.config.max_loras
+        model.lora.max_lora_rank = max_lora_rank or model.config.max_lora_rank
+        model.attach_processor(NovaEmbeddingsV1Processor.from_pretrained(local_dir, config=model.config, chat_template=chat_template))
+        if load_adapters:
+            model.load_task_adapters(os.path.join(local_dir, ADAPTERS_DIR))
+        return model
+
+    def attach_processor(self, processor: NovaEmbeddingsV1Processor) -> None:
+        self.processor = processor
+        processor.adapter_names = lambda: set(self.lora.adapters)
+
+    def load_task_adapters(self, adapters_dir: str) -> list[str]:
+        """Jina V4's combined adapter folder (one PEFT folder, `lora_A.<task>`) or one PEFT folder per
+        adapter (`adapters/<name>/`). Folders without weights (a repo checkout without LFS files) are skipped."""
+        if not os.path.isdir(adapters_dir):
+            return []
+        if os.path.isfile(os.path.join(adapters_dir, "adapter_model.safetensors")):
+            return self.load_adapter(None, adapters_dir)
+        loaded = []
+        for name in sorted(os.listdir(adapters_dir)):
+            folder = os.path.join(adapters_dir, name)
+            if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
+                loaded += self.load_adapter(name, folder)
+        return loaded
+
+    # ---- adapters ------------------------------------------------------------------------------------
+
+    @property
+    def max_loras(self) -> int:
+        return self.lora.max_loras
+
+    @property
+    def max_lora_rank(self) -> int:
+        return self.lora.max_lora_rank
+
+    def load_adapter(self, name: str | None, path: str) -> list[str]:
+        """Load a PEFT LoRA folder under `name`. A Jina V4 combined folder (name None) loads one adapter per
+        task it holds. Validated completely before anything changes; raises ValueError otherwise."""
+        parts = read_peft_folder(str(path))
+        if name is None:
+            unnamed = [sub for sub in parts if not sub]
+            if unnamed:
+                raise ValueError(f"{path}: a standard PEFT folder needs an adapter name")
+            built = [self.lora.build(sub, config, pairs, str(path)) for sub, (config, pairs) in sorted(parts.items())]
+        else:
+            if len(parts) != 1:
+                raise ValueError(f"{path}: holds several adapters ({', '.join(sorted(parts))}); load it without a name")
+            (config, pairs), = parts.values()
+            _check_targets(config, pairs, name)
+            built = [self.lora.build(name, config, pairs, str(path))]
+        self.lora.add(built)
+        return [adapter.name for adapter in built]
+
+    def unload_adapter(self, name: str) -> None:
+        self.lora.remove(name)
+
+    def list_adapters(self) -> dict[str, dict]:
+        return {name: adapter.describe() for name, adapter in sorted(self.lora.adapters.items())}
+
+    # ---- forward -------------------------------------------------------------------------------------
+
+    def forward_hidden(self, batch: dict, adapters: list[str | None]) -> torch.Tensor:
+        """Last hidden states [B, T, H] of a collated batch, each row through its own adapter."""
+        device = self.device
+        input_ids = batch["input_ids"].to(device)
+        attention_mask = batch["attention_mask"].to(device)
+        merge = self.config.vision_config.spatial_merge_size
+        pixel_grids = batch["pixel_grid_thw"]
+        image_tokens = pixel_grids.prod(-1).tolist() if pixel_grids is not None else []
+        with self.lora.route(adapters, batch["pixel_rows"], image_tokens, merge * merge):
+            inputs_embeds = self.model.embed_tokens(input_ids)
+            if batch["image_rows"]:
+                features = self._image_features(batch)
+                mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
+                inputs_embeds = inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
+            position_ids = self.rope_positions(batch).to(device)
+            out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
+            hidden = out.last_hidden_state
+            projected = self.multi_vector_projector(hidden) if batch.get("want_multi", True) else None
+        return hidden, projected
+
+    def _image_features(self, batch: dict) -> torch.Tensor:
+        """Vision features of every image row, concatenated in row order (encoder output or precomputed)."""
+        encoded = []
+        if batch["pixel_values"] is not None:
+            grids = batch["pixel_grid_thw"].to(self.device)
+            pixels = batch["pixel_values"].to(self.device, self.visual.dtype)
+            merged = self.visual(pixels, grid_thw=grids).pooler_output
+            merge = self.config.vision_config.spatial_merge_size
+            encoded = list(torch.split(merged, (grids.prod(-1) // merge**2).tolist()))
+        encoded_iter = iter(encoded)
+        parts = []
+        for row in batch["image_rows"]:
+            given = batch["image_embeds"][row]
+            parts.append(given.to(self.device) if given is not None else next(encoded_iter))
+        return torch.cat(parts)
+
+    def rope_positions(self, batch: dict) -> torch.Tensor:
+        """Qwen2.5-VL's 3-D (t, h, w) rotary positions, computed per row so padding never shifts a row."""
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        batch_size, length = input_ids.shape
+        positions = torch.zeros(3, batch_size, length, dtype=torch.long)
+        merge = self.config.vision_config.spatial_merge_size
+        grids = iter(batch["image_grid_thw"].tolist() if batch["image_grid_thw"] is not None else [])
+        image_rows = set(batch["image_rows"])
+        for row in range(batch_size):
+            n = int(attention_mask[row].sum())
+            if row not in image_rows:
+                positions[:, row, :n] = torch.arange(n)
+                continue
+            t, h, w = next(grids)
+            h, w = h // merge, w // merge
+            ids = input_ids[row, :n]
+            start = int((ids == self.config.image_token_id).nonzero()[0])
+            count = t * h * w
+            positions[:, row, :start] = torch.arange(start)
+            grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+            positions[:, row, start : start + count] = grid.reshape(3, -1) + start
+            after = n - start - count
+            positions[:, row, start + count : n] = torch.arange(after) + start + max(t, h, w)
+        return positions
+
+    # ---- embeddings ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def embed_prepared(self, rows: list[PreparedItem], return_multivector: bool | list[bool] = False) -> list[torch.Tensor]:
+        """One forward pass over prepared rows. Returns, per row, the full-size L2-normalized pooled vector
+        or the [n_tokens, 128] multi-vector (instruction turn excluded), as float32 CPU tensors."""
+        if not rows:
+            return []
+        wants = list(return_multivector) if isinstance(return_multivector, (list, tuple)) else [bool(return_multivector)] * len(rows)
+        with self.lora.lock:
+            unknown = [r for r in rows if r.adapter is not None and r.adapter not in self.lora.adapters]
+            if unknown:
+                raise ValueError(f"item {unknown[0].index}: adapter {unknown[0].adapter!r} is not loaded")
+            batch = self.processor.collate(rows)
+            batch["want_multi"] = any(wants)
+            hidden, projected = self.forward_hidden(batch, [r.adapter for r in rows])
+        pool_mask = batch["pool_mask"].to(hidden.device)
+        outputs = []
+        for i, want_multi in enumerate(wants):
+            if want_multi:
+                tokens = projected[i][batch["multi_mask"][i].to(hidden.device)]
+                outputs.append(F.normalize(tokens.float(), dim=-1).cpu())
+            else:
+                mask = pool_mask[i].unsqueeze(-1)
+                pooled = (hidden[i].float() * mask).sum(0) / mask.sum()
+                outputs.append(F.normalize(pooled, dim=-1).cpu())
+        return outputs
+
+    def check_dimensions(self, dimensions: int | None, return_multivector: bool = False) -> None:
+        if dimensions is None:
+            return
+        if return_multivector:
+            raise ValueError("'dimensions' applies to pooled vectors only; multi-vector rows are always "
+                             f"{self.config.multi_vector_projector_dim}-d")
+        allowed = self.config.matryoshka_dims
+        if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions not in allowed:
+            raise ValueError(f"dimensions must be one of {allowed}, got {dimensions!r}")
+
+    def truncate(self, vector: torch.Tensor, dimensions: int | None) -> torch.Tensor:
+        """Matryoshka: keep the first `dimensions` values and re-normalize."""
+        self.check_dimensions(dimensions)
+        if dimensions is None or dimensions >= vector.shape[-1]:
+            return vector
+        return F.normalize(vector[..., :dimensions], dim=-1)
+
+    def encode(
+        self,
+        items: Iterable,
+        instructions: str | None = None,
+        return_multivector: bool = False,
+        dimensions: int | None = None,
+        batch_size: int = 8,
+        show_progress: bool | None = None,
+        max_pixels: int | None = None,
+        max_length: int | None = None,
+        return_numpy: bool = False,
+        prompt_set: str | None = None,
+    ) -> list:
+        """Embed a mixed list of items (text, image, text+image, each with its own task/adapter/instructions).
+
+        Rows are sorted by length inside windows to limit padding; results come back in input order and do
+        not depend on what else is in a batch.
+        """
+        items = list(items)
+        self.check_dimensions(dimensions, return_multivector)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        show_progress = len(items) > 4 * batch_size if show_progress is None else show_progress
+        results: list = [None] * len(items)
+        window = batch_size * 16
+        n_batches = (len(items) + batch_size - 1) // batch_size
+
+        def batches():
+            for start in range(0, len(items), window):
+                rows = [
+                    self.processor.prepare_item(
+                        item, index=start + offset, instructions=instructions, max_pixels=max_pixels,
+                        max_length=max_length, prompt_set=prompt_set,
+                    )
+                    for offset, item in enumerate(items[start : start + window])
+                ]
+                rows.sort(key=lambda r: r.num_tokens)
+                for i in range(0, len(rows), batch_size):
+                    yield rows[i : i + batch_size]
+
+        for chunk in _progress(batches(), n_batches, show_progress):
+            for row, vector in zip(chunk, self.embed_prepared(chunk, return_multivector), strict=True):
+                vector = self.truncate(vector, dimensions) if not return_multivector else vector
+                results[row.index] = vector.numpy() if return_numpy else vector
+        return results
+
+    # ---- Jina V4-compatible API ----------------------------------------------------------------------
+
+    def encode_text(
+        self,
+        texts,
+        task: str | None = None,
+        max_length: int = 32768,
+        batch_size: int = 8,
+        return_multivector: bool = False,
+        return_numpy: bool = False,
+        truncate_dim: int | None = None,
+        prompt_name: str | None = None,
+    ):
+        """Jina V4's `encode_text`: same arguments, same ids, same vectors."""
+        single = isinstance(texts, str)
+        task = _jina_task(task, prompt_name or "query")
+        items = [{"task": task, "text": text} for text in ([texts] if single else texts)]
+        out = self.encode(items, return_multivector=return_multivector, dimensions=truncate_dim,
+                          batch_size=batch_size, max_length=max_length)
+        return _jina_output(out, single, return_numpy, return_multivector)
+
+    def encode_image(
+        self,
+        images,
+        task: str | None = None,
+        batch_size: int = 8,
+        return_multivector: bool = False,
+        return_numpy: bool = False,
+        truncate_dim: int | None = None,
+        max_pixels: int | None = None,
+    ):
+        """Jina V4's `encode_image`: PIL images, paths, bytes or data URLs."""
+        single = not isinstance(images, (list, tuple))
+        task = _jina_task(task, "query")
+        items = [{"task": task, "image": image} for image in ([images] if single else images)]
+        out = self.encode(items, return_multivector=return_multivector, dimensions=truncate_dim,
+                          batch_size=batch_size, max_pixels=max_pixels)
+        return _jina_output(out, single, return_numpy, return_multivector)
+
+
+def _jina_task(task: str | None, prompt_name: str) -> str:
+    task = task or "retrieval"
+    if task not in JINA_TASKS:
+        raise ValueError(f"unknown task {task!r}; Jina V4 tasks: {', '.join(sorted(JINA_TASKS))}")
+    if prompt_name not in ("query", "passage"):
+        raise ValueError(f"prompt_name must be 'query' or 'passage', got {prompt_name!r}")
+    return task if task == "text-matching" else f"{task}.{prompt_name}"
+
+
+def _jina_output(out: list[torch.Tensor], single: bool, return_numpy: bool, multivector: bool):
+    if return_numpy:
+        out = [v.numpy() for v in out]
+        if not multivector and not single:
+            return np.stack(out)
+    return out[0] if single else out
+
+
+def _check_targets(config: dict, pairs: dict, name: str) -> None:
+    """A folder's declared target_modules must match the modules it carries weights for (PEFT semantics)."""
+    import re
+
+    targets = config.get("target_modules")
+    if targets is None:
+        return
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        unmatched = [m for m in pairs if not pattern.fullmatch(m) and not pattern.fullmatch("base_model.model." + m)]
+    else:
+        suffixes = set(targets)
+        unmatched = [m for m in pairs if m.split(".")[-1] not in suffixes and m not in suffixes]
+    if unmatched:
+        raise ValueError(f"adapter {name!r}: weights for {unmatched[0]!r}, which target_modules {targets!r} does not name")
+
+
+def _default_attention(device: torch.device) -> str:
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def _local_dir(name_or_path, kwargs: dict) -> str:
+    if os.path.isdir(str(name_or_path)):
+        return str(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(str(name_or_path), revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"),
+                             allow_patterns=["*.json", "*.txt", "adapters/**"])
+
+
+__all__ = ["NovaEmbeddingsV1Model", "NovaEmbeddingsV1PreTrainedModel"]

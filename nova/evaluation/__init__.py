@@ -1,0 +1,1 @@
+"""`nova eval`: retrieval evaluation of embedding variants on BEIR-layout datasets."""

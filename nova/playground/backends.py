@@ -1,0 +1,339 @@
+"""Where embeddings come from: the model in this process, or a running `nova serve`.
+
+Both backends take the model's item dicts (``{"task", "text", "image", "adapter", "instructions"}``,
+images as PIL images) and return numpy arrays: ``[dim]`` pooled vectors or ``[n_tokens, 128]``
+multi-vectors. Errors the user can fix come out as :class:`PlaygroundError` with a readable message.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Jina V4's trained prefixes (DESIGN §2); used only when the model's own routing table is not reachable.
+DEFAULT_TASK_PROMPTS = {
+    "retrieval": "Query: ",
+    "retrieval.query": "Query: ",
+    "retrieval.passage": "Passage: ",
+    "text-matching": "Query: ",
+    "code": "Query: ",
+    "code.query": "Query: ",
+    "code.passage": "Passage: ",
+}
+DEFAULT_ADAPTERS = ["retrieval", "text-matching", "code"]
+MATRYOSHKA_DIMS = (128, 256, 512, 1024, 2048)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class PlaygroundError(Exception):
+    """A problem the user can act on; its message is shown in the UI as is."""
+
+
+def _to_numpy(vector: Any) -> np.ndarray:
+    if hasattr(vector, "detach"):
+        vector = vector.detach().to("cpu").float().numpy()
+    return np.asarray(vector, dtype=np.float32)
+
+
+def matryoshka_choices(full_dim: int) -> list[int]:
+    return [d for d in MATRYOSHKA_DIMS if d < full_dim] + [full_dim]
+
+
+def _prompts_from_routing(routing: Any) -> dict[str, str]:
+    prompts = dict(DEFAULT_TASK_PROMPTS)
+    if isinstance(routing, dict):
+        for task, route in routing.items():
+            if isinstance(route, dict) and isinstance(route.get("prompt"), str):
+                prompts[task] = route["prompt"]
+    return prompts
+
+
+class Backend:
+    """Common interface of the two backends."""
+
+    label = "model"
+    random_weights = False
+    task_prompts: dict[str, str] = DEFAULT_TASK_PROMPTS
+
+    def encode(self, items: list[dict], *, multivector: bool, dimensions: int | None) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def list_adapters(self) -> list[str]:
+        raise NotImplementedError
+
+    def load_adapter(self, name: str, path: str) -> None:
+        raise NotImplementedError
+
+    def refresh(self) -> str | None:
+        """Re-check the model/server; returns an error message when it is not usable."""
+        return None
+
+    def tasks(self) -> list[str]:
+        return list(self.task_prompts)
+
+    def full_dim(self) -> int:
+        if getattr(self, "_full_dim", None) is None:
+            self._full_dim = int(self.encode(["dimension probe"], multivector=False, dimensions=None)[0].shape[-1])
+        return self._full_dim
+
+    # -- token view -------------------------------------------------------------------------------
+    def _tokenizer(self):
+        raise NotImplementedError
+
+    def token_labels(self, item: dict, n_rows: int) -> list[str] | None:
+        """One label per multi-vector row of ``item``, or None when they cannot be aligned.
+
+        The rows are the item's tokens outside the instruction turn (DESIGN §3.1). For a text item
+        they are the tokens of ``{prompt}{text}``, wrapped in a user turn when instructions are set.
+        """
+        if item.get("image") is not None or not isinstance(item.get("text"), str):
+            return None
+        tokenizer = self._tokenizer()
+        if tokenizer is None:
+            return None
+        prompt = self.task_prompts.get(item.get("task") or "retrieval", "")
+        rendered = f"{prompt}{item['text']}"
+        if item.get("instructions"):
+            rendered = f"<|im_start|>user\n{rendered}<|im_end|>\n"
+        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        if len(ids) != n_rows:
+            return None
+        return [tokenizer.decode([i]) for i in ids]
+
+
+class InProcessBackend(Backend):
+    """The model loaded in this process with `nova.loading.load_model()`."""
+
+    def __init__(self, model: Any, label: str | None = None):
+        self.model = model
+        self._lock = threading.Lock()
+        self._full_dim = None
+        config = getattr(model, "config", None)
+        name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+        self.label = label or str(name or type(model).__name__)
+        self.random_weights = _config_says_random(config, self.label)
+        self.task_prompts = _prompts_from_routing(getattr(config, "task_routing", None))
+
+    @classmethod
+    def load(cls, model_path: str | None, device: str | None = None, dtype: str | None = None) -> InProcessBackend:
+        from nova.loading import load_model
+
+        kwargs: dict[str, Any] = {}
+        if device:
+            kwargs["device"] = device
+        if dtype:
+            kwargs["dtype"] = dtype
+        model = load_model(model_path, **kwargs)
+        return cls(model, label=model_path or None)
+
+    def encode(self, items, *, multivector, dimensions):
+        try:
+            with self._lock:
+                out = self.model.encode(
+                    list(items),
+                    return_multivector=multivector,
+                    dimensions=None if multivector else dimensions,
+                    show_progress=False,
+                )
+        except ValueError as exc:
+            raise PlaygroundError(str(exc)) from exc
+        return [_to_numpy(v) for v in out]
+
+    def list_adapters(self):
+        return sorted(self.model.list_adapters())
+
+    def load_adapter(self, name, path):
+        try:
+            with self._lock:
+                self.model.load_adapter(name, path)
+        except ValueError as exc:
+            raise PlaygroundError(f"could not load adapter {name!r}: {exc}") from exc
+
+    def _tokenizer(self):
+        processor = getattr(self.model, "processor", None)
+        return getattr(processor, "tokenizer", None)
+
+    def token_labels(self, item, n_rows):
+        # Exact: the processor's own token ids; the multi-vector rows are the last n_rows of them
+        # (the instruction turn is a pure prefix and is the only part left out).
+        processor = getattr(self.model, "processor", None)
+        tokenizer = self._tokenizer()
+        if processor is not None and tokenizer is not None and hasattr(processor, "prepare_item"):
+            try:
+                row = processor.prepare_item(item, index=0)
+                ids = np.asarray(_to_numpy(row.input_ids), dtype=np.int64).reshape(-1).tolist()
+            except Exception:  # noqa: BLE001 - fall back to rendering the text ourselves
+                ids = []
+            if len(ids) >= n_rows > 0:
+                return [tokenizer.decode([i]) for i in ids[len(ids) - n_rows :]]
+        return super().token_labels(item, n_rows)
+
+
+def _config_says_random(config: Any, label: str) -> bool:
+    for attr in ("nova_random_weights", "random_weights", "is_random", "tiny_random"):
+        if getattr(config, attr, False):
+            return True
+    return "tiny" in label.lower() and "random" in label.lower()
+
+
+def image_to_data_url(image: Any) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class ServerBackend(Backend):
+    """A running `nova serve`, through its OpenAI-compatible `/v1/embeddings` (Nova item form)."""
+
+    def __init__(self, url: str, api_key: str | None = None, admin_api_key: str | None = None,
+                 model: str | None = None, timeout: float = 120.0):
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        self.admin_api_key = admin_api_key or api_key
+        self._client = httpx.Client(timeout=timeout)
+        self._model = model
+        self._full_dim = None
+        self._tok = None
+        self.label = f"{model or 'model'} @ {self.url}"
+        self.random_weights = False
+        self.models_info: dict[str, Any] = {}
+        try:
+            self._discover()
+        except PlaygroundError:
+            pass  # reported on first use; the UI still comes up
+
+    # -- HTTP -----------------------------------------------------------------------------------
+    def _headers(self, admin: bool = False) -> dict[str, str]:
+        key = self.admin_api_key if admin else self.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _request(self, method: str, path: str, admin: bool = False, **kwargs) -> Any:
+        import httpx
+
+        try:
+            response = self._client.request(method, self.url + path, headers=self._headers(admin), **kwargs)
+        except httpx.TimeoutException as exc:
+            raise PlaygroundError(f"The server at {self.url} did not answer in time ({exc}).") from exc
+        except httpx.HTTPError as exc:
+            raise PlaygroundError(
+                f"Cannot reach the embedding server at {self.url} ({type(exc).__name__}: {exc}). "
+                "Is `nova serve` running there?"
+            ) from exc
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]["message"]
+            except Exception:  # noqa: BLE001 - not the OpenAI error shape
+                message = response.text[:300]
+            raise PlaygroundError(f"The server answered {response.status_code}: {message}")
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise PlaygroundError(f"The server at {self.url} did not answer JSON on {path}.") from exc
+
+    def _discover(self) -> None:
+        info = self._request("GET", "/v1/models")
+        models = info.get("data") or []
+        if models:
+            self.models_info = models[0]
+            if self._model is None:
+                self._model = models[0].get("id")
+        self.label = f"{self._model or 'model'} @ {self.url}"
+        self.random_weights = _mentions_random(info)
+        if not self.random_weights:
+            try:
+                self.random_weights = _mentions_random(self._request("GET", "/health"))
+            except PlaygroundError:
+                pass
+
+    # -- Backend --------------------------------------------------------------------------------
+    def refresh(self):
+        try:
+            self._discover()
+        except PlaygroundError as exc:
+            return str(exc)
+        return None
+
+    def encode(self, items, *, multivector, dimensions):
+        if self._model is None:
+            self._discover()
+        payload: dict[str, Any] = {
+            "model": self._model,
+            "input": [self._wire_item(item) for item in items],
+            "encoding_format": "float",
+            "return_multivector": bool(multivector),
+        }
+        if dimensions and not multivector:
+            payload["dimensions"] = int(dimensions)
+        body = self._request("POST", "/v1/embeddings", json=payload)
+        data = sorted(body.get("data") or [], key=lambda row: row.get("index", 0))
+        if len(data) != len(items):
+            raise PlaygroundError(f"The server returned {len(data)} embeddings for {len(items)} inputs.")
+        return [_to_numpy(row["embedding"]) for row in data]
+
+    @staticmethod
+    def _wire_item(item: Any) -> Any:
+        if isinstance(item, str):
+            return {"text": item}
+        out = {k: v for k, v in item.items() if v is not None}
+        image = out.get("image")
+        if image is not None and hasattr(image, "save"):
+            out["image"] = image_to_data_url(image)
+        return out
+
+    def list_adapters(self):
+        try:
+            body = self._request("GET", "/v1/internal/lora", admin=True)
+        except PlaygroundError:
+            return list(DEFAULT_ADAPTERS)
+        return sorted(_adapter_names(body)) or list(DEFAULT_ADAPTERS)
+
+    def load_adapter(self, name, path):
+        self._request("POST", "/v1/internal/lora/load", admin=True, json={"lora_name": name, "lora_path": path})
+
+    def _tokenizer(self):
+        if self._tok is None:
+            try:
+                from transformers import AutoTokenizer
+
+                self._tok = AutoTokenizer.from_pretrained(str(REPO_ROOT))
+            except Exception:  # noqa: BLE001 - no tokenizer, no token labels
+                self._tok = False
+        return self._tok or None
+
+
+def _adapter_names(body: Any) -> list[str]:
+    if isinstance(body, dict):
+        for key in ("data", "adapters", "loras"):
+            if key in body:
+                return _adapter_names(body[key])
+        return [str(k) for k in body]
+    names = []
+    for entry in body or []:
+        if isinstance(entry, str):
+            names.append(entry)
+        elif isinstance(entry, dict):
+            name = entry.get("name") or entry.get("lora_name") or entry.get("id")
+            if name:
+                names.append(str(name))
+    return names
+
+
+def _mentions_random(info: Any) -> bool:
+    if isinstance(info, dict):
+        for key, value in info.items():
+            if "random" in str(key).lower() and value is True:
+                return True
+            if _mentions_random(value):
+                return True
+    elif isinstance(info, list):
+        return any(_mentions_random(v) for v in info)
+    elif isinstance(info, str):
+        return "random weight" in info.lower() or "random-weight" in info.lower()
+    return False

@@ -1,0 +1,43 @@
+"""Where the model repository's own files are: the remote code and data that every Nova directory carries."""
+
+from __future__ import annotations
+
+import pathlib
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+REMOTE_CODE_FILES = (
+    "configuration_nova_embeddings_v1.py",
+    "processing_nova_embeddings_v1.py",
+    "lora_nova_embeddings_v1.py",
+    "modeling_nova_embeddings_v1.py",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+DATA_FILES = ("chat_template.json", "preprocessor_config.json")
+AUTO_MAP = {
+    "AutoConfig": "configuration_nova_embeddings_v1.NovaEmbeddingsV1Config",
+    "AutoModel": "modeling_nova_embeddings_v1.NovaEmbeddingsV1Model",
+    "AutoProcessor": "processing_nova_embeddings_v1.NovaEmbeddingsV1Processor",
+}
+
+
+def repo_file(name: str) -> pathlib.Path:
+    path = REPO_ROOT / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: nova needs the model repository checkout (install it with `pip install -e .`)"
+        )
+    return path
+
+
+def model_class(name: str = "NovaEmbeddingsV1Model"):
+    """A class (or function) of the remote code, imported the way transformers imports it (as a dynamic module)."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    module = {
+        "NovaEmbeddingsV1Model": "modeling_nova_embeddings_v1",
+        "NovaEmbeddingsV1Config": "configuration_nova_embeddings_v1",
+        "NovaEmbeddingsV1Processor": "processing_nova_embeddings_v1",
+        "read_peft_folder": "lora_nova_embeddings_v1",
+    }[name]
+    repo_file(f"{module}.py")
+    return get_class_from_dynamic_module(f"{module}.{name}", str(REPO_ROOT))

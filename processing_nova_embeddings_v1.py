@@ -1,0 +1,388 @@
+"""NovaEmbeddingsV1Processor: turns one item into a `PreparedItem` (token ids, pooling mask, image tensors,
+adapter) and a list of prepared items into padded batch tensors.
+
+Rendering is data, not code: `chat_template.json` holds an `instruction_template` (the system turn, a
+pure prefix so rows sharing an instruction share a cacheable key/value prefix) and a `chat_template` for
+the item itself. Without instructions the rendered ids are exactly Jina V4's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+import pathlib
+import re
+from dataclasses import dataclass, field
+
+import jinja2
+import torch
+from PIL import Image
+from transformers import Qwen2Tokenizer, Qwen2VLImageProcessorPil
+
+CHAT_TEMPLATE_FILE = "chat_template.json"
+IMAGE_PLACEHOLDER = "<|image_pad|>"
+# Tokens that only the processor may place: in user text they would corrupt the image span.
+RESERVED_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
+ITEM_KEYS = {"task", "text", "image", "image_embeds", "image_grid_thw", "adapter", "instructions"}
+NO_ADAPTER = ("none", "base")
+
+DEFAULT_INSTRUCTION_TEMPLATE = "<|im_start|>system\n{{ instructions }}<|im_end|>\n"
+DEFAULT_ITEM_TEMPLATE = (
+    "{%- if has_image -%}"
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- if text is not none -%}{{ prompt }}{{ text }}{%- else -%}Describe the image.{%- endif -%}"
+    "<|im_end|>\n"
+    "{%- elif instructed -%}<|im_start|>user\n{{ prompt }}{{ text }}<|im_end|>\n"
+    "{%- else -%}{{ prompt }}{{ text }}"
+    "{%- endif -%}"
+)
+
+
+@dataclass
+class PreparedItem:
+    """One item ready for the model: what the batcher needs to pack, pad and route it."""
+
+    index: int
+    task: str
+    adapter: str | None
+    input_ids: list[int]
+    pool_mask: list[bool]
+    instruction_len: int
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None  # [1, 3]
+    image_embeds: torch.Tensor | None = None  # precomputed merger output, [n_image_tokens, hidden]
+    truncated: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def has_image(self) -> bool:
+        return self.image_grid_thw is not None
+
+
+def item_error(index: int | None, message: str) -> ValueError:
+    return ValueError(message if index is None else f"item {index}: {message}")
+
+
+def load_chat_templates(path: str | os.PathLike | None) -> dict:
+    """Read `chat_template.json` (or a bare Jinja file for the item template); defaults where absent."""
+    templates = {"instruction_template": DEFAULT_INSTRUCTION_TEMPLATE, "chat_template": DEFAULT_ITEM_TEMPLATE}
+    if path is None or not os.path.isfile(path):
+        return templates
+    text = pathlib.Path(path).read_text(encoding="utf-8")
+    if str(path).endswith(".json"):
+        data = json.loads(text)
+        if "instruction_template" not in data:
+            return templates  # a Qwen/Jina chat template for generation, not an embedding template
+        unknown = set(data) - set(templates)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(templates)}")
+        templates.update(data)
+    else:
+        templates["chat_template"] = text
+    return templates
+
+
+def decode_image(source, *, index: int | None, allow_paths: bool, max_image_pixels: int) -> Image.Image:
+    """PIL image, path, bytes, base64 or data: URL -> RGB image. Never touches the network; refuses
+    decompression bombs from the header, before any pixel is decoded."""
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        data = _image_bytes(source, index=index, allow_paths=allow_paths)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise item_error(index, f"image refused as a decompression bomb: {exc}") from None
+        except Exception as exc:  # PIL raises many types for garbage input
+            raise item_error(index, f"image could not be decoded ({type(exc).__name__}: {exc})") from None
+    width, height = image.size
+    if width * height > max_image_pixels:
+        raise item_error(
+            index, f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_image_pixels}"
+        )
+    try:
+        return image.convert("RGB")
+    except Exception as exc:
+        raise item_error(index, f"image could not be decoded ({type(exc).__name__}: {exc})") from None
+
+
+def _image_bytes(source, *, index: int | None, allow_paths: bool) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, pathlib.Path):
+        source = str(source)
+    if not isinstance(source, str):
+        raise item_error(index, f"image must be a PIL image, path, bytes, base64 or data: URL, not {type(source).__name__}")
+    if source.startswith("data:"):
+        header, _, payload = source.partition(",")
+        if ";base64" not in header:
+            raise item_error(index, "data: URL images must be base64-encoded")
+        return _b64(payload, index)
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", source):
+        raise item_error(index, "image URLs are not fetched by the model; pass the image bytes instead")
+    if len(source) < 4096 and os.path.isfile(source):
+        if not allow_paths:
+            raise item_error(index, "local file paths are not accepted here; send the image as base64 or a data: URL")
+        return pathlib.Path(source).read_bytes()
+    return _b64(source, index)
+
+
+def _b64(payload: str, index: int | None) -> bytes:
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise item_error(index, "image is not an existing file, a data: URL or valid base64") from None
+
+
+class NovaEmbeddingsV1Processor:
+    """Items -> PreparedItem -> batch tensors. Knows rendering and routing, not the network weights."""
+
+    def __init__(self, tokenizer, image_processor, templates: dict, config):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.config = config
+        self.set_templates(templates)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 151643
+        self.image_token_id = config.image_token_id
+        self.vision_start_token_id = config.vision_start_token_id
+        self.vision_end_token_id = config.vision_end_token_id
+        self.im_end_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.merge_size = config.vision_config.spatial_merge_size
+        # Set by the model: which adapter names are resident (for validation at prepare time).
+        self.adapter_names = lambda: set()
+
+    @classmethod
+    def from_pretrained(cls, path, config=None, chat_template: str | None = None, **kwargs):
+        from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
+
+        path = str(path)
+        config = config or NovaEmbeddingsV1Config.from_pretrained(path)
+        tokenizer = Qwen2Tokenizer.from_pretrained(path)
+        tokenizer.padding_side = "right"
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+        templates = load_chat_templates(chat_template or os.path.join(path, CHAT_TEMPLATE_FILE))
+        return cls(tokenizer, image_processor, templates, config)
+
+    def set_templates(self, templates: dict) -> None:
+        env = jinja2.Environment(autoescape=False, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+        try:
+            self._instruction_template = env.from_string(templates["instruction_template"])
+            self._item_template = env.from_string(templates["chat_template"])
+        except jinja2.TemplateError as exc:
+            raise ValueError(f"chat template does not compile: {exc}") from None
+        self.templates = dict(templates)
+
+    # ---- routing -------------------------------------------------------------------------------------
+
+    def route(self, task: str | None, index: int | None = None, prompt_set: str | None = None) -> tuple[str, str, str | None]:
+        """task -> (task, prompt, adapter) from config.task_routing (and an optional alternative prompt set)."""
+        task = task or self.config.default_task
+        routing = self.config.task_routing
+        if task not in routing:
+            raise item_error(index, f"unknown task {task!r}; known tasks: {', '.join(sorted(routing))}")
+        prompt = routing[task].get("prompt", "")
+        if prompt_set:
+            prompts = self.config.prompt_sets.get(prompt_set)
+            if prompts is None:
+                raise item_error(index, f"unknown prompt set {prompt_set!r}; known: {', '.join(sorted(self.config.prompt_sets))}")
+            prompt = prompts.get(task, prompt)
+        return task, prompt, routing[task].get("adapter")
+
+    # ---- one item ------------------------------------------------------------------------------------
+
+    def prepare_item(
+        self,
+        item,
+        *,
+        index: int | None = None,
+        instructions: str | None = None,
+        max_pixels: int | None = None,
+        max_length: int | None = None,
+        truncate: bool = True,
+        allow_paths: bool = True,
+        prompt_set: str | None = None,
+    ) -> PreparedItem:
+        """Validate, render, tokenize and (for images) decode + patchify one item. CPU only, thread-safe."""
+        if isinstance(item, str):
+            item = {"text": item}
+        if not isinstance(item, dict):
+            raise item_error(index, f"an item must be a string or an object, not {type(item).__name__}")
+        unknown = set(item) - ITEM_KEYS
+        if unknown:
+            raise item_error(index, f"unknown field(s) {sorted(unknown)}; allowed: {sorted(ITEM_KEYS)}")
+        text = item.get("text")
+        if text is not None and not isinstance(text, str):
+            raise item_error(index, f"'text' must be a string, not {type(text).__name__}")
+        has_image = item.get("image") is not None or item.get("image_embeds") is not None
+        if text is None and not has_image:
+            raise item_error(index, "an item needs 'text', 'image' or 'image_embeds'")
+        if item.get("image") is not None and item.get("image_embeds") is not None:
+            raise item_error(index, "give either 'image' or 'image_embeds', not both")
+        task, prompt, adapter = self.route(item.get("task"), index, prompt_set)
+        adapter = self._resolve_adapter(item.get("adapter", adapter), adapter, index)
+        instructions = item.get("instructions", instructions)
+        if instructions is not None and not isinstance(instructions, str):
+            raise item_error(index, f"'instructions' must be a string, not {type(instructions).__name__}")
+        instructions = instructions or None
+        for name, value in (("text", text), ("instructions", instructions)):
+            if value and any(tok in value for tok in RESERVED_TOKENS):
+                raise item_error(index, f"'{name}' contains a reserved vision token ({', '.join(RESERVED_TOKENS)})")
+
+        pixel_values = grid = image_embeds = None
+        if item.get("image") is not None:
+            image = decode_image(
+                item["image"], index=index, allow_paths=allow_paths, max_image_pixels=self.config.max_image_pixels
+            )
+            pixel_values, grid = self._patchify(image, max_pixels, index)
+        elif item.get("image_embeds") is not None:
+            image_embeds, grid = self._check_image_embeds(item, index)
+
+        prefix_ids = self._tokenize(self._instruction_template.render(instructions=instructions)) if instructions else []
+        n_image_tokens = int(grid.prod().item()) // self.merge_size**2 if grid is not None else 0
+        item_ids = self._render_item(prompt, text, has_image, bool(instructions), n_image_tokens)
+        truncated = False
+        if max_length is not None and len(prefix_ids) + len(item_ids) > max_length:
+            if not truncate:
+                raise item_error(
+                    index, f"{len(prefix_ids) + len(item_ids)} tokens exceed the limit of {max_length} tokens"
+                )
+            item_ids = self._truncate_text(prompt, text, has_image, bool(instructions), n_image_tokens,
+                                           max_length - len(prefix_ids), index)
+            truncated = True
+        pool_mask = [False] * len(prefix_ids) + self._pool_mask(item_ids, has_image, text is not None)
+        return PreparedItem(
+            index=-1 if index is None else index,
+            task=task,
+            adapter=adapter,
+            input_ids=prefix_ids + item_ids,
+            pool_mask=pool_mask,
+            instruction_len=len(prefix_ids),
+            pixel_values=pixel_values,
+            image_grid_thw=grid,
+            image_embeds=image_embeds,
+            truncated=truncated,
+        )
+
+    def render_text(self, item: dict, instructions: str | None = None, prompt_set: str | None = None) -> str:
+        """The exact string the model sees (image placeholder not yet expanded): for docs and debugging."""
+        _, prompt, _ = self.route(item.get("task"), None, prompt_set)
+        instructions = item.get("instructions", instructions) or None
+        has_image = item.get("image") is not None or item.get("image_embeds") is not None
+        prefix = self._instruction_template.render(instructions=instructions) if instructions else ""
+        return prefix + self._item_template.render(
+            prompt=prompt, text=item.get("text"), has_image=has_image, instructed=bool(instructions)
+        )
+
+    def _resolve_adapter(self, requested, routed, index):
+        if requested is None or (isinstance(requested, str) and requested.lower() in NO_ADAPTER):
+            return None
+        if not isinstance(requested, str):
+            raise item_error(index, f"'adapter' must be a string or null, not {type(requested).__name__}")
+        known = self.adapter_names()
+        if requested not in known:
+            if requested == routed and not known:
+                return None  # a checkpoint without adapters: the routed task adapter is simply absent
+            raise item_error(
+                index, f"unknown adapter {requested!r}; loaded adapters: {', '.join(sorted(known)) or 'none'}"
+            )
+        return requested
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _render_item(self, prompt, text, has_image, instructed, n_image_tokens) -> list[int]:
+        rendered = self._item_template.render(prompt=prompt, text=text, has_image=has_image, instructed=instructed)
+        ids = self._tokenize(rendered)
+        if has_image:
+            if ids.count(self.image_token_id) != 1:
+                raise ValueError("the chat template must place exactly one <|image_pad|> for an image item")
+            at = ids.index(self.image_token_id)
+            ids = ids[:at] + [self.image_token_id] * n_image_tokens + ids[at + 1 :]
+        return ids
+
+    def _truncate_text(self, prompt, text, has_image, instructed, n_image_tokens, budget, index) -> list[int]:
+        """Cut the item's text (never the image span, prompt or chat markup) until it fits `budget` tokens."""
+        fixed = self._render_item(prompt, "" if text is not None else None, has_image, instructed, n_image_tokens)
+        if text is None or len(fixed) >= budget:
+            raise item_error(index, f"the item without its text already takes {len(fixed)} tokens, over the limit")
+        text_ids = self._tokenize(text)
+        keep = len(text_ids)
+        while True:
+            keep = min(keep - 1, budget - len(fixed))
+            ids = self._render_item(prompt, self.tokenizer.decode(text_ids[:keep]), has_image, instructed, n_image_tokens)
+            if len(ids) <= budget:
+                return ids
+
+    def _pool_mask(self, item_ids: list[int], has_image: bool, has_text: bool) -> list[bool]:
+        """Jina's pooling span: all tokens for text; the vision span for images; vision span + the text up
+        to the closing <|im_end|> for image+text."""
+        if not has_image:
+            return [True] * len(item_ids)
+        start = item_ids.index(self.vision_start_token_id)
+        end = item_ids.index(self.vision_end_token_id)
+        if has_text and self.im_end_token_id in item_ids[end:]:
+            end = end + item_ids[end:].index(self.im_end_token_id) - 1
+        return [start <= i <= end for i in range(len(item_ids))]
+
+    def _patchify(self, image: Image.Image, max_pixels: int | None, index):
+        min_pixels = self.image_processor.size["shortest_edge"]
+        max_pixels = max_pixels or self.image_processor.size["longest_edge"]
+        if not isinstance(max_pixels, int) or max_pixels < min_pixels:
+            raise item_error(index, f"max_pixels must be an integer >= {min_pixels}, got {max_pixels!r}")
+        out = self.image_processor(
+            images=[image], return_tensors="pt", size={"shortest_edge": min_pixels, "longest_edge": max_pixels}
+        )
+        return out["pixel_values"], out["image_grid_thw"]
+
+    def _check_image_embeds(self, item, index):
+        try:
+            embeds = torch.as_tensor(item["image_embeds"], dtype=torch.float32)
+            grid = torch.as_tensor(item.get("image_grid_thw"), dtype=torch.long).reshape(1, 3)
+        except Exception:
+            raise item_error(index, "'image_embeds' needs a [n, hidden] array and 'image_grid_thw' [t, h, w]") from None
+        expected = int(grid.prod().item()) // self.merge_size**2
+        hidden = self.config.text_config.hidden_size
+        if embeds.dim() != 2 or embeds.shape != (expected, hidden):
+            raise item_error(index, f"'image_embeds' must have shape [{expected}, {hidden}] for grid {grid.tolist()[0]}, got {list(embeds.shape)}")
+        return embeds, grid
+
+    # ---- batches -------------------------------------------------------------------------------------
+
+    def collate(self, rows: list[PreparedItem]) -> dict:
+        """Right-padded batch tensors (right padding keeps every row's positions independent of the batch)."""
+        length = max(row.num_tokens for row in rows)
+        batch = len(rows)
+        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, length), dtype=torch.long)
+        pool_mask = torch.zeros((batch, length), dtype=torch.bool)
+        multi_mask = torch.zeros((batch, length), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            n = row.num_tokens
+            input_ids[i, :n] = torch.tensor(row.input_ids)
+            attention_mask[i, :n] = 1
+            pool_mask[i, :n] = torch.tensor(row.pool_mask)
+            multi_mask[i, row.instruction_len : n] = True
+        pixel_rows = [row for row in rows if row.pixel_values is not None]
+        grids = [row.image_grid_thw for row in rows if row.has_image]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pool_mask": pool_mask,
+            "multi_mask": multi_mask,
+            "pixel_values": torch.cat([row.pixel_values for row in pixel_rows]) if pixel_rows else None,
+            "pixel_grid_thw": torch.cat([row.image_grid_thw for row in pixel_rows]) if pixel_rows else None,
+            "image_grid_thw": torch.cat(grids) if grids else None,
+            "image_rows": [i for i, row in enumerate(rows) if row.has_image],
+            "pixel_rows": [i for i, row in enumerate(rows) if row.pixel_values is not None],
+            "image_embeds": [row.image_embeds for row in rows],
+        }
+
+
+__all__ = ["NovaEmbeddingsV1Processor", "PreparedItem", "decode_image", "load_chat_templates"]
