@@ -1,0 +1,290 @@
+"""Images from clients: sources, URL policy (SSRF-safe fetching) and bounded decoding.
+
+Policy (DESIGN §4, issue §7):
+- an image is a base64 string, a `data:` URL, or (only with --allow-image-urls) an http(s) URL;
+- local paths and `file:` URLs are never read on a client's behalf;
+- URLs: allowlisted host, every resolved address must be public (no private, loopback, link-local,
+  multicast, reserved, shared or unspecified address), and the connection goes to the checked address
+  (no second DNS lookup an attacker could rebind), redirects are re-checked hop by hop, body size and
+  total time are bounded, no proxies from the environment, no transparent decompression;
+- decoding: a few raster formats only, pixel count checked from the header before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import ipaddress
+import socket
+import warnings
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+from PIL import Image
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+MAX_REDIRECTS = 3
+
+
+class ImageError(ValueError):
+    """A refused or undecodable image; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, *, status: int = 400, code: str = "invalid_image"):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass
+class ImagePolicy:
+    allow_urls: bool = False
+    allowlist: list[str] = field(default_factory=list)
+    max_bytes: int = 10_000_000
+    timeout: float = 10.0
+    max_pixels: int = 40_000_000
+
+
+# ---------------------------------------------------------------- sources
+
+
+def classify_source(value: str) -> tuple[str, object]:
+    """("url", url) for http(s) URLs, ("bytes", data) for data: URLs and base64; ImageError otherwise."""
+    stripped = value.strip()
+    lowered = stripped[:16].lower()
+    if lowered.startswith(("http://", "https://")):
+        return "url", stripped
+    if lowered.startswith("data:"):
+        header, sep, payload = stripped.partition(",")
+        if not sep or not header.lower().endswith(";base64"):
+            raise ImageError("a data: URL image must be base64-encoded (data:image/...;base64,...)")
+        return "bytes", _b64(payload)
+    if lowered.startswith("file:"):
+        raise ImageError("file: URLs are never read; send the image bytes as base64 or a data: URL",
+                         code="image_source_refused")
+    scheme = urlsplit(stripped).scheme
+    if scheme and len(scheme) > 1 and "://" in stripped[:32]:
+        raise ImageError(f"unsupported image URL scheme {scheme!r}; only http(s) URLs (when enabled), "
+                         "data: URLs and base64 are accepted", code="image_source_refused")
+    try:
+        return "bytes", _b64(stripped)
+    except ImageError:
+        raise ImageError(
+            "image must be base64, a data: URL or an http(s) URL; local file paths are never read",
+            code="image_source_refused",
+        ) from None
+
+
+def _b64(payload: str) -> bytes:
+    compact = "".join(payload.split())
+    try:
+        data = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        try:
+            data = base64.urlsafe_b64decode(compact)
+            if base64.urlsafe_b64encode(data).rstrip(b"=") != compact.encode().rstrip(b"="):
+                raise ValueError("not canonical")
+        except (binascii.Error, ValueError):
+            raise ImageError("image is not valid base64") from None
+    if not data:
+        raise ImageError("image is empty")
+    return data
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def decode_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
+    """Decode to an RGB PIL image; refuse unknown formats and images over `max_pixels` before decoding."""
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageError(f"image is {len(data)} bytes, over the limit of {max_bytes}", status=413,
+                         code="image_too_large")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError("image dimensions are too large (decompression bomb refused)", status=413,
+                             code="image_too_large") from None
+        except Exception:
+            raise ImageError(f"not a supported image (formats: {', '.join(ALLOWED_FORMATS)})") from None
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            raise ImageError("image has no pixels")
+        if width * height > max_pixels:
+            raise ImageError(
+                f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
+                "(decompression bombs are refused before decoding)", status=413, code="image_too_large",
+            )
+        try:
+            img.load()
+            rgb = img.convert("RGB")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError("image refused as a decompression bomb", status=413,
+                             code="image_too_large") from None
+        except Exception as exc:
+            raise ImageError(f"image could not be decoded: {exc.__class__.__name__}") from None
+    return rgb
+
+
+# ---------------------------------------------------------------- URL policy and fetching
+
+
+def host_allowed(host: str, allowlist: list[str]) -> bool:
+    host = host.lower().rstrip(".")
+    for pattern in allowlist:
+        pattern = pattern.lower().strip().rstrip(".")
+        if pattern == "*":
+            return True
+        if pattern.startswith("*.") and host.endswith(pattern[1:]) and host != pattern[2:]:
+            return True
+        if host == pattern:
+            return True
+    return False
+
+
+def ip_is_public(address: str) -> bool:
+    """True only for globally routable unicast addresses."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and ip in ipaddress.ip_network("64:ff9b::/96"):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None and not ip_is_public(str(embedded)):
+            return False
+    return bool(
+        ip.is_global and not ip.is_multicast and not ip.is_private and not ip.is_loopback
+        and not ip.is_link_local and not ip.is_reserved and not ip.is_unspecified
+    )
+
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def system_resolve(host: str, port: int) -> list[str]:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [info[4][0] for info in infos]
+
+
+class ImageFetcher:
+    """Fetches image URLs under an `ImagePolicy`. `resolver`/`ip_allowed` are injectable for tests."""
+
+    def __init__(
+        self,
+        policy: ImagePolicy,
+        *,
+        resolver: Resolver | None = None,
+        ip_allowed: Callable[[str], bool] = ip_is_public,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        self.policy = policy
+        self.resolver = resolver or system_resolve
+        self.ip_allowed = ip_allowed
+        self._client = httpx.AsyncClient(
+            trust_env=False, follow_redirects=False, transport=transport,
+            timeout=httpx.Timeout(policy.timeout), headers={"Accept-Encoding": "identity"},
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def check_url(self, url: str) -> tuple[str, str, int]:
+        """(scheme, host, port) of an acceptable URL, ImageError otherwise (no network access)."""
+        if not self.policy.allow_urls:
+            raise ImageError("image URLs are disabled on this server (start it with --allow-image-urls); "
+                             "send the image as base64 or a data: URL", code="image_url_refused")
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            raise ImageError("malformed image URL", code="image_url_refused") from None
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise ImageError("only http(s) image URLs are fetched", code="image_url_refused")
+        if parts.username is not None or parts.password is not None:
+            raise ImageError("image URLs with credentials are refused", code="image_url_refused")
+        host = (parts.hostname or "").lower()
+        if not host:
+            raise ImageError("image URL has no host", code="image_url_refused")
+        if not host_allowed(host, self.policy.allowlist):
+            raise ImageError(f"image host {host!r} is not in the allowlist", code="image_url_refused")
+        return scheme, host, port or (443 if scheme == "https" else 80)
+
+    async def _checked_address(self, host: str, port: int) -> str:
+        try:
+            addresses = await self.resolver(host, port)
+        except (OSError, UnicodeError):
+            raise ImageError(f"image host {host!r} does not resolve", code="image_url_refused") from None
+        if not addresses:
+            raise ImageError(f"image host {host!r} does not resolve", code="image_url_refused")
+        for address in addresses:  # every address must pass: refuse mixed public/private answers
+            if not self.ip_allowed(address):
+                raise ImageError(
+                    f"image host {host!r} resolves to a non-public address; refused",
+                    code="image_url_refused",
+                )
+        return addresses[0]
+
+    async def fetch(self, url: str) -> bytes:
+        try:
+            return await asyncio.wait_for(self._fetch(url), timeout=self.policy.timeout)
+        except asyncio.TimeoutError:
+            raise ImageError(f"image URL took longer than {self.policy.timeout:g}s", code="image_url_timeout") \
+                from None
+
+    async def _fetch(self, url: str) -> bytes:
+        for _ in range(MAX_REDIRECTS + 1):
+            scheme, host, port = self.check_url(url)
+            address = await self._checked_address(host, port)
+            target = httpx.URL(url).copy_with(host=address)
+            default_port = 443 if scheme == "https" else 80
+            host_header = host if port == default_port else f"{host}:{port}"
+            if ":" in host and not host.startswith("["):
+                host_header = f"[{host}]" if port == default_port else f"[{host}]:{port}"
+            extensions = {"sni_hostname": host} if scheme == "https" else {}
+            request = self._client.build_request(
+                "GET", target, headers={"Host": host_header}, extensions=extensions
+            )
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                raise ImageError(f"image URL could not be fetched: {exc.__class__.__name__}",
+                                 code="image_url_failed") from None
+            try:
+                if response.status_code in (301, 302, 303, 307, 308):
+                    location = response.headers.get("location")
+                    if not location:
+                        raise ImageError("image URL redirected without a location", code="image_url_failed")
+                    url = urljoin(url, location)
+                    continue
+                if response.status_code != 200:
+                    raise ImageError(f"image URL answered HTTP {response.status_code}", code="image_url_failed")
+                encoding = response.headers.get("content-encoding", "identity").lower()
+                if encoding not in ("", "identity"):
+                    raise ImageError("compressed image transfers are refused", code="image_url_failed")
+                length = response.headers.get("content-length")
+                if length is not None and length.isdigit() and int(length) > self.policy.max_bytes:
+                    raise ImageError(f"image URL body is over {self.policy.max_bytes} bytes", status=413,
+                                     code="image_too_large")
+                chunks: list[bytes] = []
+                total = 0
+                async for chunk in response.aiter_raw():
+                    total += len(chunk)
+                    if total > self.policy.max_bytes:
+                        raise ImageError(f"image URL body is over {self.policy.max_bytes} bytes", status=413,
+                                         code="image_too_large")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+            except httpx.HTTPError as exc:
+                raise ImageError(f"image URL could not be fetched: {exc.__class__.__name__}",
+                                 code="image_url_failed") from None
+            finally:
+                await response.aclose()
+        raise ImageError("image URL redirected too many times", code="image_url_failed")

@@ -1,0 +1,207 @@
+"""Adapters at run time: the admission gate (drain on unload) and the admin routes.
+
+- `POST /v1/internal/lora/load {lora_name, lora_path}`, `POST /v1/internal/lora/unload {lora_name}`,
+  `GET /v1/internal/lora`.
+- Disabled (404) without `--enable-lora`; every call needs `Authorization: Bearer <--admin-api-key>`
+  (compared in constant time); without an admin key the routes refuse everything (403).
+- `lora_path` is resolved (symlinks included) and must lie inside `--lora-root`; relative paths are
+  relative to it. Without `--lora-root` nothing can be loaded at run time.
+- Load: the model validates the whole folder before anything changes; a bad folder answers 400 and the
+  server is unchanged. Requests naming the adapter get 404 until it is loaded.
+- Unload: the adapter stops admitting (new requests naming it get 404), rows already admitted finish,
+  then it leaves the model. If it is still in use after `--lora-drain-timeout` it is kept (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .errors import ApiError, bad_request
+
+log = logging.getLogger("serve.lora")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class AdapterGate:
+    """Which adapters admit rows, and how many admitted rows each still has in flight."""
+
+    def __init__(self, names: list[str] | None = None):
+        self.state: dict[str, str] = {name: "ready" for name in names or []}
+        self.in_flight: dict[str, int] = {}
+        self._idle: dict[str, asyncio.Event] = {}
+
+    def ready(self, name: str) -> bool:
+        return self.state.get(name) == "ready"
+
+    def ready_names(self) -> list[str]:
+        return sorted(n for n, s in self.state.items() if s == "ready")
+
+    def acquire(self, names: list[str | None]) -> None:
+        """Admit rows using `names` (None = base model), all or none; 404 for an adapter not ready."""
+        for name in names:
+            if name is not None and not self.ready(name):
+                raise adapter_not_found(name, self.ready_names())
+        for name in names:
+            if name is not None:
+                self.in_flight[name] = self.in_flight.get(name, 0) + 1
+                event = self._idle.get(name)
+                if event is not None:
+                    event.clear()
+
+    def release(self, name: str | None) -> None:
+        if name is None:
+            return
+        count = self.in_flight.get(name, 0) - 1
+        if count <= 0:
+            self.in_flight.pop(name, None)
+            event = self._idle.get(name)
+            if event is not None:
+                event.set()
+        else:
+            self.in_flight[name] = count
+
+    async def drain(self, name: str, timeout: float) -> bool:
+        """Stop admitting `name` and wait until its admitted rows are done. False on timeout."""
+        self.state[name] = "draining"
+        if not self.in_flight.get(name):
+            return True
+        event = self._idle.setdefault(name, asyncio.Event())
+        event.clear()
+        try:
+            await asyncio.wait_for(event.wait(), timeout=timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self._idle.pop(name, None)
+
+
+def adapter_not_found(name: str, loaded: list[str], param: str | None = None) -> ApiError:
+    return ApiError(
+        404, f"adapter {name!r} is not loaded; loaded adapters: {', '.join(loaded) or 'none'}",
+        code="adapter_not_found", param=param,
+    )
+
+
+def resolve_lora_path(root: str | None, given: object) -> str:
+    if root is None:
+        raise ApiError(403, "loading adapters at run time needs --lora-root DIR", param="lora_path",
+                       code="lora_root_not_set")
+    if not isinstance(given, str) or not given or "\x00" in given:
+        raise bad_request("'lora_path' must be a non-empty string", param="lora_path")
+    real_root = os.path.realpath(root)
+    candidate = given if os.path.isabs(given) else os.path.join(real_root, given)
+    real = os.path.realpath(candidate)
+    if real != real_root and os.path.commonpath([real, real_root]) != real_root:
+        raise ApiError(403, "'lora_path' must be inside --lora-root", param="lora_path",
+                       code="lora_path_outside_root")
+    if not os.path.isdir(real):
+        raise bad_request("'lora_path' is not a directory under --lora-root", param="lora_path",
+                          code="lora_path_not_found")
+    return real
+
+
+def lora_routes(server) -> list[Route]:
+    """`server` is the app's ServerState (settings, model, gate, metrics, auth helpers)."""
+    lock = asyncio.Lock()
+
+    async def _guard(request: Request) -> None:
+        if not server.settings.enable_lora:
+            raise ApiError(404, "adapter management is disabled (start the server with --enable-lora)",
+                           code="lora_disabled")
+        server.require_admin(request)
+        server.require_ready()
+
+    async def _json(request: Request) -> dict:
+        body = await server.read_body(request)
+        try:
+            payload = json.loads(body)
+        except (ValueError, RecursionError):
+            raise bad_request("request body is not valid JSON", code="invalid_json") from None
+        if not isinstance(payload, dict):
+            raise bad_request("request body must be a JSON object", code="invalid_json")
+        return payload
+
+    def _name(payload: dict) -> str:
+        name = payload.get("lora_name")
+        if not isinstance(name, str) or not NAME_RE.match(name) or name.lower() in ("none", "base"):
+            raise bad_request("'lora_name' must match [A-Za-z0-9][A-Za-z0-9._-]{0,63} and not be none/base",
+                              param="lora_name")
+        return name
+
+    async def list_adapters(request: Request) -> JSONResponse:
+        await _guard(request)
+        adapters = server.model.list_adapters()
+        data = []
+        for name, info in adapters.items():
+            data.append({"lora_name": name, "state": server.gate.state.get(name, "ready"),
+                         "in_flight_rows": server.gate.in_flight.get(name, 0),
+                         **{k: v for k, v in info.items() if k != "path"}})
+        return JSONResponse({"object": "list", "data": data, "max_loras": server.model.max_loras,
+                             "max_lora_rank": server.model.max_lora_rank})
+
+    async def load(request: Request) -> JSONResponse:
+        await _guard(request)
+        payload = await _json(request)
+        name = _name(payload)
+        path = resolve_lora_path(server.settings.lora_root, payload.get("lora_path"))
+        if name in server.settings.model_names():
+            raise bad_request(f"{name!r} is the served model's name", param="lora_name", code="adapter_exists")
+        async with lock:
+            if name in server.gate.state or name in server.model.list_adapters():
+                raise bad_request(f"adapter {name!r} is already loaded; unload it first", param="lora_name",
+                                  code="adapter_exists")
+            server.gate.state[name] = "loading"
+            try:
+                await asyncio.to_thread(server.model.load_adapter, name, path)
+            except ValueError as exc:
+                server.gate.state.pop(name, None)
+                log.warning("adapter %r refused: %s", name, exc)
+                raise bad_request(f"adapter refused: {exc}", param="lora_path", code="invalid_adapter") from None
+            except Exception as exc:
+                server.gate.state.pop(name, None)
+                log.exception("adapter %r failed to load", name)
+                raise bad_request(f"adapter could not be loaded: {exc.__class__.__name__}: {exc}",
+                                  param="lora_path", code="invalid_adapter") from None
+            server.gate.state[name] = "ready"
+            server.metrics.adapters_loaded.set(len(server.model.list_adapters()))
+        log.info("adapter %r loaded from %s", name, path)
+        return JSONResponse({"lora_name": name, "status": "loaded"})
+
+    async def unload(request: Request) -> JSONResponse:
+        await _guard(request)
+        payload = await _json(request)
+        name = _name(payload)
+        async with lock:
+            if server.gate.state.get(name) != "ready":
+                raise adapter_not_found(name, server.gate.ready_names(), param="lora_name")
+            drained = await server.gate.drain(name, server.settings.lora_drain_timeout)
+            if not drained:
+                server.gate.state[name] = "ready"
+                raise ApiError(503, f"adapter {name!r} is still in use after "
+                               f"{server.settings.lora_drain_timeout:g}s; not unloaded", code="drain_timeout",
+                               headers={"Retry-After": "5"})
+            try:
+                await asyncio.to_thread(server.model.unload_adapter, name)
+            except ValueError as exc:
+                server.gate.state[name] = "ready"
+                raise bad_request(str(exc), param="lora_name") from None
+            server.gate.state.pop(name, None)
+            server.metrics.adapters_loaded.set(len(server.model.list_adapters()))
+        log.info("adapter %r unloaded", name)
+        return JSONResponse({"lora_name": name, "status": "unloaded"})
+
+    return [
+        Route("/v1/internal/lora", list_adapters, methods=["GET"]),
+        Route("/v1/internal/lora/load", load, methods=["POST"]),
+        Route("/v1/internal/lora/unload", unload, methods=["POST"]),
+    ]

@@ -1,0 +1,69 @@
+"""Prometheus metrics on the server's own registry (several apps in one process never collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "nova_http_requests", "HTTP requests by route, method and status", ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "nova_http_request_duration_seconds", "HTTP request latency by route", ["route"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.rejected = Counter(
+            "nova_rejected_requests", "requests refused, by reason", ["reason"], registry=r
+        )
+        self.queue_rows = Gauge("nova_queue_rows", "rows waiting for the model", registry=r)
+        self.queue_tokens = Gauge("nova_queue_tokens", "tokens waiting for the model", registry=r)
+        self.inflight_requests = Gauge(
+            "nova_inflight_requests", "embedding requests being handled", registry=r
+        )
+        self.batch_rows = Histogram(
+            "nova_batch_rows", "rows per model batch", buckets=_ROW_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "nova_batch_tokens", "tokens per model batch (sum of row lengths)", buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.batch_padded_tokens = Histogram(
+            "nova_batch_padded_tokens", "padded tokens per model batch (rows x longest row)",
+            buckets=_TOKEN_BUCKETS, registry=r,
+        )
+        self.batch_requests = Histogram(
+            "nova_batch_requests", "distinct requests per model batch", buckets=_ROW_BUCKETS, registry=r
+        )
+        self.batch_latency = Histogram(
+            "nova_batch_duration_seconds", "model forward time per batch", buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "nova_queue_wait_seconds", "time a row waits in the queue", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.adapter_rows = Counter(
+            "nova_adapter_rows", "rows embedded, by adapter", ["adapter"], registry=r
+        )
+        self.items = Counter(
+            "nova_items", "items embedded, by modality", ["modality"], registry=r
+        )
+        self.tokens = Counter("nova_tokens", "tokens embedded", registry=r)
+        self.rows_cancelled = Counter(
+            "nova_rows_cancelled", "queued rows dropped because their client went away", registry=r
+        )
+        self.adapters_loaded = Gauge("nova_adapters_loaded", "adapters resident in the model", registry=r)
+        self.model_ready = Gauge("nova_model_ready", "1 once the model is loaded", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,75 @@
+"""Helpers shared by the server tests (images, decoding, reference vectors, error-shape checks)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import numpy as np
+from PIL import Image
+
+COS_MIN = 0.9999
+
+
+def make_png(width: int = 64, height: int = 64, seed: int = 0, mode: str = "RGB") -> bytes:
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(array, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def b64_png(**kwargs) -> str:
+    return base64.b64encode(make_png(**kwargs)).decode()
+
+
+def data_url(**kwargs) -> str:
+    return "data:image/png;base64," + b64_png(**kwargs)
+
+
+def decode_embedding(entry: dict) -> np.ndarray:
+    emb = entry["embedding"]
+    if isinstance(emb, str):
+        array = np.frombuffer(base64.b64decode(emb), dtype="<f4")
+        if "shape" in entry:
+            array = array.reshape(entry["shape"])
+        return array
+    return np.asarray(emb, dtype=np.float32)
+
+
+def reference(model, item, *, instructions=None, dimensions=None, multivector=False) -> np.ndarray:
+    """In-process encode() of this item alone (images given as PIL, as a Python user would)."""
+    item = dict(item) if isinstance(item, dict) else item
+    if isinstance(item, dict) and isinstance(item.get("image"), str):
+        raw = item["image"].split(",", 1)[-1]
+        item["image"] = Image.open(io.BytesIO(base64.b64decode(raw))).convert("RGB")
+    out = model.encode([item], instructions=instructions, dimensions=dimensions, return_multivector=multivector)
+    return out[0].numpy()
+
+
+def assert_close(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape, (got.shape, want.shape)
+    if got.ndim == 1:
+        cos = float(np.dot(got, want) / (np.linalg.norm(got) * np.linalg.norm(want)))
+        assert cos >= COS_MIN, cos
+    else:
+        cos = np.sum(got * want, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+        assert float(cos.min()) >= COS_MIN, float(cos.min())
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None, param: str | None = None):
+    assert response.status_code == status, (response.status_code, response.text)
+    body = response.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"]
+    if code is not None:
+        assert err["code"] == code, err
+    if param is not None:
+        assert err["param"] == param, err
+    return err
