@@ -7,7 +7,9 @@ text/image batches correct), per-row LoRA routing in one forward pass, and `enco
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -352,7 +354,6 @@ def _jina_output(out: list[torch.Tensor], single: bool, return_numpy: bool, mult
 
 def _check_targets(config: dict, pairs: dict, name: str) -> None:
     """A folder's declared target_modules must match the modules it carries weights for (PEFT semantics)."""
-    import re
 
     targets = config.get("target_modules")
     if targets is None:
@@ -361,20 +362,14 @@ def _check_targets(config: dict, pairs: dict, name: str) -> None:
         pattern = re.compile(targets)
         unmatched = [m for m in pairs if not pattern.fullmatch(m) and not pattern.fullmatch("base_model.model." + m)]
     else:
-        suffixes = set(targets)
-        unmatched = [m for m in pairs if m.split(".")[-1] not in suffixes and m not in suffixes]
+        unmatched = [m for m in pairs if not any(m == t or m.endswith("." + t) for t in targets)]
     if unmatched:
         raise ValueError(f"adapter {name!r}: weights for {unmatched[0]!r}, which target_modules {targets!r} does not name")
 
 
 def _default_attention(device: torch.device) -> str:
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
     return "sdpa"
 
 

@@ -31,13 +31,13 @@ NO_ADAPTER = ("none", "base")
 
 DEFAULT_INSTRUCTION_TEMPLATE = "<|im_start|>system\n{{ instructions }}<|im_end|>\n"
 DEFAULT_ITEM_TEMPLATE = (
-    "{%- if has_image -%}"
+    "{% if has_image %}"
     "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
-    "{%- if text is not none -%}{{ prompt }}{{ text }}{%- else -%}Describe the image.{%- endif -%}"
+    "{% if text is not none %}{{ prompt }}{{ text }}{% else %}Describe the image.{% endif %}"
     "<|im_end|>\n"
-    "{%- elif instructed -%}<|im_start|>user\n{{ prompt }}{{ text }}<|im_end|>\n"
-    "{%- else -%}{{ prompt }}{{ text }}"
-    "{%- endif -%}"
+    "{% elif instructed %}<|im_start|>user\n{{ prompt }}{{ text }}<|im_end|>\n"
+    "{% else %}{{ prompt }}{{ text }}"
+    "{% endif %}"
 )
 
 

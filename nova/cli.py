@@ -1,4 +1,8 @@
-"""The `nova` command: one sub-command per job, each owned by the module that does the job."""
+"""The `nova` command: one sub-command per job, each owned by the module that does the job.
+
+Only the chosen sub-command's module is imported, so `nova convert` does not pay for Gradio, and a missing
+optional extra only affects the sub-command that needs it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-# sub-command -> module exposing `add_arguments(parser)` and `run(args) -> int`, and its one-line help.
+# sub-command -> (module exposing `add_arguments(parser)` and `run(args) -> int`, one-line help)
 SUBCOMMANDS = {
     "serve": ("serve.cli", "run the embedding server"),
     "tiny": ("nova.tiny", "write the tiny random-weight checkpoint"),
@@ -17,27 +21,30 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nova", description="Nova Embeddings V1")
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(_module=module_name)
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:  # an optional extra is not installed
-            sub.set_defaults(_missing=f"'nova {name}' needs an optional dependency: {exc}")
-            continue
-        module.add_arguments(sub)
+        if name == command:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as exc:
+                sub.set_defaults(_missing=f"'nova {name}' needs an optional dependency that is not installed: {exc}")
+                continue
+            module.add_arguments(sub)
+            sub.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     if getattr(args, "_missing", None):
         print(args._missing, file=sys.stderr)
         return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
+    return int(args._run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,176 @@
+"""Embedding semantics: batch invariance, per-row adapters, instructions, matryoshka, multi-vector."""
+
+import pytest
+import torch
+from conftest import make_image
+
+from nova.loading import load_model
+
+
+def cos(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def mixed_items(image):
+    return [
+        {"task": "retrieval.query", "text": "what is the capital of France?"},
+        {"task": "retrieval.passage", "text": "Paris is the capital and largest city of France. " * 3},
+        {"task": "code.query", "text": "sort a list in python", "instructions": "Find code"},
+        {"task": "code.passage", "text": "def sort(xs):\n    return sorted(xs)"},
+        {"task": "text-matching", "text": "the cat sat on the mat"},
+        {"image": image},
+        {"image": make_image(60, 90, seed=3), "text": "a bar chart", "task": "retrieval.passage"},
+        {"text": "no adapter here", "adapter": "none"},
+        {"image": make_image(50, 50, seed=5), "instructions": "Represent this chart", "adapter": "code"},
+    ]
+
+
+def test_same_vector_alone_in_kind_and_in_mixed_batch(tiny_model, image):
+    items = mixed_items(image)
+    alone = [tiny_model.encode([item])[0] for item in items]
+    mixed = tiny_model.encode(items, batch_size=len(items))
+    shuffled = tiny_model.encode(list(reversed(items)), batch_size=4)[::-1]
+    texts = [i for i, item in enumerate(items) if "image" not in item]
+    same_kind = tiny_model.encode([items[i] for i in texts], batch_size=len(texts))
+    for i, vector in enumerate(alone):
+        assert vector.shape == (64,)
+        assert abs(float(vector.norm()) - 1) < 1e-5
+        assert cos(vector, mixed[i]) >= 0.9999, i
+        assert cos(vector, shuffled[i]) >= 0.9999, i
+    for j, i in enumerate(texts):
+        assert cos(alone[i], same_kind[j]) >= 0.9999
+    multi_alone = [tiny_model.encode([item], return_multivector=True)[0] for item in items]
+    multi_mixed = tiny_model.encode(items, return_multivector=True, batch_size=len(items))
+    for a, b in zip(multi_alone, multi_mixed, strict=True):
+        assert a.shape == b.shape
+        assert float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min()) >= 0.9999
+
+
+def test_image_row_pooling_is_per_row_not_row_zero(tiny_model, image):
+    # Jina's code looks only at row 0 for an image; a text row first must not change an image row.
+    text_first = tiny_model.encode(["plain text first", {"image": image}], batch_size=2)
+    alone = tiny_model.encode([{"image": image}])[0]
+    assert cos(text_first[1], alone) >= 0.9999
+
+
+def test_per_row_adapters_equal_each_adapter_alone(tiny_model, tiny_dir):
+    base = load_model(tiny_dir)
+    for name in list(base.list_adapters()):
+        base.unload_adapter(name)
+    text = "a sentence routed through different adapters"
+    items = [{"text": text, "task": "retrieval.query", "adapter": name}
+             for name in ("retrieval", "text-matching", "code", "none")]
+    together = tiny_model.encode(items, batch_size=4)
+    alone = [tiny_model.encode([item])[0] for item in items]
+    for a, b in zip(together, alone, strict=True):
+        assert cos(a, b) >= 0.9999
+    # adapters really differ from each other and from the base model
+    assert max(cos(together[0], together[1]), cos(together[0], together[2]), cos(together[1], together[2])) < 0.999
+    assert cos(together[3], base.encode([{"text": text, "task": "retrieval.query"}])[0]) >= 0.9999
+    assert cos(together[0], together[3]) < 0.999
+
+
+def test_unloading_one_adapter_leaves_the_others_unchanged(fresh_model):
+    items = [{"text": "x y z", "adapter": name} for name in ("retrieval", "code")]
+    before = fresh_model.encode(items)
+    fresh_model.unload_adapter("text-matching")
+    after = fresh_model.encode(items)
+    assert all(cos(a, b) >= 0.99999 for a, b in zip(before, after, strict=True))
+    with pytest.raises(ValueError, match="item 0: unknown adapter 'text-matching'"):
+        fresh_model.encode([{"text": "x", "task": "text-matching"}])
+
+
+def test_instructions_change_the_vector_and_are_not_pooled(tiny_model, image):
+    item = {"text": "contract termination clause", "task": "retrieval.query"}
+    plain = tiny_model.encode([item])[0]
+    legal = tiny_model.encode([item], instructions="Retrieve legal precedents")[0]
+    medical = tiny_model.encode([item], instructions="Retrieve medical literature")[0]
+    assert cos(plain, legal) < 0.9999 and cos(legal, medical) < 0.9999
+    # per-item instructions override the request's
+    override = tiny_model.encode([{**item, "instructions": "Retrieve medical literature"}],
+                                 instructions="Retrieve legal precedents")[0]
+    assert cos(override, medical) >= 0.9999
+    # multi-vector rows: one per token outside the instruction turn
+    processor = tiny_model.processor
+    for instructions in (None, "Retrieve legal precedents"):
+        for it in (item, {"image": image}, {"image": image, "text": "chart"}):
+            row = processor.prepare_item(it, instructions=instructions)
+            multi = tiny_model.encode([it], instructions=instructions, return_multivector=True)[0]
+            assert multi.shape == (row.num_tokens - row.instruction_len, 128)
+            assert torch.allclose(multi.norm(dim=-1), torch.ones(len(multi)), atol=1e-5)
+
+
+def test_multivector_without_instructions_is_every_attended_token(tiny_model, image):
+    processor = tiny_model.processor
+    row = processor.prepare_item({"image": image})
+    multi = tiny_model.encode([{"image": image}], return_multivector=True)[0]
+    assert multi.shape[0] == row.num_tokens  # template tokens included, as Jina V4 returns them
+    text = tiny_model.encode(["hello world"], return_multivector=True)[0]
+    assert text.shape == (4, 128)  # Query: hello world
+
+
+def test_pooled_vector_is_masked_mean_of_last_hidden_state(tiny_model, image):
+    processor = tiny_model.processor
+    for item, instructions in (({"text": "abc"}, None), ({"text": "abc"}, "Inst"), ({"image": image}, None)):
+        row = processor.prepare_item(item, instructions=instructions)
+        batch = processor.collate([row])
+        batch["want_multi"] = False
+        with torch.inference_mode():
+            hidden, _ = tiny_model.forward_hidden(batch, [row.adapter])
+        mask = torch.tensor(row.pool_mask)
+        expected = torch.nn.functional.normalize(hidden[0][mask].mean(0), dim=-1)
+        assert cos(expected, tiny_model.encode([item], instructions=instructions)[0]) >= 0.99999
+
+
+def test_matryoshka_truncation_is_renormalized_prefix(tiny_model):
+    full = tiny_model.encode(["matryoshka dolls"])[0]
+    for dims in tiny_model.config.matryoshka_dims:
+        short = tiny_model.encode(["matryoshka dolls"], dimensions=dims)[0]
+        assert short.shape == (dims,)
+        assert torch.allclose(short, torch.nn.functional.normalize(full[:dims], dim=0), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dimensions": 17}, "dimensions must be one of"),
+        ({"dimensions": "32"}, "dimensions must be one of"),
+        ({"dimensions": 32, "return_multivector": True}, "'dimensions' applies to pooled vectors only"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ],
+)
+def test_bad_arguments(tiny_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model.encode(["x"], **kwargs)
+
+
+def test_bad_item_names_its_index(tiny_model):
+    with pytest.raises(ValueError, match="item 2: unknown task 'summarize'"):
+        tiny_model.encode(["a", "b", {"text": "c", "task": "summarize"}])
+
+
+def test_jina_compatible_encode_text_and_encode_image(tiny_model, image):
+    q = tiny_model.encode_text(["hello"], task="retrieval", prompt_name="query")
+    p = tiny_model.encode_text("hello", task="retrieval", prompt_name="passage", truncate_dim=32)
+    assert cos(q[0], tiny_model.encode([{"text": "hello", "task": "retrieval.query"}])[0]) >= 0.99999
+    assert p.shape == (32,)
+    n = tiny_model.encode_text(["a", "b"], task="code", return_numpy=True)
+    assert n.shape == (2, 64)
+    imgs = tiny_model.encode_image([image], task="retrieval", return_multivector=True)
+    assert imgs[0].shape[1] == 128
+    single = tiny_model.encode_image(image, task="text-matching")
+    assert cos(single, tiny_model.encode([{"image": image, "task": "text-matching"}])[0]) >= 0.99999
+    with pytest.raises(ValueError, match="unknown task 'qa'"):
+        tiny_model.encode_text(["x"], task="qa")
+
+
+def test_image_embeds_item_equals_image_item(tiny_model, image):
+    processor = tiny_model.processor
+    row = processor.prepare_item({"image": image})
+    with torch.inference_mode():
+        feats = tiny_model.visual(row.pixel_values, grid_thw=row.image_grid_thw).pooler_output
+    # rows without an adapter: the vision tower is not LoRA-routed by the tiny task adapters
+    via_pixels = tiny_model.encode([{"image": image, "adapter": "none"}])[0]
+    via_embeds = tiny_model.encode([{"image_embeds": feats, "image_grid_thw": row.image_grid_thw[0].tolist(),
+                                     "adapter": "none"}])[0]
+    assert cos(via_pixels, via_embeds) >= 0.9999
