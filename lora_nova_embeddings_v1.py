@@ -118,8 +118,8 @@ class LoraRegistry:
         self._ids: dict[str, int] = {}
         self._module_weights: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = {}
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
-        self._text_route: torch.Tensor | None = None
-        self._vision_routes: dict[int, torch.Tensor] = {}
+        self._text_route: list | None = None
+        self._vision_routes: dict[int, list] = {}
         self._next_id = 0
 
     # ---- loading -------------------------------------------------------------------------------------
@@ -193,19 +193,17 @@ class LoraRegistry:
 
         `image_rows[i]` is the batch row of the i-th encoded image and `image_tokens[i]` its patch count:
         vision layers see all images' patches concatenated, so their routes are per patch (and per merged
-        patch for the merger).
+        patch for the merger). Row groups are computed once here, not in every layer.
         """
         with self.lock:
             ids = torch.tensor([self._ids[a] if a is not None else NO_ROUTE for a in row_adapters], dtype=torch.long)
-            self._text_route = ids
+            self._text_route = _groups(ids)
             self._vision_routes = {}
             if image_rows:
                 per_image = ids[torch.tensor(image_rows, dtype=torch.long)]
                 counts = torch.tensor(image_tokens, dtype=torch.long)
-                patches = per_image.repeat_interleave(counts)
-                self._vision_routes[len(patches)] = patches
-                merged = per_image.repeat_interleave(counts // merge_unit)
-                self._vision_routes[len(merged)] = merged
+                for route in (per_image.repeat_interleave(counts), per_image.repeat_interleave(counts // merge_unit)):
+                    self._vision_routes[len(route)] = _groups(route)
             try:
                 yield
             finally:
@@ -218,22 +216,28 @@ class LoraRegistry:
             if not per_module or self._text_route is None:
                 return output
             x = inputs[0]
-            route = self._text_route if x.dim() == 3 else self._vision_routes.get(x.shape[0])
-            if route is None:
-                return output
-            route = route.to(x.device)
-            present = [i for i in torch.unique(route).tolist() if i in per_module]
-            for adapter_id in present:
+            groups = self._text_route if x.dim() == 3 else self._vision_routes.get(x.shape[0])
+            for adapter_id, rows in groups or ():
+                if adapter_id not in per_module:
+                    continue
                 a, b, scaling = per_module[adapter_id]
-                rows = (route == adapter_id).nonzero().squeeze(1)
-                if len(rows) == len(route):
+                if rows is None:  # the whole batch uses this adapter
                     output = output + (x @ a.T @ b.T) * scaling
                 else:
+                    rows = rows.to(x.device)
                     delta = (x.index_select(0, rows) @ a.T @ b.T) * scaling
                     output = output.index_add(0, rows, delta.to(output.dtype))
             return output
 
         return hook
+
+
+def _groups(route: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+    """[(adapter_id, rows)] for every adapter present; rows None when it covers the whole route."""
+    present = [i for i in torch.unique(route).tolist() if i != NO_ROUTE]
+    if len(present) == 1 and bool((route == present[0]).all()):
+        return [(present[0], None)]
+    return [(i, (route == i).nonzero().squeeze(1)) for i in present]
 
 
 __all__ = ["LoraRegistry", "LoraAdapter", "read_peft_folder", "normalize_module_name"]

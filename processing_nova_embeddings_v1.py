@@ -295,7 +295,8 @@ class NovaEmbeddingsV1Processor:
         return requested
 
     def _tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # The Rust tokenizer directly: same ids, and safe to call from several threads at once.
+        return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
 
     def _render_item(self, prompt, text, has_image, instructed, n_image_tokens) -> list[int]:
         rendered = self._item_template.render(prompt=prompt, text=text, has_image=has_image, instructed=instructed)
