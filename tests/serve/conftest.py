@@ -65,8 +65,8 @@ class LiveServer:
 def server_model_factory(tiny_dir):
     """A fresh model instance per server (servers load/unload adapters; the reference stays untouched)."""
 
-    def make():
-        return load_model(tiny_dir)
+    def make(**kwargs):
+        return load_model(tiny_dir, **kwargs)
 
     return make
 
@@ -77,7 +77,9 @@ def start_server(server_model_factory):
 
     def start(model=None, **overrides) -> LiveServer:
         settings = Settings(**overrides)
-        server = LiveServer(settings, model=model if model is not None else server_model_factory())
+        if model is None:
+            model = server_model_factory(max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank)
+        server = LiveServer(settings, model=model)
         started.append(server)
         return server
 
