@@ -170,6 +170,10 @@ class NovaEmbeddingsV1Processor:
         templates = load_chat_templates(chat_template or os.path.join(path, CHAT_TEMPLATE_FILE))
         return cls(tokenizer, image_processor, templates, config)
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoProcessor") -> None:
+        """Called by `AutoProcessor` on remote-code classes; the repository's auto_map already records it."""
+
     def set_templates(self, templates: dict) -> None:
         env = jinja2.Environment(autoescape=False, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
         try:

@@ -37,7 +37,9 @@ def test_automodel_from_a_plain_copy_of_the_repo(tiny_dir, tmp_path):
     shutil.copytree(tiny_dir / "adapters", repo / "adapters")
     script = (
         "import sys, torch\n"
-        "from transformers import AutoModel, AutoConfig\n"
+        "from transformers import AutoModel, AutoProcessor\n"
+        f"p = AutoProcessor.from_pretrained({str(repo)!r}, trust_remote_code=True)\n"
+        "assert p.prepare_item('hello world').input_ids == [2859, 25, 23811, 1879]\n"
         f"m = AutoModel.from_pretrained({str(repo)!r}, trust_remote_code=True)\n"
         "assert 'serve' not in sys.modules and 'nova' not in sys.modules\n"
         "v = m.encode(['hello', {'text': 'x', 'task': 'code.passage', 'instructions': 'Find code'}])\n"
