@@ -9,6 +9,7 @@ combined adapter folder), to test Jina compatibility and `nova convert` without 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -215,14 +216,17 @@ def ensure_tiny_checkpoint(path=None, size: str = "tiny") -> pathlib.Path:
     out = pathlib.Path(path) if path else default_dir(size)
     stamp = out / ".nova-fingerprint"
     fingerprint = _fingerprint()
-    if stamp.is_file() and stamp.read_text() == fingerprint and (out / "model.safetensors").is_file():
-        return out
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_checkpoint(tmp, size=size)
-    (tmp / ".nova-fingerprint").write_text(fingerprint)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:  # several processes may start at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.is_file() and stamp.read_text() == fingerprint and (out / "model.safetensors").is_file():
+            return out
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_checkpoint(tmp, size=size)
+        (tmp / ".nova-fingerprint").write_text(fingerprint)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
     return out
 
 
