@@ -58,7 +58,7 @@ def build_demo(backend):  # noqa: C901 - one function that lays out the page and
     import gradio as gr
 
     from nova.playground import views
-    from nova.playground.backends import PlaygroundError, ServerBackend, matryoshka_choices
+    from nova.playground.backends import PlaygroundError, ServerBackend
     from nova.playground.compare import (
         AUTO,
         NO_ADAPTER,
@@ -76,7 +76,7 @@ def build_demo(backend):  # noqa: C901 - one function that lays out the page and
     encoder = CachedEncoder(backend)
     startup_error = None
     try:
-        dims = matryoshka_choices(backend.full_dim())
+        dims = backend.dimension_choices()
     except PlaygroundError as exc:
         startup_error, dims = str(exc), [128, 256, 512, 1024, 2048]
     dim_choices = ["full"] + [str(d) for d in dims[:-1]]

@@ -40,10 +40,6 @@ def _to_numpy(vector: Any) -> np.ndarray:
     return np.asarray(vector, dtype=np.float32)
 
 
-def matryoshka_choices(full_dim: int) -> list[int]:
-    return [d for d in MATRYOSHKA_DIMS if d < full_dim] + [full_dim]
-
-
 def _prompts_from_routing(routing: Any) -> dict[str, str]:
     prompts = dict(DEFAULT_TASK_PROMPTS)
     if isinstance(routing, dict):
@@ -75,6 +71,12 @@ class Backend:
 
     def tasks(self) -> list[str]:
         return list(self.task_prompts)
+
+    def dimension_choices(self) -> list[int]:
+        """Matryoshka sizes for pooled vectors, smallest first, the full size last."""
+        full = self.full_dim()
+        listed = getattr(self, "_matryoshka_dims", None) or MATRYOSHKA_DIMS
+        return sorted({int(d) for d in listed if int(d) < full} | {full})
 
     def full_dim(self) -> int:
         if getattr(self, "_full_dim", None) is None:
@@ -118,6 +120,7 @@ class InProcessBackend(Backend):
         self.label = label or str(name or type(model).__name__)
         self.random_weights = _config_says_random(config, self.label)
         self.task_prompts = _prompts_from_routing(getattr(config, "task_routing", None))
+        self._matryoshka_dims = list(getattr(config, "matryoshka_dims", None) or [])
 
     @classmethod
     def load(cls, model_path: str | None, device: str | None = None, dtype: str | None = None) -> InProcessBackend:
@@ -182,9 +185,21 @@ def _config_says_random(config: Any, label: str) -> bool:
 
 
 def image_to_data_url(image: Any) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    """bytes or a PIL image -> a `data:` URL (the server's image form)."""
+    if isinstance(image, (bytes, bytearray)):
+        data, mime = bytes(image), "application/octet-stream"
+        try:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as probe:
+                mime = Image.MIME.get(probe.format or "", mime)
+        except Exception:  # noqa: BLE001 - let the server say what is wrong with it
+            pass
+    else:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data, mime = buffer.getvalue(), "image/png"
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
 class ServerBackend(Backend):
@@ -201,6 +216,7 @@ class ServerBackend(Backend):
         self._model = model
         self._full_dim = None
         self._tok = None
+        self._served_adapters: list[str] = []
         self.label = f"{model or 'model'} @ {self.url}"
         self.random_weights = False
         self.models_info: dict[str, Any] = {}
@@ -240,10 +256,12 @@ class ServerBackend(Backend):
     def _discover(self) -> None:
         info = self._request("GET", "/v1/models")
         models = info.get("data") or []
-        if models:
-            self.models_info = models[0]
+        primary = [m for m in models if not m.get("parent")] or models
+        self._served_adapters = [str(m["id"]) for m in models if m.get("parent") and m.get("id")]
+        if primary:
+            self.models_info = primary[0]
             if self._model is None:
-                self._model = models[0].get("id")
+                self._model = primary[0].get("id")
         self.label = f"{self._model or 'model'} @ {self.url}"
         self.random_weights = _mentions_random(info)
         if not self.random_weights:
@@ -283,16 +301,22 @@ class ServerBackend(Backend):
             return {"text": item}
         out = {k: v for k, v in item.items() if v is not None}
         image = out.get("image")
-        if image is not None and hasattr(image, "save"):
+        if image is not None and (isinstance(image, (bytes, bytearray)) or hasattr(image, "save")):
             out["image"] = image_to_data_url(image)
         return out
 
     def list_adapters(self):
+        # The admin route lists every adapter; without the admin key (or --enable-lora) the adapters
+        # appear in /v1/models as models whose parent is the base model (vLLM's convention).
         try:
-            body = self._request("GET", "/v1/internal/lora", admin=True)
+            return sorted(_adapter_names(self._request("GET", "/v1/internal/lora", admin=True)))
+        except PlaygroundError:
+            pass
+        try:
+            self._discover()
         except PlaygroundError:
             return list(DEFAULT_ADAPTERS)
-        return sorted(_adapter_names(body)) or list(DEFAULT_ADAPTERS)
+        return sorted(self._served_adapters) or list(DEFAULT_ADAPTERS)
 
     def load_adapter(self, name, path):
         self._request("POST", "/v1/internal/lora/load", admin=True, json={"lora_name": name, "lora_path": path})
@@ -301,8 +325,15 @@ class ServerBackend(Backend):
         if self._tok is None:
             try:
                 from transformers import AutoTokenizer
+                from transformers.utils import logging as hf_logging
 
-                self._tok = AutoTokenizer.from_pretrained(str(REPO_ROOT))
+                verbosity = hf_logging.get_verbosity()
+                hf_logging.set_verbosity_error()
+                try:
+                    # the Qwen2.5-VL tokenizer files shipped at the repository root
+                    self._tok = AutoTokenizer.from_pretrained(str(REPO_ROOT))
+                finally:
+                    hf_logging.set_verbosity(verbosity)
             except Exception:  # noqa: BLE001 - no tokenizer, no token labels
                 self._tok = False
         return self._tok or None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from collections import OrderedDict
@@ -27,7 +28,7 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 class Candidate:
     label: str
     text: str | None = None
-    image: Any = None  # PIL image
+    image: bytes | None = None  # the uploaded file's bytes
     image_name: str | None = None
     digest: str = ""
 
@@ -88,27 +89,21 @@ def parse_candidates(text: str | None, image_paths: list[str] | None) -> list[Ca
         name = Path(path).name
         try:
             data = Path(path).read_bytes()
-            with Image.open(io_bytes(data)) as probe:
+            with Image.open(io.BytesIO(data)) as probe:
                 if probe.width * probe.height > MAX_IMAGE_PIXELS:
                     raise PlaygroundError(f"Image '{name}' is too large ({probe.width}×{probe.height} pixels).")
                 probe.load()
-                image = probe.convert("RGB")
         except PlaygroundError:
             raise
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
             raise PlaygroundError(f"Could not read image '{name}': it is not a valid image file ({exc}).") from exc
-        candidates.append(Candidate(label="", image=image, image_name=name, digest=_digest(data)))
+        # The model gets the file's own bytes, exactly as a client of the API would send them.
+        candidates.append(Candidate(label="", image=data, image_name=name, digest=_digest(data)))
     if len(candidates) > MAX_CANDIDATES:
         raise PlaygroundError(f"Too many candidates ({len(candidates)}); the playground takes at most {MAX_CANDIDATES}.")
     for i, candidate in enumerate(candidates, start=1):
         candidate.label = f"C{i}"
     return candidates
-
-
-def io_bytes(data: bytes):
-    import io
-
-    return io.BytesIO(data)
 
 
 def _digest(data: bytes) -> str:

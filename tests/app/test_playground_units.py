@@ -1,0 +1,116 @@
+"""Playground logic without a browser: scoring, candidates, the comparison, backend errors, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+from nova.playground.backends import Backend, PlaygroundError, ServerBackend
+from nova.playground.compare import (
+    NO_ADAPTER,
+    CachedEncoder,
+    Settings,
+    Variant,
+    parse_candidates,
+    run_comparison,
+)
+from nova.playground.scoring import best_matches, maxsim, movement_label, rank_movement, ranks
+
+
+class FakeBackend(Backend):
+    """Deterministic vectors from the item's text/instructions/adapter; records what it was asked."""
+
+    def __init__(self):
+        self.calls = []
+
+    def encode(self, items, *, multivector, dimensions):
+        self.calls.append(list(items))
+        out = []
+        for i, item in enumerate(items):
+            if item.get("text") == "BROKEN":
+                raise PlaygroundError(f"item {i}: text is broken")
+            seed = abs(hash((item.get("text"), item.get("instructions"), item.get("adapter"), item.get("image"))))
+            rng = np.random.default_rng(seed % 2**32)
+            v = rng.standard_normal((3, 8) if multivector else 8)
+            out.append(v / np.linalg.norm(v, axis=-1, keepdims=True))
+        return out
+
+    def list_adapters(self):
+        return ["retrieval"]
+
+
+def test_scoring():
+    q = np.array([[1.0, 0.0], [0.0, 1.0]])
+    d = np.array([[0.6, 0.8], [1.0, 0.0]])
+    assert maxsim(q, d) == pytest.approx(1.0 + 0.8)
+    assert [(m.candidate_index, round(m.similarity, 3)) for m in best_matches(q, d)] == [(1, 1.0), (0, 0.8)]
+    assert ranks([0.1, 0.9, 0.5]) == [3, 1, 2]
+    assert rank_movement([3, 1, 2], [1, 2, 3]) == [2, -1, -1]
+    assert [movement_label(x) for x in (2, -1, 0)] == ["▲2", "▼1", "="]
+
+
+def test_parse_candidates(tmp_path):
+    png = tmp_path / "ok.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "red").save(png)
+    cands = parse_candidates("first\n---\n\ndef f():\n\n    return 1\n-----\n", [str(png)])
+    assert [c.label for c in cands] == ["C1", "C2", "C3"]
+    assert cands[1].text == "def f():\n\n    return 1"
+    assert cands[2].image == png.read_bytes() and cands[2].image_name == "ok.png"
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    with pytest.raises(PlaygroundError, match="Could not read image 'bad.png'"):
+        parse_candidates("x", [str(bad)])
+
+
+def test_comparison_encodes_each_item_once_and_names_bad_items():
+    backend = FakeBackend()
+    encoder = CachedEncoder(backend)
+    cands = parse_candidates("a\n---\nb\n---\nc", None)
+    variants = [Variant("Variant A", "be legal"), Variant("Variant B", "", NO_ADAPTER), Variant("Variant C", "")]
+    comparison = run_comparison(encoder, "query", cands, variants, Settings())
+    assert [r.variant.name for r in comparison.results][1:] == ["Variant A", "Variant B"]  # C is off
+    # baseline: 1+3; A: its query only (candidates carry no instructions); B: adapter none, 1+3
+    assert len(backend.calls) == 1 and len(backend.calls[0]) == 4 + 1 + 4
+    assert comparison.results[1].candidate_items[0] == {"task": "retrieval.passage", "text": "a"}
+    assert comparison.results[1].query_item["instructions"] == "be legal"
+    assert comparison.results[2].query_item["adapter"] == "none"
+    for result in comparison.results:
+        assert result.movement == rank_movement(comparison.results[0].ranks, result.ranks)
+    run_comparison(encoder, "query", cands, variants, Settings())
+    assert len(backend.calls) == 1  # cached
+    with pytest.raises(PlaygroundError, match="Problem with candidate C2: text is broken"):
+        run_comparison(encoder, "query", parse_candidates("a\n---\nBROKEN", None), [], Settings())
+    with pytest.raises(PlaygroundError, match="query box is empty"):
+        run_comparison(encoder, "  ", cands, [], Settings())
+    with pytest.raises(PlaygroundError, match="at least one candidate"):
+        run_comparison(encoder, "q", [], [], Settings())
+
+
+def test_unreachable_server_is_a_message():
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = ServerBackend(f"http://127.0.0.1:{port}", timeout=2.0)
+    assert backend.refresh().startswith("Cannot reach the embedding server")
+    with pytest.raises(PlaygroundError, match="Cannot reach the embedding server"):
+        backend.encode([{"text": "x"}], multivector=False, dimensions=None)
+
+
+def test_cli_arguments(monkeypatch):
+    import app
+
+    monkeypatch.setenv("NOVA_PLAYGROUND_SERVER", "http://127.0.0.1:9")
+    parser = argparse.ArgumentParser()
+    app.add_arguments(parser)
+    args = parser.parse_args(["--port", "7999"])
+    assert args.server == "http://127.0.0.1:9" and args.port == 7999 and args.model is None
+    from nova.cli import build_parser
+
+    args = build_parser("playground").parse_args(["playground", "some/model", "--host", "0.0.0.0"])
+    assert args.model == "some/model" and args.host == "0.0.0.0"
