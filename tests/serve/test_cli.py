@@ -1,0 +1,135 @@
+"""`nova serve`: every flag documented with its default, bad flag combinations refused, and a real
+process: 503 while loading, the random-weights banner, request ids in logs, graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from serve_helpers import assert_error
+
+from serve import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nova serve")
+    cli.add_arguments(parser)
+    return parser
+
+
+def test_every_flag_documents_its_default():
+    parser = _parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help and "default" in action.help, action.option_strings or action.dest
+    text = parser.format_help()
+    for flag in ["--trust-remote-code", "--is-multi-vector-embeddings", "--enable-lora", "--max-lora-rank",
+                 "--max-loras", "--chat-template", "--load-lora", "--host", "--port", "--served-model-name",
+                 "--dtype", "--device", "--max-batch-tokens", "--max-batch-size", "--max-wait-ms",
+                 "--max-queue-tokens", "--max-client-batch-size", "--payload-limit", "--max-input-tokens",
+                 "--auto-truncate", "--max-image-pixels", "--api-key", "--admin-api-key", "--lora-root",
+                 "--allow-image-urls", "--image-url-allowlist"]:
+        assert flag in text, flag
+    assert "2000000" in text and "16384" in text  # TEI-like payload limit and token budget
+
+
+def test_settings_from_flags_and_env(monkeypatch):
+    monkeypatch.setenv("NOVA_API_KEY", "k1, k2")
+    args = _parser().parse_args(["some/dir", "--load-lora", "a=/x", "--load-lora", "b=/y", "--enable-lora",
+                                 "--api-key", "k0", "--served-model-name", "m", "alias"])
+    settings = cli.settings_from_args(args)
+    assert settings.model == "some/dir"
+    assert settings.load_lora == [("a", "/x"), ("b", "/y")]
+    assert settings.api_keys == ["k0", "k1", "k2"]
+    assert settings.model_names() == ["m", "alias"]
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--load-lora", "no-equals-sign"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--allow-image-urls"], "allowlist"),
+    (["--load-lora", "a=/tmp"], "--enable-lora"),
+    (["--lora-root", "/no/such/dir"], "not a directory"),
+])
+def test_bad_flag_combinations_exit_2(flags, message, capsys):
+    args = _parser().parse_args(flags)
+    assert cli.run(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_process_banner_health_request_ids_and_sigterm_drain(tiny_dir):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nova.cli", "serve", "--port", str(port), "--max-wait-ms", "1500",
+         "--max-batch-tokens", "100000", "--max-batch-size", "1000"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        statuses = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                response = httpx.get(url + "/health", timeout=5)
+                statuses.append(response.status_code)
+                if response.status_code == 503:
+                    assert_error(response, 503, "model_loading")
+                    early = httpx.post(url + "/v1/embeddings", json={"input": "x"})
+                    if early.status_code != 200:  # (the model may have become ready in between)
+                        assert_error(early, 503, "model_loading")
+                        assert early.headers["retry-after"]
+                if response.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, "".join(lines)
+            time.sleep(0.05)
+        assert statuses and statuses[-1] == 200, statuses
+        assert set(statuses) <= {200, 503}
+        assert httpx.get(url + "/health").json()["random_weights"] is True
+
+        result: dict = {}
+
+        def slow_request():  # waits ~1.5 s in the queue: in flight when SIGTERM arrives
+            result["r"] = httpx.post(url + "/v1/embeddings", json={"input": ["drain me"]},
+                                     headers={"X-Request-Id": "drain-test-42"}, timeout=30)
+
+        thread = threading.Thread(target=slow_request)
+        thread.start()
+        time.sleep(0.4)
+        proc.send_signal(signal.SIGTERM)
+        thread.join(timeout=30)
+        assert result["r"].status_code == 200, result["r"].text
+        assert result["r"].headers["x-request-id"] == "drain-test-42"
+        # uvicorn re-raises the captured SIGTERM once drained: a clean exit "by SIGTERM" (what systemd expects)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=5)
+    log = "".join(lines)
+    assert "RANDOM WEIGHTS" in log
+    assert "[drain-test-42] serve.access" in log
+    assert "Traceback" not in log
