@@ -132,7 +132,9 @@ class InProcessBackend(Backend):
         if dtype:
             kwargs["dtype"] = dtype
         model = load_model(model_path, **kwargs)
-        return cls(model, label=model_path or None)
+        if model_path is None:
+            return cls(model, label="tiny random-weight checkpoint (bundled)")
+        return cls(model, label=str(model_path))
 
     def encode(self, items, *, multivector, dimensions):
         try:

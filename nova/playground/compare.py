@@ -95,8 +95,10 @@ def parse_candidates(text: str | None, image_paths: list[str] | None) -> list[Ca
                 probe.load()
         except PlaygroundError:
             raise
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-            raise PlaygroundError(f"Could not read image '{name}': it is not a valid image file ({exc}).") from exc
+        except UnidentifiedImageError as exc:
+            raise PlaygroundError(f"Could not read image '{name}': it is not an image file this app can decode.") from exc
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise PlaygroundError(f"Could not read image '{name}': {exc}.") from exc
         # The model gets the file's own bytes, exactly as a client of the API would send them.
         candidates.append(Candidate(label="", image=data, image_name=name, digest=_digest(data)))
     if len(candidates) > MAX_CANDIDATES:

@@ -84,7 +84,8 @@ def heatmap_figure(comparison: Comparison, index: int, query_labels: list[str] |
         matrix = np.asarray([result.scores], dtype=np.float64)
         rows = ["query"]
     n_rows, n_cols = matrix.shape
-    fig = Figure(figsize=(max(4.0, 0.55 * n_cols + 2.0), min(1.4 + 0.28 * n_rows, 9.0)), dpi=90, layout="constrained")
+    height = min(1.4 + 0.28 * n_rows, 9.0) if comparison.settings.multivector else 2.2
+    fig = Figure(figsize=(max(4.0, 0.55 * n_cols + 2.0), height), dpi=90, layout="constrained")
     ax = fig.add_subplot()
     vmin, vmax = limits if limits else (float(matrix.min()), float(matrix.max()))
     if vmax - vmin < 1e-9:

@@ -19,18 +19,27 @@ MEDICAL = next(ex for ex in EXAMPLES if ex.name == "Medical")
 TIMEOUT = 90_000  # ms; the tiny model on two CPU cores answers in seconds, this is slack
 
 
-def expected_scores(model, example, instructions, multivector=False, images=()):
+def expected_scores(model, example, instructions, adapter=None, multivector=False, dimensions=None, images=()):
     """What the page must show, from the public API: model.encode() and cosine / MaxSim."""
-    query = {"task": example.query_task, "text": example.query}
+    extra = {"adapter": adapter} if adapter else {}
+    query = {"task": example.query_task, "text": example.query, **extra}
     if instructions:
         query["instructions"] = instructions
-    items = [query] + [{"task": example.passage_task, "text": t} for t in example.candidates]
-    items += [{"task": example.passage_task, "image": path.read_bytes()} for path in images]
-    vectors = [v.numpy().astype(np.float64) for v in model.encode(items, return_multivector=multivector)]
+    items = [query] + [{"task": example.passage_task, "text": t, **extra} for t in example.candidates]
+    items += [{"task": example.passage_task, "image": path.read_bytes(), **extra} for path in images]
+    out = model.encode(items, return_multivector=multivector, dimensions=None if multivector else dimensions)
+    vectors = [v.numpy().astype(np.float64) for v in out]
     q, cands = vectors[0], vectors[1:]
     if multivector:
         return [float((q @ c.T).max(axis=1).sum()) for c in cands]
     return [float(q @ c) for c in cands]
+
+
+def choose(page, elem_id, option):
+    """Pick an option of a Gradio dropdown."""
+    page.click(f"#{elem_id} input")
+    page.get_by_role("option", name=option, exact=True).click()
+    assert page.input_value(f"#{elem_id} input") == option
 
 
 def shown_rows(page, slot):
@@ -52,12 +61,13 @@ def wait_status(page, text):
     page.locator("#nova-status").get_by_text(text).wait_for(timeout=TIMEOUT)
 
 
-def check_panels(page, model, example, multivector=False, images=(), atol=1e-4):
+def check_panels(page, model, example, multivector=False, images=(), atol=1e-4, adapters=(), dimensions=None):
     variants = [None] + [v for v in example.variants if v]
+    adapters = list(adapters) + [None] * (len(variants) - len(adapters))
     n = len(example.candidates) + len(images)
     baseline_ranks = None
     for slot, instructions in enumerate(variants):
-        expected = expected_scores(model, example, instructions, multivector, images)
+        expected = expected_scores(model, example, instructions, adapters[slot], multivector, dimensions, images)
         rows = shown_rows(page, slot)
         assert len(rows) == n, f"panel {slot}: {len(rows)} rows"
         heatmap = page.locator(f"#nova-heatmap-{slot} img")
@@ -96,11 +106,25 @@ def playground_flow(page, url, model, tag, atol):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"playground-{tag}.png"), full_page=True)
 
-    # 2. multi-vector scoring (MaxSim) and the token view
+    # 2. a variant with another adapter (none: the base model), and a matryoshka dimension when offered
+    choose(page, "nova-variant-adapter-2", "none (base model)")
+    page.click("#nova-dimension input")
+    page.get_by_role("option").first.wait_for()
+    dims = [o.replace("✓", "").strip() for o in page.get_by_role("option").all_inner_texts()]
+    dimension = next((d for d in dims if d.isdigit()), None)
+    page.get_by_role("option", name=dimension or "full", exact=True).click()
+    assert page.input_value("#nova-dimension input") == (dimension or "full")
+    page.click("#nova-run")
+    page.locator("#nova-panel-3").get_by_text("none (base model)").wait_for(timeout=TIMEOUT)
+    wait_status(page, f"(cosine, {dimension or 'full'} dimensions)")
+    settings = {"adapters": (None, None, None, "none"), "dimensions": int(dimension) if dimension else None}
+    check_panels(page, model, MEDICAL, atol=atol, **settings)
+
+    # 3. multi-vector scoring (MaxSim) and the token view
     page.locator("#nova-scoring").get_by_text("multi-vector (MaxSim)").click()
     page.click("#nova-run")
     wait_status(page, "(MaxSim)")
-    check_panels(page, model, MEDICAL, multivector=True, atol=max(atol, 1e-3))
+    check_panels(page, model, MEDICAL, multivector=True, atol=max(atol, 1e-3), **settings)
     view = page.locator("#nova-token-view .nova-tokens")
     view.wait_for(timeout=TIMEOUT)
     top = [k for k, r in shown_rows(page, 1).items() if r["rank"] == 1][0]
@@ -110,18 +134,18 @@ def playground_flow(page, url, model, tag, atol):
     assert view.locator(".nova-hit").count() >= 1
     page.screenshot(path=str(ARTIFACTS / f"playground-{tag}-maxsim.png"), full_page=True)
 
-    # 3. an uploaded image candidate (pooled again)
+    # 4. an uploaded image candidate (pooled again)
     page.locator("#nova-scoring").get_by_text("pooled (cosine)").click()
     chart = ASSETS / "chart_revenue.png"
     page.set_input_files("#nova-images input[type=file]", str(chart))
     page.locator(f'#nova-images a[download="{chart.name}"]').first.wait_for(timeout=TIMEOUT)
     page.click("#nova-run")
     wait_status(page, f"Compared {len(MEDICAL.candidates) + 1} candidates")
-    check_panels(page, model, MEDICAL, images=[chart], atol=atol)
+    check_panels(page, model, MEDICAL, images=[chart], atol=atol, **settings)
     image_row = shown_rows(page, 0)[f"C{len(MEDICAL.candidates) + 1}"]
     assert chart.name in image_row["text"]
 
-    # 4. bad input: an empty query, then an unreadable image
+    # 5. bad input: an empty query, then an unreadable image
     page.fill("#nova-query textarea", "")
     page.click("#nova-run")
     wait_status(page, "the query box is empty")

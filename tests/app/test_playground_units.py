@@ -114,3 +114,33 @@ def test_cli_arguments(monkeypatch):
 
     args = build_parser("playground").parse_args(["playground", "some/model", "--host", "0.0.0.0"])
     assert args.model == "some/model" and args.host == "0.0.0.0"
+
+
+def test_in_process_backend_runtime_adapter_and_token_labels(tiny_model):
+    from nova.playground.backends import InProcessBackend
+
+    backend = InProcessBackend(tiny_model)
+    assert backend.random_weights
+    assert backend.dimension_choices()[-1] == backend.full_dim()
+    path = tiny_model.list_adapters()["code"]["path"]
+    backend.load_adapter("my-code", path)
+    try:
+        assert "my-code" in backend.list_adapters()
+        a, b = backend.encode([{"task": "retrieval.query", "text": "x", "adapter": "my-code"},
+                               {"task": "retrieval.query", "text": "x", "adapter": "code"}],
+                              multivector=False, dimensions=None)
+        assert np.allclose(a, b, atol=1e-5)
+    finally:
+        tiny_model.unload_adapter("my-code")
+    with pytest.raises(PlaygroundError, match="could not load adapter 'bad'"):
+        backend.load_adapter("bad", "/nonexistent/adapter")
+
+    item = {"task": "retrieval.query", "text": "hello world", "instructions": "be brief"}
+    rows = backend.encode([item], multivector=True, dimensions=None)[0]
+    labels = backend.token_labels(item, len(rows))
+    assert "".join(labels) == "<|im_start|>user\nQuery: hello world<|im_end|>\n"
+    # the rendering a server-backed playground uses gives the same tokens as the processor
+    assert Backend.token_labels(backend, item, len(rows)) == labels
+    plain = {"task": "retrieval.passage", "text": "hello world"}
+    rows = backend.encode([plain], multivector=True, dimensions=None)[0]
+    assert "".join(backend.token_labels(plain, len(rows))) == "Passage: hello world"
