@@ -9,7 +9,9 @@ through its `/v1/embeddings` API instead. See docs/playground.md.
 from __future__ import annotations
 
 import argparse
+import html
 import importlib.util
+import logging
 import os
 import sys
 
@@ -18,6 +20,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 if importlib.util.find_spec("gradio") is None:  # lets `nova playground` name the missing extra
     raise ImportError("gradio is not installed: pip install 'nova-embeddings[app]'")
 
+log = logging.getLogger("nova.playground")
 MAX_VARIANTS = 3
 VARIANT_NAMES = ["Variant A", "Variant B", "Variant C"]
 SCORING_CHOICES = ["pooled (cosine)", "multi-vector (MaxSim)"]
@@ -87,6 +90,7 @@ def build_demo(backend):  # noqa: C901 - one function that lays out the page and
         except PlaygroundError:
             return [AUTO, NO_ADAPTER]
 
+    adapters_at_start = adapter_choices()
     first = EXAMPLES[0]
     tasks = backend.tasks()
 
@@ -116,24 +120,25 @@ def build_demo(backend):  # noqa: C901 - one function that lays out the page and
                             placeholder="e.g. Retrieve the statute that answers the question (empty: variant off)",
                             elem_id=f"nova-variant-{i}"))
                         variant_adapters.append(gr.Dropdown(
-                            [SAME_AS_BASELINE] + adapter_choices(), value=SAME_AS_BASELINE,
+                            [SAME_AS_BASELINE] + adapters_at_start, value=SAME_AS_BASELINE,
                             label=f"{name}: adapter", elem_id=f"nova-variant-adapter-{i}"))
         with gr.Row():
             query_task = gr.Dropdown(tasks, value="retrieval.query", label="Query task", elem_id="nova-query-task")
             passage_task = gr.Dropdown(tasks, value="retrieval.passage", label="Candidate task",
                                        elem_id="nova-passage-task")
-            adapter = gr.Dropdown(adapter_choices(), value=AUTO, label="Baseline adapter", elem_id="nova-adapter")
+            adapter = gr.Dropdown(adapters_at_start, value=AUTO, label="Baseline adapter", elem_id="nova-adapter")
             scoring = gr.Radio(SCORING_CHOICES, value=SCORING_CHOICES[0], label="Scoring", elem_id="nova-scoring")
             dimension = gr.Dropdown(dim_choices, value="full", label="Matryoshka dimension (pooled only)",
                                     elem_id="nova-dimension")
             instruct_candidates = gr.Checkbox(False, label="Instructions on candidates too",
                                               elem_id="nova-instruct-candidates")
-        with gr.Accordion("Adapters loaded at run time", open=False):
+        with gr.Accordion("Adapters loaded at run time", open=False, elem_id="nova-adapters-accordion"):
             with gr.Row():
-                lora_name = gr.Textbox(label="Adapter name", scale=1)
-                lora_path = gr.Textbox(label="PEFT folder (a path the model or server can read)", scale=3)
-                load_button = gr.Button("Load adapter", scale=1)
-                refresh_button = gr.Button("Refresh adapter list", scale=1)
+                lora_name = gr.Textbox(label="Adapter name", scale=1, elem_id="nova-lora-name")
+                lora_path = gr.Textbox(label="PEFT folder (a path the model or server can read)", scale=3,
+                                       elem_id="nova-lora-path")
+                load_button = gr.Button("Load adapter", scale=1, elem_id="nova-lora-load")
+                refresh_button = gr.Button("Refresh adapter list", scale=1, elem_id="nova-lora-refresh")
         run_button = gr.Button("Compare", variant="primary", elem_id="nova-run")
         status = gr.Markdown("", elem_id="nova-status")
 
@@ -187,7 +192,12 @@ def build_demo(backend):  # noqa: C901 - one function that lays out the page and
                 comparison = run_comparison(encoder, q, candidates, variants, settings)
             except PlaygroundError as exc:
                 gr.Warning(str(exc))
-                return empty_outputs(f'<div class="nova-error">⚠️ {exc}</div>')
+                return empty_outputs(f'<div class="nova-error">⚠️ {html.escape(str(exc))}</div>')
+            except Exception as exc:  # a bug or a model failure: a message here, the traceback in the log
+                log.exception("comparison failed")
+                message = f"Something went wrong while embedding ({type(exc).__name__}: {exc}); see the server log."
+                gr.Warning(message)
+                return empty_outputs(f'<div class="nova-error">⚠️ {html.escape(message)}</div>')
             limits = views.shared_limits(comparison)
             outputs = []
             for slot in range(len(panels)):
@@ -203,8 +213,9 @@ def build_demo(backend):  # noqa: C901 - one function that lays out the page and
             top = comparison.results[pick].ranks.index(1)
             try:
                 tokens = token_view(comparison, pick, top)
-            except PlaygroundError as exc:
-                tokens = f"⚠️ {exc}"
+            except Exception as exc:  # noqa: BLE001 - the rankings stand even if the token view fails
+                log.exception("token view failed")
+                tokens = f"⚠️ {html.escape(str(exc))}"
             metric = views.score_name(settings.multivector)
             dims = "" if settings.multivector else f", {settings.dimensions or 'full'} dimensions"
             message = (f"Compared {len(candidates)} candidates under {len(comparison.results)} settings "
@@ -219,8 +230,9 @@ def build_demo(backend):  # noqa: C901 - one function that lays out the page and
                 return ""
             try:
                 return token_view(comparison, int(variant_index), int(candidate_index))
-            except (PlaygroundError, IndexError) as exc:
-                return f"⚠️ {exc}"
+            except Exception as exc:  # noqa: BLE001 - a message in the panel, the traceback in the log
+                log.exception("token view failed")
+                return f"⚠️ {html.escape(str(exc))}"
 
         def refresh_adapters():
             choices = adapter_choices()
@@ -235,7 +247,7 @@ def build_demo(backend):  # noqa: C901 - one function that lays out the page and
                 backend.load_adapter(name, path)
             except PlaygroundError as exc:
                 gr.Warning(str(exc))
-                return [f"⚠️ {exc}", *refresh_adapters()]
+                return [f"⚠️ {html.escape(str(exc))}", *refresh_adapters()]
             return [f"Loaded adapter `{name}`; pick it in an adapter menu.", *refresh_adapters()]
 
         inputs = [query, candidates_text, images, *variant_boxes, *variant_adapters,

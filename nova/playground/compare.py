@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,18 +151,29 @@ class ItemError(PlaygroundError):
 
 
 class CachedEncoder:
-    """Encodes each distinct item once (across variants and across runs), in one backend call per run."""
+    """Encodes each distinct item once (across variants and across runs), in one backend call per run.
 
-    def __init__(self, backend: Backend, size: int = 512):
+    An LRU cache bounded in bytes (multi-vector embeddings of images are large); safe across the
+    Gradio worker threads.
+    """
+
+    def __init__(self, backend: Backend, max_bytes: int = 256 * 2**20):
         self.backend = backend
-        self.size = size
+        self.max_bytes = max_bytes
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
 
     def encode(self, keyed_items: list[tuple[str, dict]], multivector: bool, dimensions: int | None) -> list[np.ndarray]:
+        found: dict[str, np.ndarray] = {}
         missing: dict[str, dict] = {}
-        for key, item in keyed_items:
-            if key not in self._cache and key not in missing:
-                missing[key] = item
+        with self._lock:
+            for key, item in keyed_items:
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+                    found[key] = self._cache[key]
+                elif key not in missing:
+                    missing[key] = item
         if missing:
             try:
                 vectors = self.backend.encode(list(missing.values()), multivector=multivector, dimensions=dimensions)
@@ -173,15 +185,15 @@ class CachedEncoder:
                     position = next(i for i, (k, _) in enumerate(keyed_items) if k == key)
                     raise ItemError(position, match.group(2)) from exc
                 raise
-            for key, vector in zip(missing, vectors, strict=True):
-                self._cache[key] = vector
-        out = []
-        for key, _ in keyed_items:
-            self._cache.move_to_end(key)
-            out.append(self._cache[key])
-        while len(self._cache) > self.size:
-            self._cache.popitem(last=False)
-        return out
+            found.update(zip(missing, vectors, strict=True))
+            with self._lock:
+                for key, vector in zip(missing, vectors, strict=True):
+                    if key not in self._cache:
+                        self._cache[key] = vector
+                        self._bytes += vector.nbytes
+                while self._bytes > self.max_bytes and self._cache:
+                    self._bytes -= self._cache.popitem(last=False)[1].nbytes
+        return [found[key] for key, _ in keyed_items]
 
 
 def run_comparison(encoder: CachedEncoder, query: str | None, candidates: list[Candidate],

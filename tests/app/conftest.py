@@ -21,6 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = os.environ.get("NOVA_TEST_CHROMIUM", "/usr/bin/chromium")
+SERVE_API_KEY, SERVE_ADMIN_KEY = "test-key", "test-admin-key"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 
@@ -129,9 +130,12 @@ def serve_url(tiny_model):
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "nova.cli", "serve", str(ensure_tiny_checkpoint()), "--host", "127.0.0.1",
-           "--port", str(port), "--trust-remote-code"]
-    with background(cmd, url + "/health", "nova-serve"):
+    checkpoint = ensure_tiny_checkpoint()
+    # keys on, and run-time adapter loading from the checkpoint's own adapters folder
+    cmd = [sys.executable, "-m", "nova.cli", "serve", str(checkpoint), "--host", "127.0.0.1",
+           "--port", str(port), "--trust-remote-code", "--api-key", SERVE_API_KEY, "--admin-api-key",
+           SERVE_ADMIN_KEY, "--enable-lora", "--lora-root", str(checkpoint / "adapters")]
+    with background(cmd, url + "/health", "nova-serve"):  # /health is open; /v1/* need the key
         yield url
 
 
@@ -139,6 +143,7 @@ def serve_url(tiny_model):
 def app_server_url(serve_url):
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    cmd = [sys.executable, "app.py", "--server", serve_url, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "app.py", "--server", serve_url, "--host", "127.0.0.1", "--port", str(port),
+           "--api-key", SERVE_API_KEY, "--admin-api-key", SERVE_ADMIN_KEY]
     with background(cmd, url, "app-server"):
         yield url

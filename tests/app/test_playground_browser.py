@@ -38,7 +38,7 @@ def expected_scores(model, example, instructions, adapter=None, multivector=Fals
 def choose(page, elem_id, option):
     """Pick an option of a Gradio dropdown."""
     page.click(f"#{elem_id} input")
-    page.get_by_role("option", name=option, exact=True).click()
+    page.locator(f"#{elem_id}").get_by_role("option", name=option, exact=True).click()
     assert page.input_value(f"#{elem_id} input") == option
 
 
@@ -106,18 +106,26 @@ def playground_flow(page, url, model, tag, atol):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"playground-{tag}.png"), full_page=True)
 
-    # 2. a variant with another adapter (none: the base model), and a matryoshka dimension when offered
-    choose(page, "nova-variant-adapter-2", "none (base model)")
+    # 2. adapters: variant B on the base model (no adapter), variant C on an adapter loaded at run time
+    #    (a copy of the code adapter, under a new name), and a matryoshka dimension when one is offered
+    page.click("#nova-adapters-accordion")
+    page.fill("#nova-lora-name input, #nova-lora-name textarea", "runtime-code")
+    page.fill("#nova-lora-path input, #nova-lora-path textarea", str(model.list_adapters()["code"]["path"]))
+    page.click("#nova-lora-load")
+    wait_status(page, "Loaded adapter")
+    choose(page, "nova-variant-adapter-1", "none (base model)")
+    choose(page, "nova-variant-adapter-2", "runtime-code")
     page.click("#nova-dimension input")
-    page.get_by_role("option").first.wait_for()
-    dims = [o.replace("✓", "").strip() for o in page.get_by_role("option").all_inner_texts()]
+    options = page.locator("#nova-dimension").get_by_role("option")
+    options.first.wait_for()
+    dims = [o.replace("✓", "").strip() for o in options.all_inner_texts()]
     dimension = next((d for d in dims if d.isdigit()), None)
-    page.get_by_role("option", name=dimension or "full", exact=True).click()
+    options.filter(has_text=dimension or "full").first.click()
     assert page.input_value("#nova-dimension input") == (dimension or "full")
     page.click("#nova-run")
-    page.locator("#nova-panel-3").get_by_text("none (base model)").wait_for(timeout=TIMEOUT)
+    page.locator("#nova-panel-3").get_by_text("runtime-code").wait_for(timeout=TIMEOUT)
     wait_status(page, f"(cosine, {dimension or 'full'} dimensions)")
-    settings = {"adapters": (None, None, None, "none"), "dimensions": int(dimension) if dimension else None}
+    settings = {"adapters": (None, None, "none", "code"), "dimensions": int(dimension) if dimension else None}
     check_panels(page, model, MEDICAL, atol=atol, **settings)
 
     # 3. multi-vector scoring (MaxSim) and the token view
