@@ -181,7 +181,8 @@ def build_demo(backend):  # noqa: C901 - one function that lays out the page and
             c_labels = backend.token_labels(c_item, len(c_vec)) or [f"t{j}" for j in range(len(c_vec))]
             candidate = comparison.candidates[candidate_index]
             name = f"{candidate.label} ({candidate.preview}) under {views.variant_title(result, variant_index).splitlines()[0][4:]}"
-            return views.token_view_html(q_labels, c_labels, best_matches(q_vec, c_vec), name, maxsim(q_vec, c_vec))
+            return views.token_view_html(q_labels, c_labels, best_matches(q_vec, c_vec), name, maxsim(q_vec, c_vec),
+                                         image_bytes=candidate.image)
 
         def compare(q, cands, files, *rest):
             boxes, adapters_ = rest[:MAX_VARIANTS], rest[MAX_VARIANTS: 2 * MAX_VARIANTS]

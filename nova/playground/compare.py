@@ -36,7 +36,7 @@ class Candidate:
     @property
     def preview(self) -> str:
         if self.image is not None:
-            return f"🖼 {self.image_name}"
+            return f"[image] {self.image_name}"
         text = " ".join((self.text or "").split())
         return text if len(text) <= 90 else text[:87] + "…"
 

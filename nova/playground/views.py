@@ -100,8 +100,10 @@ def heatmap_figure(comparison: Comparison, index: int, query_labels: list[str] |
                 value = matrix[r, c]
                 color = "black" if value > vmin + 0.6 * (vmax - vmin) else "white"
                 ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
-    metric = "best token cosine (column sum = MaxSim)" if comparison.settings.multivector else "cosine"
+    metric = "best candidate token per query token" if comparison.settings.multivector else "cosine"
     ax.set_title(f"{'Baseline' if index == 0 else result.variant.name}: {metric}", fontsize=9)
+    if comparison.settings.multivector:
+        ax.set_xlabel("candidates (column sum = MaxSim)")
     fig.colorbar(image, ax=ax, shrink=0.9)
     return fig
 
@@ -121,10 +123,71 @@ def _token_span(text: str, style: str = "", title: str = "", cls: str = "nova-to
     return f'<span class="{cls}" style="{style}" title="{html.escape(title)}">{shown}</span>'
 
 
+IMAGE_PAD = "<|image_pad|>"
+
+
+def _pad_run(labels: list[str]) -> tuple[int, int] | None:
+    """[start, end) of the longest run of image placeholder tokens (the image's merged patches)."""
+    best, start = None, None
+    for j, label in enumerate([*labels, ""]):
+        if label == IMAGE_PAD and start is None:
+            start = j
+        elif label != IMAGE_PAD and start is not None:
+            if best is None or j - start > best[1] - best[0]:
+                best = (start, j)
+            start = None
+    return best
+
+
+def _grid_shape(n: int, aspect: float) -> tuple[int, int]:
+    """rows × cols == n closest to the image's width/height ratio (the processor keeps the aspect)."""
+    pairs = [(r, n // r) for r in range(1, n + 1) if n % r == 0]
+    return min(pairs, key=lambda rc: abs(np.log((rc[1] / rc[0]) / aspect)))
+
+
+def _thumbnail(image_bytes: bytes, size: int = 360) -> tuple[str, int, int]:
+    import base64
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image_bytes)) as img:
+        img = img.convert("RGB")
+        img.thumbnail((size, size))
+        buffer = io.BytesIO()
+        img.save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), img.width, img.height
+
+
+def _patch_grid(matched: dict[int, list[Match]], query_labels: list[str], run: tuple[int, int],
+                image_bytes: bytes) -> str:
+    """The image with its patch grid on top; patches some query token matched best are tinted."""
+    url, width, height = _thumbnail(image_bytes)
+    rows, cols = _grid_shape(run[1] - run[0], width / height)
+    cells = []
+    for j in range(run[0], run[1]):
+        hits = matched.get(j)
+        if not hits:
+            cells.append('<div class="nova-patch"></div>')
+            continue
+        best = max(hits, key=lambda m: m.similarity)
+        color = PALETTE[best.query_index % len(PALETTE)]
+        title = ", ".join(f"q{m.query_index} {query_labels[m.query_index]!r} ({m.similarity:.3f})" for m in hits)
+        cells.append(f'<div class="nova-patch nova-hit" title="patch {j - run[0]}: {html.escape(title)}" '
+                     f'style="background:{color}66;outline:2px solid {color}">'
+                     f'<span style="color:{color}">{",".join(str(m.query_index) for m in hits)}</span></div>')
+    return (
+        f'<div class="nova-patches" style="width:{width}px;height:{height}px;background-image:url({url})">'
+        f'<div style="grid-template-columns:repeat({cols},1fr);grid-template-rows:repeat({rows},1fr)">'
+        f'{"".join(cells)}</div></div>'
+    )
+
+
 def token_view_html(query_labels: list[str], candidate_labels: list[str], matches: list[Match],
-                    candidate_name: str, score: float) -> str:
+                    candidate_name: str, score: float, image_bytes: bytes | None = None) -> str:
     """Query tokens in colour; each candidate token that some query token matched best carries that
-    colour (the strongest match wins) and the query token numbers as a superscript."""
+    colour (the strongest match wins) and the query token numbers as a superscript. An image's
+    patches are drawn as a grid over the image."""
     matched: dict[int, list[Match]] = {}
     for m in matches:
         matched.setdefault(m.candidate_index, []).append(m)
@@ -137,8 +200,19 @@ def token_view_html(query_labels: list[str], candidate_labels: list[str], matche
                         f"q{m.query_index} → {target!r} (#{m.candidate_index}, {m.similarity:.3f})")
             + f'<sub style="color:{color}">{m.query_index}</sub>'
         )
+    run = _pad_run(candidate_labels) if image_bytes is not None else None
     cand_html = []
     for j, label in enumerate(candidate_labels):
+        if run and run[0] <= j < run[1]:
+            if j == run[0]:
+                try:
+                    cand_html.append(_patch_grid(matched, query_labels, run, image_bytes))
+                except Exception:  # noqa: BLE001 - an undrawable image falls back to plain tokens
+                    run = None
+                else:
+                    continue
+            else:
+                continue
         hits = matched.get(j)
         if not hits:
             cand_html.append(_token_span(label, "opacity:0.55"))
@@ -162,8 +236,8 @@ def token_view_html(query_labels: list[str], candidate_labels: list[str], matche
         f'<div class="nova-tokens" data-maxsim="{score:.9g}">'
         f"<p><b>Query tokens</b> (colour = query token; hover for its best match)</p>"
         f'<div class="nova-text">{"".join(query_html)}</div>'
-        f"<p><b>{html.escape(candidate_name)}</b>: candidate tokens matched best by some query token are "
-        f"highlighted; superscripts name the query tokens. MaxSim = {score:.4f}</p>"
+        f"<p><b>{html.escape(candidate_name)}</b>: candidate tokens (image patches) matched best by some query "
+        f"token are highlighted; the numbers name the query tokens. MaxSim = {score:.4f}</p>"
         f'<div class="nova-text">{"".join(cand_html)}</div>'
         f'<details><summary>Per query token</summary><table class="nova-matches">'
         f"<tr><th>q</th><th>query token</th><th>best candidate token</th><th>cosine</th></tr>{rows}</table></details>"
@@ -196,4 +270,7 @@ CSS = """
 .nova-text {font-family:monospace;line-height:2.1;white-space:normal;word-break:break-word}
 .nova-tok {padding:1px 0;margin-right:1px}
 #nova-status {min-height:1.5em}
+.nova-patches {position:relative;display:block;margin:6px 0;background-size:100% 100%;border:1px solid #999}
+.nova-patches > div {position:absolute;inset:0;display:grid}
+.nova-patch {font-size:9px;line-height:1;overflow:hidden;outline:1px solid #ffffff55} .nova-patch span {background:#fffc;font-weight:bold}
 """

@@ -144,3 +144,23 @@ def test_in_process_backend_runtime_adapter_and_token_labels(tiny_model):
     plain = {"task": "retrieval.passage", "text": "hello world"}
     rows = backend.encode([plain], multivector=True, dimensions=None)[0]
     assert "".join(backend.token_labels(plain, len(rows))) == "Passage: hello world"
+
+
+def test_token_view_draws_image_patches_as_a_grid():
+    import io
+
+    from PIL import Image
+
+    from nova.playground import views
+    from nova.playground.scoring import Match
+
+    assert views._grid_shape(12, 4 / 3) == (3, 4)
+    assert views._grid_shape(7, 1.0) in ((1, 7), (7, 1))
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 60), "blue").save(buffer, format="PNG")
+    labels = ["<|vision_start|>"] + [views.IMAGE_PAD] * 12 + ["<|vision_end|>", "Describe"]
+    matches = [Match(0, 5, 0.9), Match(1, 13, 0.5)]
+    page = views.token_view_html(["a", "b"], labels, matches, "C1", 1.4, image_bytes=buffer.getvalue())
+    assert "grid-template-columns:repeat(4,1fr);grid-template-rows:repeat(3,1fr)" in page
+    assert page.count('class="nova-patch nova-hit"') == 1 and "patch 4:" in page
+    assert "&lt;|image_pad|&gt;</span>" not in page  # the patches are cells, not 12 text tokens
