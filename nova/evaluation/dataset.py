@@ -90,9 +90,11 @@ def _string_field(path: Path, number: int, obj: dict, key: str, required: bool) 
             raise UserInputError(f"{path} line {number}: missing required field '{key}'")
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and key == "_id":
-        return str(value)
+        value = str(value)
     if not isinstance(value, str):
         raise UserInputError(f"{path} line {number}: field '{key}' must be a string, got {type(value).__name__}")
+    if key == "_id" and (not value or any(ch.isspace() for ch in value)):
+        raise UserInputError(f"{path} line {number}: _id {value!r} must be non-empty without whitespace (TREC run files)")
     return value
 
 

@@ -107,6 +107,8 @@ def _text(where: str, key: str, value) -> str | None:
 def variant_from_dict(data: dict, where: str, defaults: Variant | None = None) -> Variant:
     if not isinstance(data, dict):
         raise UserInputError(f"{where}: a variant must be a mapping of keys to values, got {type(data).__name__}")
+    if isinstance(data.get("name"), str):
+        where = f"{where} ('{data['name']}')"
     unknown = sorted(set(data) - set(VARIANT_KEYS))
     if unknown:
         raise UserInputError(
@@ -119,7 +121,6 @@ def variant_from_dict(data: dict, where: str, defaults: Variant | None = None) -
             f"{where}: 'name' is required and must be 1-100 characters of letters, digits, '.', '_', '+', '=', '-' "
             f"(got {name!r})"
         )
-    where = f"{where} ('{name}')"
     base = defaults or Variant(name=name)
     values: dict = {"name": name}
     if "task" in data:

@@ -1,0 +1,165 @@
+"""`nova eval DATASET_DIR [--model PATH_OR_ID | --endpoint URL] [--variants FILE] [--instructions TEXT ...]
+[--split test] --out DIR`"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserInputError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", metavar="DATASET_DIR", help="BEIR-layout folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where results.json, runs/ and plot.png go")
+    parser.add_argument("--split", default="test", help="qrels split (qrels/<split>.tsv); default: test")
+    backend = parser.add_mutually_exclusive_group()
+    backend.add_argument("--model", metavar="PATH_OR_ID", help="in-process model (default: the tiny random-weight checkpoint)")
+    backend.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8080")
+    group = parser.add_argument_group("variants")
+    group.add_argument("--variants", metavar="FILE", help="YAML or JSON file of variants (see docs/training-and-evaluation.md)")
+    group.add_argument("--instructions", nargs="+", action="extend", metavar="TEXT",
+                       help="one variant per instruction string (queries only, see --instructions-for)")
+    group.add_argument("--instructions-for", choices=["query", "passage", "both"], default="query",
+                       help="which side --instructions apply to (default: query)")
+    group.add_argument("--adapters", nargs="+", action="extend", metavar="NAME", help="one variant per adapter ('none' = base)")
+    group.add_argument("--tasks", nargs="+", action="extend", metavar="TASK", help="one variant per task (retrieval, code, text-matching)")
+    group.add_argument("--dimensions", nargs="+", action="extend", type=int, metavar="N", help="one variant per output size")
+    group.add_argument("--multivector", action="store_true", help="add a multi-vector (MaxSim) variant")
+    group.add_argument("--task", help="task of the command-line variants (default: retrieval)")
+    group.add_argument("--adapter", help="adapter of the command-line variants (default: the task's adapter)")
+    group.add_argument("--baseline", metavar="NAME", help="variant the others are compared with (default: the first)")
+    model = parser.add_argument_group("in-process model")
+    model.add_argument("--load-adapter", action="append", default=[], metavar="NAME=PATH", help="load a PEFT adapter folder (repeatable)")
+    model.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    model.add_argument("--batch-size", type=int, default=16, help="items per forward pass / per request (default 16; endpoint: 32)")
+    model.add_argument("--max-length", type=int, help="truncate items to this many tokens")
+    endpoint = parser.add_argument_group("endpoint")
+    endpoint.add_argument("--endpoint-model", help="'model' field of requests (default: the first of GET /v1/models)")
+    endpoint.add_argument("--api-key", help="bearer token (default: $NOVA_API_KEY or $OPENAI_API_KEY)")
+    endpoint.add_argument("--endpoint-format", choices=["nova", "openai"], default="nova",
+                          help="nova: item objects with task/adapter/instructions; openai: plain strings")
+    endpoint.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    scoring = parser.add_argument_group("scoring and outputs")
+    scoring.add_argument("--metrics", nargs="+", action="extend", metavar="NAME@K",
+                         help="extra metrics besides nDCG@10 P@10 MRR@10 Recall@100 (e.g. nDCG@5 Recall@1000 MAP@100)")
+    scoring.add_argument("--top-k", type=int, default=1000, help="documents kept per query in the run files (default 1000)")
+    scoring.add_argument("--keep-identical-ids", action="store_true",
+                         help="keep a document whose id equals the query id (BEIR drops them by default)")
+    scoring.add_argument("--cache-dir", help="corpus-embedding cache (default: $NOVA_EVAL_CACHE or ~/.cache/nova/eval-embeddings)")
+    scoring.add_argument("--no-cache", action="store_true", help="do not read or write the corpus-embedding cache")
+    scoring.add_argument("--per-query", action="store_true", help="also write per-query metrics into results.json")
+    scoring.add_argument("--no-plot", action="store_true", help="skip plot.png")
+    scoring.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UserInputError(f"--load-adapter expects NAME=PATH, got {spec!r}")
+        if not Path(path).is_dir():
+            raise UserInputError(f"--load-adapter {name}: folder not found: {path}")
+        out.append((name, path))
+    return out
+
+
+def load_in_process(model_spec: str | None, device: str | None, adapters: list[tuple[str, str]]):
+    from nova.loading import load_model
+
+    if model_spec and not Path(model_spec).exists() and (model_spec.startswith((".", "/", "~")) or os.sep in model_spec
+                                                         and model_spec.count("/") != 1):
+        raise UserInputError(f"model folder not found: {model_spec}")
+    try:
+        model = load_model(model_spec, device=device)
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"cannot load model {model_spec or '(tiny)'}: {str(exc).splitlines()[0]}") from None
+    for name, path in adapters:
+        try:
+            model.load_adapter(name, path)
+        except ValueError as exc:
+            raise UserInputError(f"--load-adapter {name}={path}: {exc}") from None
+    return model
+
+
+def evaluate_variants(dataset, variants, baseline, embedder, out_dir: Path, *, metrics=None, top_k=1000,
+                      cache_dir=None, use_cache=True, ignore_identical_ids=True, per_query=False, make_plot=True,
+                      log=print) -> dict:
+    """Library entry point (also used by `nova train` for its held-out evaluation)."""
+    from . import metrics as metrics_mod
+    from .cache import EmbeddingCache
+    from .report import table, write_outputs
+    from .runner import Evaluator
+
+    names = metrics_mod.metric_list(metrics)
+    cache = EmbeddingCache(cache_dir, enabled=use_cache)
+    evaluator = Evaluator(dataset, embedder, cache, names, top_k=top_k, ignore_identical_ids=ignore_identical_ids, log=log)
+    results = evaluator.run(variants)
+    settings = {"top_k": evaluator.top_k, "ignore_identical_ids": ignore_identical_ids,
+                "corpus_embeddings_computed": evaluator.corpus_embeddings_computed,
+                "cache_dir": str(cache.root) if use_cache else None}
+    doc = write_outputs(out_dir, results, baseline, names, dataset.describe(), embedder.describe(), settings,
+                        per_query=per_query, make_plot=make_plot)
+    log("")
+    log(table(results, baseline, names))
+    log(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'runs'}/" + ("" if not make_plot else f", {out_dir / 'plot.png'}"))
+    return doc
+
+
+def _run(args) -> int:
+    from . import metrics as metrics_mod
+    from .dataset import load_beir
+    from .embedders import EndpointEmbedder, InProcessEmbedder, api_key_from_env
+    from .variants import build_variants
+
+    for flag in ("batch_size", "top_k", "max_length"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserInputError(f"--{flag.replace('_', '-')} must be at least 1")
+    metrics_mod.metric_list(args.metrics)  # validate before any heavy work
+    variants, baseline = build_variants(
+        file=args.variants, instructions=args.instructions, instructions_for=args.instructions_for,
+        adapters=args.adapters, tasks=args.tasks, dimensions=args.dimensions, multivector=args.multivector,
+        baseline=args.baseline, task=args.task, adapter=args.adapter,
+    )
+    dataset = load_beir(args.dataset, args.split)
+    adapter_specs = _parse_adapter_specs(args.load_adapter)
+    if args.endpoint and adapter_specs:
+        raise UserInputError("--load-adapter applies to the in-process model; load adapters into the server instead")
+    progress = not args.no_progress and sys.stderr.isatty()
+    print(f"dataset {dataset.name} ({args.split}): {len(dataset.corpus)} documents, {len(dataset.queries)} queries; "
+          f"{len(variants)} variant(s), baseline '{baseline}'")
+    if args.endpoint:
+        embedder = EndpointEmbedder(args.endpoint, model=args.endpoint_model, api_key=args.api_key or api_key_from_env(),
+                                    batch_size=args.batch_size if args.batch_size != 16 else 32, timeout=args.timeout,
+                                    show_progress=progress, api_format=args.endpoint_format)
+    else:
+        if not progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        model = load_in_process(args.model, args.device, adapter_specs)
+        if getattr(model.config, "nova_random_weights", False):
+            print("note: the model has RANDOM weights (tiny test checkpoint); numbers are meaningless for quality")
+        embedder = InProcessEmbedder(model, batch_size=args.batch_size, show_progress=progress,
+                                     max_length=args.max_length, name=args.model or "tiny-random")
+    evaluate_variants(
+        dataset, variants, baseline, embedder, Path(args.out), metrics=args.metrics, top_k=args.top_k,
+        cache_dir=args.cache_dir, use_cache=not args.no_cache, ignore_identical_ids=not args.keep_identical_ids,
+        per_query=args.per_query, make_plot=not args.no_plot,
+    )
+    return 0
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except UserInputError as exc:
+        print(f"nova eval: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nova eval: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""`nova train`: PEFT LoRA fine-tuning of a new Nova adapter from JSONL triplets."""

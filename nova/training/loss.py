@@ -1,0 +1,54 @@
+"""InfoNCE over in-batch and hard negatives.
+
+For a micro-batch of B queries, the candidates are the B positives followed by every hard negative of
+the batch (P candidates in all). Query i's target is candidate i; every other candidate, including the
+other queries' positives and hard negatives, is a negative. Candidates that are the same passage as
+query i's positive (duplicates across rows) are masked out instead of being counted as negatives.
+
+    loss = mean_i  -log( exp(s(q_i, p_i)/t) / sum_j exp(s(q_i, c_j)/t) )
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def info_nce(scores: torch.Tensor, temperature: float, ignore: torch.Tensor | None = None) -> torch.Tensor:
+    """``scores`` [B, P] (P >= B, column i is row i's positive); ``ignore`` [B, P] bool: columns to drop."""
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    batch = scores.shape[0]
+    if scores.shape[1] < batch:
+        raise ValueError("need at least one candidate per query (its positive)")
+    logits = scores.float() / temperature
+    if ignore is not None:
+        ignore = ignore.clone()
+        ignore[torch.arange(batch), torch.arange(batch)] = False  # never drop the positive itself
+        logits = logits.masked_fill(ignore.to(logits.device), float("-inf"))
+    return F.cross_entropy(logits, torch.arange(batch, device=logits.device))
+
+
+def cosine_scores(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Both L2-normalized: [B, D] x [P, D] -> [B, P]."""
+    return queries @ candidates.T
+
+
+def maxsim_scores(queries: torch.Tensor, query_mask: torch.Tensor, candidates: torch.Tensor,
+                  candidate_mask: torch.Tensor) -> torch.Tensor:
+    """Late interaction: [B, Lq, d] x [P, Lp, d] (masks [B, Lq], [P, Lp]) -> [B, P], normalized by the
+    number of query tokens so the temperature means the same as for cosine scores."""
+    sim = torch.einsum("bqd,pld->bpql", queries, candidates)
+    sim = sim.masked_fill(~candidate_mask[None, :, None, :], float("-inf")).amax(-1)
+    sim = (sim * query_mask[:, None, :]).sum(-1)
+    return sim / query_mask.sum(-1, keepdim=True).clamp(min=1)
+
+
+def duplicate_mask(positive_keys: list, candidate_keys: list) -> torch.Tensor:
+    """[B, P] True where candidate j is the same passage as row i's positive (but j != i)."""
+    mask = torch.zeros(len(positive_keys), len(candidate_keys), dtype=torch.bool)
+    for i, key in enumerate(positive_keys):
+        for j, other in enumerate(candidate_keys):
+            if j != i and other == key:
+                mask[i, j] = True
+    return mask
