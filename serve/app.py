@@ -345,7 +345,11 @@ class ServerState:
                     raise ApiError(exc.status, f"item {i}: {exc}", param=f"input[{i}].image", code=exc.code) \
                         from None
             loop = asyncio.get_running_loop()
-            rows = await loop.run_in_executor(self.prep_pool, self._prepare_all, req, images)
+            self.batcher.preparing_started(len(req.items))
+            try:
+                rows = await loop.run_in_executor(self.prep_pool, self._prepare_all, req, images)
+            finally:
+                self.batcher.preparing_done(len(req.items))
         except ApiError as exc:
             self.metrics.rejected.labels(exc.code or str(exc.status)).inc()
             raise

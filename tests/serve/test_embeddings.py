@@ -199,3 +199,18 @@ def test_sixty_concurrent_clients_get_what_they_would_get_alone(server, tiny_mod
     rows = server.metric("nova_batch_rows_sum") - rows_before
     assert rows == 120
     assert batches < rows  # rows from different requests really shared forward passes
+
+
+def test_image_embeds_item_matches_the_image_it_came_from(server, tiny_model):
+    import torch
+
+    image = b64_png(seed=21, width=84, height=56)
+    row = tiny_model.processor.prepare_item({"image": image, "task": "retrieval.passage"})
+    with torch.inference_mode():
+        grid = row.image_grid_thw
+        embeds = tiny_model.visual(row.pixel_values, grid_thw=grid).pooler_output
+    item = {"image_embeds": embeds.tolist(), "image_grid_thw": grid[0].tolist(), "task": "retrieval.passage"}
+    response = post(server, {"input": [item]})
+    assert response.status_code == 200, response.text
+    assert_close(decode_embedding(response.json()["data"][0]),
+                 reference(tiny_model, {"image": image, "task": "retrieval.passage"}))

@@ -1,0 +1,201 @@
+"""Server benchmark: `nova serve` vs in-process `encode()` on the same inputs, from ONE run (these machines
+are noisy: compare ratios measured together, never numbers from different runs). Both are loaded at once
+and measured back to back in interleaved rounds; each configuration keeps its best round, so a burst of
+load from another process hurts one round, not one side of a ratio.
+
+Prints, on a mid-size random-weight config (`nova.tiny` size "small" unless --model is given):
+- server throughput at 1 / 8 / 32 concurrent clients as a ratio of in-process encode() throughput,
+  with p50 / p99 request latency;
+- mixed-adapter vs single-adapter batches (server and in-process);
+- with vs without instructions (server and in-process).
+
+The server runs in its own process (as in production); clients are asyncio + httpx in this process and
+ask for base64 like the official OpenAI SDK. Usage:
+
+    .venv/bin/python bench/bench_server.py                       # CPU, small config
+    .venv/bin/python bench/bench_server.py --items 2048 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+ADAPTERS = ["retrieval", "text-matching", "code", "none"]
+TASK_OF = {"retrieval": "retrieval.passage", "text-matching": "text-matching", "code": "code.passage",
+           "none": "retrieval.passage"}
+INSTRUCTIONS = ["Retrieve passages that answer the question", "Find semantically similar sentences",
+                "Retrieve code that implements the described function"]
+
+
+def make_texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = ("embedding server batch token adapter vector query passage retrieval model request latency "
+             "throughput image text code python function returns sorted list of numbers cosine").split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(8, 96))) for _ in range(n)]
+
+
+def make_items(texts: list[str], *, mixed_adapters: bool, instructions: bool) -> list[dict]:
+    items = []
+    for i, text in enumerate(texts):
+        adapter = ADAPTERS[i % len(ADAPTERS)] if mixed_adapters else "retrieval"
+        item = {"text": text, "task": TASK_OF[adapter], "adapter": adapter}
+        if instructions:
+            item["instructions"] = INSTRUCTIONS[i % len(INSTRUCTIONS)]
+        items.append(item)
+    return items
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def in_process(model, items: list[dict], batch_size: int) -> float:
+    """items/s of model.encode() on `items`."""
+    started = time.perf_counter()
+    model.encode(items, batch_size=batch_size, show_progress=False)
+    return len(items) / (time.perf_counter() - started)
+
+
+async def run_clients(url: str, items: list[dict], concurrency: int, per_request: int) -> dict:
+    requests = [items[i : i + per_request] for i in range(0, len(items), per_request)]
+    queue: asyncio.Queue = asyncio.Queue()
+    for req in requests:
+        queue.put_nowait(req)
+    latencies: list[float] = []
+    errors = 0
+
+    async def client(http: httpx.AsyncClient):
+        nonlocal errors
+        while True:
+            try:
+                req = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            started = time.perf_counter()
+            response = await http.post("/v1/embeddings", json={"input": req, "encoding_format": "base64"})
+            latencies.append(time.perf_counter() - started)
+            if response.status_code != 200:
+                errors += 1
+
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    lat = np.array(latencies) * 1000
+    return {"items_per_s": len(items) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "errors": errors}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model directory (default: the 'small' random config)")
+    parser.add_argument("--items", type=int, default=128, help="items per measurement (default: %(default)s)")
+    parser.add_argument("--per-request", type=int, default=1, help="items per HTTP request (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="in-process encode() batch size (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="(default: %(default)s)")
+    parser.add_argument("--max-wait-ms", type=float, default=2.0, help="server batching wait (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds, best kept (default: %(default)s)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args()
+
+    from nova.loading import load_model
+    from nova.tiny import ensure_tiny_checkpoint
+
+    model_dir = args.model or str(ensure_tiny_checkpoint(size="small"))
+    device = None if args.device == "auto" else args.device
+    model = load_model(model_dir, device=device)
+    print(f"model: {model_dir}  device: {model.device}  dtype: {model.dtype}  "
+          f"hidden: {model.config.text_config.hidden_size}  layers: {model.config.text_config.num_hidden_layers}")
+
+    texts = make_texts(args.items, seed=0)
+    single = make_items(texts, mixed_adapters=False, instructions=False)
+    mixed = make_items(texts, mixed_adapters=True, instructions=False)
+    instructed = make_items(texts, mixed_adapters=False, instructions=True)
+    model.encode(single[: args.batch_size], batch_size=args.batch_size)  # warm-up
+
+    results: dict = {"model": model_dir, "device": str(model.device), "items": args.items}
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "nova.cli", "serve", model_dir, "--trust-remote-code", "--port", str(port),
+           "--max-wait-ms", str(args.max_wait_ms), "--max-batch-size", str(args.batch_size),
+           "--max-client-batch-size", str(max(32, args.per_request)), "--log-level", "warning",
+           "--device", args.device]
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                print(server.stderr.read(), file=sys.stderr)
+                return 1
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        asyncio.run(run_clients(url, single[:64], 8, args.per_request))  # warm-up
+
+        def keep_best(key, value):
+            old = results.get(key)
+            score = value["items_per_s"] if isinstance(value, dict) else value
+            if old is None or score > (old["items_per_s"] if isinstance(old, dict) else old):
+                results[key] = value
+
+        for round_ in range(args.rounds):
+            print(f"round {round_ + 1}/{args.rounds}", flush=True)
+            keep_best("inproc_single", in_process(model, single, args.batch_size))
+            for c in (1, 8, 32):
+                keep_best(f"server_single_c{c}", asyncio.run(run_clients(url, single, c, args.per_request)))
+            keep_best("inproc_mixed", in_process(model, mixed, args.batch_size))
+            keep_best("server_mixed_c32", asyncio.run(run_clients(url, mixed, 32, args.per_request)))
+            keep_best("inproc_instructed", in_process(model, instructed, args.batch_size))
+            keep_best("server_instructed_c32", asyncio.run(run_clients(url, instructed, 32, args.per_request)))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+    base = results["inproc_single"]
+    print(f"\nin-process encode(): {base:8.1f} items/s (single adapter, batch_size={args.batch_size})")
+    print(f"{'clients':>8} {'items/s':>9} {'ratio vs in-process':>20} {'p50 ms':>9} {'p99 ms':>9}")
+    for c in (1, 8, 32):
+        r = results[f"server_single_c{c}"]
+        print(f"{c:>8} {r['items_per_s']:9.1f} {r['items_per_s'] / base:20.3f} {r['p50_ms']:9.1f} {r['p99_ms']:9.1f}")
+    sm, mm = results["server_single_c32"], results["server_mixed_c32"]
+    si = results["server_instructed_c32"]
+    print(f"\nmixed-adapter / single-adapter:  server {mm['items_per_s'] / sm['items_per_s']:.3f}   "
+          f"in-process {results['inproc_mixed'] / results['inproc_single']:.3f}")
+    print(f"with / without instructions:     server {si['items_per_s'] / sm['items_per_s']:.3f}   "
+          f"in-process {results['inproc_instructed'] / results['inproc_single']:.3f}   (items/s; instructions add tokens)")
+    print(f"server at 32 clients / in-process: {sm['items_per_s'] / base:.3f}  (target >= 0.85)")
+    errors = sum(v["errors"] for k, v in results.items() if k.startswith("server_"))
+    print(f"HTTP errors: {errors}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return 0 if errors == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
