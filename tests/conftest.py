@@ -30,7 +30,7 @@ def fresh_model(tiny_dir):
     return load_model(tiny_dir)
 
 
-def make_image(width: int = 120, height: int = 80, seed: int = 0) -> Image.Image:
+def _make_image(width: int = 120, height: int = 80, seed: int = 0) -> Image.Image:
     """A deterministic colour gradient (not flat, so patches differ)."""
     image = Image.new("RGB", (width, height))
     image.putdata([((x * 7 + seed * 31) % 256, (y * 5 + seed * 17) % 256, (x + y) % 256)
@@ -39,5 +39,11 @@ def make_image(width: int = 120, height: int = 80, seed: int = 0) -> Image.Image
 
 
 @pytest.fixture
+def make_image():
+    """Factory fixture (test modules cannot import from conftest: pytest keys every conftest by one name)."""
+    return _make_image
+
+
+@pytest.fixture
 def image():
-    return make_image()
+    return _make_image()

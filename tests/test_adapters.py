@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_image
 from safetensors.torch import load_file, save_file
 
 from nova.tiny import write_peft_folder
@@ -84,7 +83,7 @@ def test_max_loras_is_enforced_atomically(tiny_dir, tmp_path):
         model.unload_adapter("ghost")
 
 
-def test_adapter_on_the_vision_merger_routes_per_image(fresh_model, tmp_path):
+def test_adapter_on_the_vision_merger_routes_per_image(fresh_model, tmp_path, make_image):
     """A user adapter on the vision-language merger ("projector"): applies to its rows' images only."""
     generator = torch.Generator().manual_seed(7)
     pairs = {}

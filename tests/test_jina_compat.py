@@ -1,14 +1,13 @@
 """A Jina V4 directory loads as it is, `nova convert` turns it into a Nova directory, same vectors."""
 
 import torch
-from conftest import make_image
 
 from nova.cli import main
 from nova.loading import load_model
 from nova.tiny import write_checkpoint
 
 
-def test_jina_layout_and_its_conversion_give_identical_vectors(tiny_model, tmp_path):
+def test_jina_layout_and_its_conversion_give_identical_vectors(tiny_model, tmp_path, make_image):
     jina_dir = write_checkpoint(tmp_path / "jina", layout="jina")
     assert not (jina_dir / "modeling_nova_embeddings_v1.py").exists()
     assert (jina_dir / "adapters" / "adapter_model.safetensors").exists()

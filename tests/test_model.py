@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import make_image
 
 from nova.loading import load_model
 
@@ -11,7 +10,7 @@ def cos(a, b):
     return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
 
 
-def mixed_items(image):
+def mixed_items(image, make_image):
     return [
         {"task": "retrieval.query", "text": "what is the capital of France?"},
         {"task": "retrieval.passage", "text": "Paris is the capital and largest city of France. " * 3},
@@ -25,8 +24,8 @@ def mixed_items(image):
     ]
 
 
-def test_same_vector_alone_in_kind_and_in_mixed_batch(tiny_model, image):
-    items = mixed_items(image)
+def test_same_vector_alone_in_kind_and_in_mixed_batch(tiny_model, image, make_image):
+    items = mixed_items(image, make_image)
     alone = [tiny_model.encode([item])[0] for item in items]
     mixed = tiny_model.encode(items, batch_size=len(items))
     shuffled = tiny_model.encode(list(reversed(items)), batch_size=4)[::-1]

@@ -6,7 +6,6 @@ import json
 import zlib
 
 import pytest
-from conftest import make_image
 
 from nova.repo import repo_file
 
@@ -43,7 +42,7 @@ def test_image_ids_are_jina_format_and_placeholders_match_grid(tiny_model, image
     assert row.pool_mask == [start <= i <= end for i in range(len(row.input_ids))]
 
 
-def test_max_pixels_per_call_changes_the_grid(tiny_model):
+def test_max_pixels_per_call_changes_the_grid(tiny_model, make_image):
     processor = tiny_model.processor
     big = make_image(600, 400)
     full = processor.prepare_item({"image": big})
@@ -141,7 +140,7 @@ def test_bad_items_name_index_and_problem(tiny_model, item, message):
         tiny_model.processor.prepare_item(item, index=4)
 
 
-def test_decompression_bomb_refused_before_decoding(tiny_model):
+def test_decompression_bomb_refused_before_decoding(tiny_model, make_image):
     # A PNG header claiming 100k x 100k pixels: refused from the header, nothing is decoded.
     buffer = io.BytesIO()
     make_image(8, 8).save(buffer, format="PNG")
