@@ -70,6 +70,8 @@ def _parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
 def load_in_process(model_spec: str | None, device: str | None, adapters: list[tuple[str, str]]):
     from nova.loading import load_model
 
+    if model_spec:
+        model_spec = os.path.expanduser(model_spec)
     if model_spec and not Path(model_spec).exists() and (model_spec.startswith((".", "/", "~")) or os.sep in model_spec
                                                          and model_spec.count("/") != 1):
         raise UserInputError(f"model folder not found: {model_spec}")

@@ -310,7 +310,10 @@ class Trainer:
         from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:  # pragma: no cover
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lora_config = LoraConfig(
             r=rank, lora_alpha=alpha, lora_dropout=cfg.dropout, target_modules=pattern, bias="none",
             use_rslora=use_rslora, init_lora_weights=True,
@@ -424,14 +427,15 @@ class Trainer:
         probe_items = self._probe_items(triplets)
         with torch.no_grad():
             probe_rows = prepare_rows(inner, probe_items, cfg.max_length, ["probe"] * len(probe_items))
-            expected, _ = embed_rows(inner, probe_rows, True, False)
+            expected, expected_multi = embed_rows(inner, probe_rows, True, True)
             expected = expected.cpu()
+            expected_multi = [tokens[mask].cpu() for tokens, mask in zip(*expected_multi, strict=True)]
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = peft_model.unload()
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         model.eval()
         self._check_resident_unchanged(model, resident_before)
 
@@ -441,8 +445,12 @@ class Trainer:
             model.load_adapter(load_name, str(self.out))
         except ValueError as exc:
             raise RuntimeError(f"the saved adapter does not load back into the model: {exc}") from exc
-        reloaded = torch.stack(model.encode([dict(item, adapter=load_name) for item in probe_items], batch_size=len(probe_items)))
+        reload_items = [dict(item, adapter=load_name) for item in probe_items]
+        reloaded = torch.stack(model.encode(reload_items, batch_size=len(probe_items)))
+        reloaded_multi = model.encode(reload_items, batch_size=len(probe_items), return_multivector=True)
         diff = float((reloaded - expected).abs().max())
+        for got, want in zip(reloaded_multi, expected_multi, strict=True):
+            diff = max(diff, float((got - want).abs().max()) if got.shape == want.shape else float("inf"))
         self.log(f"reload check: max |difference| between training forward and load_adapter vectors = {diff:.2e}")
         if diff > 1e-3:
             raise RuntimeError(f"saved adapter gives different vectors than the training forward (max diff {diff})")

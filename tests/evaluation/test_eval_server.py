@@ -73,3 +73,30 @@ def test_endpoint_errors_are_one_clear_message(synthetic, nova_server, run_cli, 
     code, _, err = run_cli("eval", synthetic["eval"], "--out", tmp_path / "o", "--no-cache", "--endpoint",
                            "http://127.0.0.1:9", "--timeout", "2")
     assert code == 2 and "Traceback" not in err and "cannot reach" in err
+
+
+def test_image_corpus_same_numbers_in_process_and_through_the_server(tmp_path, nova_server, run_cli):
+    from PIL import Image
+
+    from nova.evaluation.dataset import write_beir
+
+    root = tmp_path / "images"
+    (root / "img").mkdir(parents=True)
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    corpus, queries, qrels = [], [], {}
+    for i, colour in enumerate(colours):
+        Image.new("RGB", (56 + 14 * i, 56), colour).save(root / "img" / f"{colour}.png")
+        corpus.append({"_id": f"img-{colour}", "image": f"img/{colour}.png", "title": "" if i % 2 else f"A {colour} square"})
+        corpus.append({"_id": f"txt-{colour}", "text": f"Something {colour}."})
+        queries.append({"_id": f"q-{colour}", "text": f"{colour} picture"})
+        qrels[f"q-{colour}"] = {f"img-{colour}": 1}
+    write_beir(root, corpus, queries, qrels)
+    args = ["--no-cache", "--multivector", "--instructions", "Find the image."]
+    code, _, err = run_cli("eval", root, "--out", tmp_path / "local", *args)
+    assert code == 0, err
+    code, _, err = run_cli("eval", root, "--out", tmp_path / "remote", "--endpoint", nova_server.url, *args)
+    assert code == 0, err
+    local = read_json(tmp_path / "local" / "results.json")
+    remote = read_json(tmp_path / "remote" / "results.json")
+    for name in local["results"]:
+        assert remote["results"][name] == pytest.approx(local["results"][name], abs=1e-9), name

@@ -67,6 +67,7 @@ def test_writes_a_standard_peft_folder(trained):
     assert (out / "checkpoints" / "step-0000200" / "trainer_state.pt").is_file()
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_reloads_into_a_fresh_model_with_identical_vectors(trained, tiny_dir, task):
     from peft import PeftModel
 

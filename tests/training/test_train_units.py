@@ -218,3 +218,13 @@ def test_projector_preset_trains_on_images(tmp_path, run_cli, tiny_dir):
     text_item = {"task": "retrieval.query", "text": "colour red"}
     assert torch.equal(model.encode([dict(text_item, adapter="projector")])[0],
                        model.encode([dict(text_item, adapter="none")])[0])  # and leaves text alone
+
+
+@pytest.mark.parametrize("vectors", ["multi", "both"])
+def test_multi_vector_losses(task, tmp_path, run_cli, vectors):
+    data = write_jsonl(tmp_path / "small.jsonl", Path(task["train"]).read_text().splitlines()[:8])
+    out = tmp_path / vectors
+    _train(run_cli, data, out, "--steps", "2", "--vectors", vectors, "--gradient-checkpointing")
+    summary = json.loads((out / "nova_training.json").read_text())
+    assert math.isfinite(summary["final_loss"]) and summary["reload_max_abs_diff"] < 1e-5
+    assert summary["config"]["vectors"] == vectors
