@@ -1,7 +1,8 @@
 """Server benchmark: `nova serve` vs in-process `encode()` on the same inputs, from ONE run (these machines
 are noisy: compare ratios measured together, never numbers from different runs). Both are loaded at once
-and measured back to back in interleaved rounds; each configuration keeps its best round, so a burst of
-load from another process hurts one round, not one side of a ratio.
+and measured back to back in interleaved rounds; every ratio is computed inside one round (numerator and
+denominator measured seconds apart) and the median over rounds is printed, so a burst of load from
+another process spoils one round, not one side of a ratio.
 
 Prints, on a mid-size random-weight config (`nova.tiny` size "small" unless --model is given):
 - server throughput at 1 / 8 / 32 concurrent clients as a ratio of in-process encode() throughput,
@@ -107,12 +108,12 @@ async def run_clients(url: str, items: list[dict], concurrency: int, per_request
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model directory (default: the 'small' random config)")
-    parser.add_argument("--items", type=int, default=128, help="items per measurement (default: %(default)s)")
+    parser.add_argument("--items", type=int, default=96, help="items per measurement (default: %(default)s)")
     parser.add_argument("--per-request", type=int, default=1, help="items per HTTP request (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="in-process encode() batch size (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="(default: %(default)s)")
     parser.add_argument("--max-wait-ms", type=float, default=2.0, help="server batching wait (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds, best kept (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
 
@@ -154,21 +155,22 @@ def main() -> int:
             time.sleep(0.2)
         asyncio.run(run_clients(url, single[:64], 8, args.per_request))  # warm-up
 
-        def keep_best(key, value):
-            old = results.get(key)
-            score = value["items_per_s"] if isinstance(value, dict) else value
-            if old is None or score > (old["items_per_s"] if isinstance(old, dict) else old):
-                results[key] = value
-
+        rounds = []
         for round_ in range(args.rounds):
-            print(f"round {round_ + 1}/{args.rounds}", flush=True)
-            keep_best("inproc_single", in_process(model, single, args.batch_size))
+            r: dict = {}
+            r["inproc_single"] = in_process(model, single, args.batch_size)
             for c in (1, 8, 32):
-                keep_best(f"server_single_c{c}", asyncio.run(run_clients(url, single, c, args.per_request)))
-            keep_best("inproc_mixed", in_process(model, mixed, args.batch_size))
-            keep_best("server_mixed_c32", asyncio.run(run_clients(url, mixed, 32, args.per_request)))
-            keep_best("inproc_instructed", in_process(model, instructed, args.batch_size))
-            keep_best("server_instructed_c32", asyncio.run(run_clients(url, instructed, 32, args.per_request)))
+                r[f"server_single_c{c}"] = asyncio.run(run_clients(url, single, c, args.per_request))
+            r["inproc_mixed"] = in_process(model, mixed, args.batch_size)
+            r["server_mixed_c32"] = asyncio.run(run_clients(url, mixed, 32, args.per_request))
+            r["inproc_instructed"] = in_process(model, instructed, args.batch_size)
+            r["server_instructed_c32"] = asyncio.run(run_clients(url, instructed, 32, args.per_request))
+            r["inproc_single_2"] = in_process(model, single, args.batch_size)
+            rounds.append(r)
+            print(f"round {round_ + 1}/{args.rounds}: in-process {r['inproc_single']:.1f} / "
+                  f"{r['inproc_single_2']:.1f} items/s, server c32 {r['server_single_c32']['items_per_s']:.1f}",
+                  flush=True)
+        results["rounds"] = rounds
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -176,20 +178,39 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             server.kill()
 
-    base = results["inproc_single"]
-    print(f"\nin-process encode(): {base:8.1f} items/s (single adapter, batch_size={args.batch_size})")
-    print(f"{'clients':>8} {'items/s':>9} {'ratio vs in-process':>20} {'p50 ms':>9} {'p99 ms':>9}")
+    def ips(value):
+        return value["items_per_s"] if isinstance(value, dict) else value
+
+    def ratio(num: str, den: str) -> tuple[float, float, float]:
+        values = []
+        for r in rounds:
+            denominator = ips(r[den])
+            if den == "inproc_single":  # the in-process run on either side of the server runs
+                denominator = (ips(r["inproc_single"]) + ips(r["inproc_single_2"])) / 2
+            values.append(ips(r[num]) / denominator)
+        return float(np.median(values)), min(values), max(values)
+
+    def fmt(t):
+        return f"{t[0]:.3f} (rounds {t[1]:.2f}-{t[2]:.2f})"
+
+    base = float(np.median([(ips(r["inproc_single"]) + ips(r["inproc_single_2"])) / 2 for r in rounds]))
+    print(f"\nin-process encode(): {base:.1f} items/s median (single adapter, batch_size={args.batch_size}, "
+          f"{args.items} items, {args.rounds} rounds)")
+    print(f"{'clients':>8} {'items/s':>9} {'p50 ms':>9} {'p99 ms':>9}   ratio vs in-process (median, range)")
     for c in (1, 8, 32):
-        r = results[f"server_single_c{c}"]
-        print(f"{c:>8} {r['items_per_s']:9.1f} {r['items_per_s'] / base:20.3f} {r['p50_ms']:9.1f} {r['p99_ms']:9.1f}")
-    sm, mm = results["server_single_c32"], results["server_mixed_c32"]
-    si = results["server_instructed_c32"]
-    print(f"\nmixed-adapter / single-adapter:  server {mm['items_per_s'] / sm['items_per_s']:.3f}   "
-          f"in-process {results['inproc_mixed'] / results['inproc_single']:.3f}")
-    print(f"with / without instructions:     server {si['items_per_s'] / sm['items_per_s']:.3f}   "
-          f"in-process {results['inproc_instructed'] / results['inproc_single']:.3f}   (items/s; instructions add tokens)")
-    print(f"server at 32 clients / in-process: {sm['items_per_s'] / base:.3f}  (target >= 0.85)")
-    errors = sum(v["errors"] for k, v in results.items() if k.startswith("server_"))
+        key = f"server_single_c{c}"
+        med = lambda field, key=key: float(np.median([r[key][field] for r in rounds]))  # noqa: E731
+        print(f"{c:>8} {med('items_per_s'):9.1f} {med('p50_ms'):9.1f} {med('p99_ms'):9.1f}   "
+              f"{fmt(ratio(key, 'inproc_single'))}")
+    print(f"\nmixed-adapter / single-adapter (32 clients): server {fmt(ratio('server_mixed_c32', 'server_single_c32'))}"
+          f"   in-process {fmt(ratio('inproc_mixed', 'inproc_single'))}")
+    print(f"with / without instructions (32 clients):   server "
+          f"{fmt(ratio('server_instructed_c32', 'server_single_c32'))}   in-process "
+          f"{fmt(ratio('inproc_instructed', 'inproc_single'))}   (items/s; instructions add tokens)")
+    print(f"server at 32 clients / in-process: {fmt(ratio('server_single_c32', 'inproc_single'))}  (target >= 0.85)")
+    print(f"mixed-adapter / single-adapter, server:    {fmt(ratio('server_mixed_c32', 'server_single_c32'))}"
+          "  (target >= 0.9)")
+    errors = sum(v["errors"] for r in rounds for k, v in r.items() if k.startswith("server_"))
     print(f"HTTP errors: {errors}")
     if args.json:
         with open(args.json, "w") as fh:

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -219,13 +219,18 @@ class ServerState:
             raise ApiError(413, f"payload of {length} bytes is over the limit of {limit} bytes (--payload-limit)",
                            code="payload_too_large")
         chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                self.metrics.rejected.labels("payload_too_large").inc()
-                raise ApiError(413, f"payload is over the limit of {limit} bytes (--payload-limit)",
-                               code="payload_too_large")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    self.metrics.rejected.labels("payload_too_large").inc()
+                    raise ApiError(413, f"payload is over the limit of {limit} bytes (--payload-limit)",
+                                   code="payload_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            self.metrics.rejected.labels("client_disconnected").inc()
+            raise ApiError(400, "the client disconnected while sending the body", code="client_disconnected") \
+                from None
         return b"".join(chunks)
 
     # ------------------------------------------------------------------ embeddings
@@ -443,7 +448,9 @@ class RequestContextMiddleware:
                 break
         if not incoming or len(incoming) > 128 or not all(c.isalnum() or c in "-_.:" for c in incoming):
             incoming = uuid.uuid4().hex
-        token = request_id_var.set(incoming)
+        # Each request runs in its own task, so the id never leaks to another request; it is left set
+        # so that the error handlers outside this middleware still log it.
+        request_id_var.set(incoming)
         status = {"code": 500}
         started = time.perf_counter()
 
@@ -468,7 +475,6 @@ class RequestContextMiddleware:
             if route not in ("/health", "/metrics"):
                 access_log.info('%s "%s %s" %d %.1fms', _client(scope), method, path, status["code"],
                                 elapsed * 1000)
-            request_id_var.reset(token)
 
 
 def _client(scope) -> str:

@@ -214,3 +214,21 @@ def test_image_embeds_item_matches_the_image_it_came_from(server, tiny_model):
     assert response.status_code == 200, response.text
     assert_close(decode_embedding(response.json()["data"][0]),
                  reference(tiny_model, {"image": image, "task": "retrieval.passage"}))
+
+
+def test_operations_routes(server):
+    doc = httpx.get(server.url + "/openapi.json").json()
+    assert doc["openapi"].startswith("3.") and "/v1/embeddings" in doc["paths"]
+    health = httpx.get(server.url + "/health").json()
+    assert health == {"status": "ok", "model": NAME, "random_weights": True}
+    response = httpx.post(server.url + "/v1/embeddings", json={"input": "x"}, headers={"X-Request-Id": "abc-123"})
+    assert response.headers["x-request-id"] == "abc-123"
+    assert len(httpx.get(server.url + "/health").headers["x-request-id"]) == 32  # generated when absent
+    assert httpx.post(server.url + "/v1/embeddings", json={"input": []}).status_code == 400
+    text = httpx.get(server.url + "/metrics").text
+    for name in ["nova_http_requests_total", "nova_http_request_duration_seconds_bucket", "nova_queue_rows",
+                 "nova_queue_tokens", "nova_batch_rows_bucket", "nova_batch_tokens_bucket",
+                 "nova_adapter_rows_total", "nova_rejected_requests_total", "nova_items_total",
+                 "nova_batch_duration_seconds_bucket", "nova_model_ready 1.0", "nova_adapters_loaded 3.0"]:
+        assert name in text, name
+    assert 'route="/v1/embeddings"' in text and 'status="200"' in text
