@@ -141,10 +141,21 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
     def list_adapters(self) -> dict[str, dict]:
         return {name: adapter.describe() for name, adapter in sorted(self.lora.adapters.items())}
 
+    def adapter_state(self, name: str) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """A resident adapter's (PEFT config, {module: (lora_A, lora_B)}), as copies: to continue training it
+        or to check it is unchanged."""
+        with self.lora.lock:
+            adapter = self.lora.adapters.get(name)
+            if adapter is None:
+                raise ValueError(f"unknown adapter {name!r}; loaded: {', '.join(sorted(self.lora.adapters)) or 'none'}")
+            config = {**adapter.config, "r": adapter.rank, "lora_alpha": adapter.alpha}
+            return config, {module: (a.detach().clone(), b.detach().clone()) for module, (a, b) in adapter.weights.items()}
+
     # ---- forward -------------------------------------------------------------------------------------
 
-    def forward_hidden(self, batch: dict, adapters: list[str | None]) -> torch.Tensor:
-        """Last hidden states [B, T, H] of a collated batch, each row through its own adapter."""
+    def forward_hidden(self, batch: dict, adapters: list[str | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(last hidden states [B, T, H], multi-vector projections [B, T, 128] or None) of a collated batch,
+        each row through its own adapter."""
         device = self.device
         input_ids = batch["input_ids"].to(device)
         attention_mask = batch["attention_mask"].to(device)
@@ -206,6 +217,38 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
 
     # ---- embeddings ----------------------------------------------------------------------------------
 
+    def forward_rows(
+        self,
+        rows: list[PreparedItem],
+        *,
+        pooled: bool = True,
+        multivector: bool = False,
+        adapters: list[str | None] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Differentiable embeddings of prepared rows: the one place pooling is defined (training uses it
+        with gradients, `embed_prepared` without).
+
+        Returns (pooled [N, H] L2-normalized, tokens [N, T, 128] L2-normalized per token, token_mask [N, T]
+        marking each row's multi-vector rows: attended tokens outside the instruction turn). `adapters`
+        overrides the rows' own adapters (None entries: the base model).
+        """
+        with self.lora.lock:
+            adapters = [r.adapter for r in rows] if adapters is None else adapters
+            missing = [(r, a) for r, a in zip(rows, adapters, strict=True) if a is not None and a not in self.lora.adapters]
+            if missing:
+                raise ValueError(f"item {missing[0][0].index}: adapter {missing[0][1]!r} is not loaded")
+            batch = self.processor.collate(rows)
+            batch["want_multi"] = multivector
+            hidden, projected = self.forward_hidden(batch, adapters)
+        pooled_out = tokens = token_mask = None
+        if pooled:
+            mask = batch["pool_mask"].to(hidden.device).unsqueeze(-1)
+            pooled_out = F.normalize((hidden.float() * mask).sum(1) / mask.sum(1), dim=-1)
+        if multivector:
+            tokens = F.normalize(projected.float(), dim=-1)
+            token_mask = batch["multi_mask"].to(hidden.device)
+        return pooled_out, tokens, token_mask
+
     @torch.inference_mode()
     def embed_prepared(self, rows: list[PreparedItem], return_multivector: bool | list[bool] = False) -> list[torch.Tensor]:
         """One forward pass over prepared rows. Returns, per row, the full-size L2-normalized pooled vector
@@ -213,24 +256,8 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         if not rows:
             return []
         wants = list(return_multivector) if isinstance(return_multivector, (list, tuple)) else [bool(return_multivector)] * len(rows)
-        with self.lora.lock:
-            unknown = [r for r in rows if r.adapter is not None and r.adapter not in self.lora.adapters]
-            if unknown:
-                raise ValueError(f"item {unknown[0].index}: adapter {unknown[0].adapter!r} is not loaded")
-            batch = self.processor.collate(rows)
-            batch["want_multi"] = any(wants)
-            hidden, projected = self.forward_hidden(batch, [r.adapter for r in rows])
-        pool_mask = batch["pool_mask"].to(hidden.device)
-        outputs = []
-        for i, want_multi in enumerate(wants):
-            if want_multi:
-                tokens = projected[i][batch["multi_mask"][i].to(hidden.device)]
-                outputs.append(F.normalize(tokens.float(), dim=-1).cpu())
-            else:
-                mask = pool_mask[i].unsqueeze(-1)
-                pooled = (hidden[i].float() * mask).sum(0) / mask.sum()
-                outputs.append(F.normalize(pooled, dim=-1).cpu())
-        return outputs
+        pooled, tokens, token_mask = self.forward_rows(rows, pooled=not all(wants), multivector=any(wants))
+        return [(tokens[i][token_mask[i]] if want else pooled[i]).cpu() for i, want in enumerate(wants)]
 
     def check_dimensions(self, dimensions: int | None, return_multivector: bool = False) -> None:
         if dimensions is None:

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nova.evaluation.errors import UserInputError
@@ -158,21 +157,11 @@ def prepare_rows(model, items: list[dict], max_length: int | None, where: list[s
 
 
 def embed_rows(model, rows, want_single: bool, want_multi: bool):
-    """Differentiable version of the model's pooling over prepared rows.
-
-    Returns (pooled [N, H] L2-normalized or None, (tokens [N, T, 128] normalized, mask [N, T]) or None).
-    """
-    batch = model.processor.collate(rows)
-    batch["want_multi"] = want_multi
-    hidden, projected = model.forward_hidden(batch, [None] * len(rows))
-    pooled = multi = None
-    if want_single:
-        mask = batch["pool_mask"].to(hidden.device).unsqueeze(-1).to(hidden.dtype)
-        pooled = F.normalize(((hidden * mask).sum(1) / mask.sum(1)).float(), dim=-1)
-    if want_multi:
-        multi_mask = batch["multi_mask"].to(hidden.device)
-        multi = (F.normalize(projected.float(), dim=-1), multi_mask)
-    return pooled, multi
+    """The model's own differentiable pooling over prepared rows, through the PEFT layers only (no resident
+    adapter). Returns (pooled [N, H] or None, (tokens [N, T, 128], mask [N, T]) or None)."""
+    pooled, tokens, mask = model.forward_rows(rows, pooled=want_single, multivector=want_multi,
+                                              adapters=[None] * len(rows))
+    return pooled, ((tokens, mask) if want_multi else None)
 
 
 def _lr_lambda(schedule: str, warmup: int, total: int):
@@ -191,15 +180,10 @@ def _lr_lambda(schedule: str, warmup: int, total: int):
 
 def _init_weights(model, spec: str) -> tuple[dict, dict]:
     """Starting adapter -> (its config, {module: (A, B)}) from a resident adapter or a PEFT folder."""
-    resident = getattr(model, "lora", None)
-    if resident is not None and spec in resident.adapters:
-        adapter = resident.adapters[spec]
-        config = dict(adapter.config)
-        config.setdefault("r", adapter.rank)
-        config.setdefault("lora_alpha", adapter.alpha)
-        return config, {k: (a.detach().clone(), b.detach().clone()) for k, (a, b) in adapter.weights.items()}
+    if spec in model.list_adapters():
+        return model.adapter_state(spec)
     if not Path(spec).is_dir():
-        known = ", ".join(sorted(resident.adapters)) if resident is not None else ""
+        known = ", ".join(model.list_adapters())
         raise UserInputError(f"--init-adapter {spec!r}: neither a loaded adapter ({known or 'none'}) nor a folder")
     # read and validate the folder through the model's own loader, take its weights, unload it again
     temp = "nova-train-init"
@@ -281,8 +265,7 @@ class Trainer:
 
         model = load_in_process(cfg.model, cfg.device, [])
         self.log(f"{len(triplets)} training examples from {cfg.data}; model {cfg.model or 'tiny random-weight checkpoint'}")
-        resident_before = {name: {k: (a.clone(), b.clone()) for k, (a, b) in ad.weights.items()}
-                           for name, ad in model.lora.adapters.items()}
+        resident_before = {name: model.adapter_state(name)[1] for name in model.list_adapters()}
 
         init_config, init_pairs = (None, None)
         if cfg.init_adapter and cfg.init_adapter.lower() not in ("none", "base"):
@@ -440,7 +423,7 @@ class Trainer:
         self._check_resident_unchanged(model, resident_before)
 
         name = cfg.resolved_name()
-        load_name = name if name not in model.lora.adapters else f"{name}-trained"
+        load_name = name if name not in model.list_adapters() else f"{name}-trained"
         try:
             model.load_adapter(load_name, str(self.out))
         except ValueError as exc:
@@ -481,7 +464,7 @@ class Trainer:
 
     def _check_resident_unchanged(self, model, before: dict) -> None:
         for name, weights in before.items():
-            current = model.lora.adapters[name].weights
+            current = model.adapter_state(name)[1]
             for module, (a, b) in weights.items():
                 ca, cb = current[module]
                 if not (torch.equal(a, ca) and torch.equal(b, cb)):
@@ -512,7 +495,7 @@ class Trainer:
         dataset = load_beir(cfg.eval_dataset, cfg.eval_split)
         start = "none"
         if cfg.init_adapter and cfg.init_adapter.lower() not in ("none", "base"):
-            if cfg.init_adapter in model.lora.adapters:
+            if cfg.init_adapter in model.list_adapters():
                 start = cfg.init_adapter
             else:  # a folder: load it to measure the starting point
                 start = f"{load_name}-start"
