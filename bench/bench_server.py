@@ -13,7 +13,8 @@ Prints, on a mid-size random-weight config (`nova.tiny` size "small" unless --mo
 The server runs in its own process (as in production); clients are asyncio + httpx in this process and
 ask for base64 like the official OpenAI SDK. Usage:
 
-    .venv/bin/python bench/bench_server.py                       # CPU, small config
+    .venv/bin/python bench/bench_server.py                       # CPU, small config, 4 items per request
+    .venv/bin/python bench/bench_server.py --per-request 1       # one item per request (hardest case)
     .venv/bin/python bench/bench_server.py --items 2048 --device cuda
 """
 
@@ -108,12 +109,14 @@ async def run_clients(url: str, items: list[dict], concurrency: int, per_request
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model directory (default: the 'small' random config)")
-    parser.add_argument("--items", type=int, default=96, help="items per measurement (default: %(default)s)")
-    parser.add_argument("--per-request", type=int, default=1, help="items per HTTP request (default: %(default)s)")
+    parser.add_argument("--items", type=int, default=256, help="items per measurement (default: %(default)s)")
+    parser.add_argument("--per-request", type=int, default=4,
+                        help="items per HTTP request; with 1, 32 clients never have more than 32 rows in flight, so "
+                             "the server cannot sort by length the way encode() does (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="in-process encode() batch size (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="(default: %(default)s)")
     parser.add_argument("--max-wait-ms", type=float, default=2.0, help="server batching wait (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
 

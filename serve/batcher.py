@@ -9,6 +9,11 @@
   requests that are already received and being tokenized (`preparing`) are worth waiting for a little
   longer: up to a quarter of the measured batch time (at most 50 ms), so that clients answered together
   do not split into alternating small and large batches.
+- Padding is paid for: when the rows at hand differ a lot in length (few clients, so little to sort),
+  the candidate batch is split into length-sorted groups where that is cheaper under a cost model
+  `seconds = a + b x padded_tokens` fitted online to the measured batches (`BatchCostModel`); the group
+  holding the oldest row runs now, the rest runs next. On hardware where a forward has a high fixed cost
+  (GPUs) the fit keeps batches whole; on CPUs, where cost follows padded tokens, it avoids padding.
 - The forward runs in a single worker thread, never on the event loop.
 - Admission is bounded in queued tokens: over `max_queue_tokens` the request is refused with 429 and a
   `Retry-After` estimated from the measured token throughput.
@@ -64,6 +69,56 @@ class Ticket:
         self.remaining = self.n_rows
 
 
+class BatchCostModel:
+    """`seconds ~ a + b * padded_tokens`, least squares over recent batches; splits candidate batches
+    into contiguous length-sorted groups when that lowers the predicted total time."""
+
+    def __init__(self, window: int = 64, min_samples: int = 8):
+        self.samples: list[tuple[float, float]] = []
+        self.window = window
+        self.min_samples = min_samples
+        self.a: float | None = None
+        self.b: float | None = None
+
+    def observe(self, padded_tokens: int, seconds: float) -> None:
+        self.samples.append((float(padded_tokens), float(seconds)))
+        del self.samples[: -self.window]
+        if len(self.samples) < self.min_samples:
+            return
+        xs = np.array([x for x, _ in self.samples])
+        ys = np.array([y for _, y in self.samples])
+        if xs.std() < 0.1 * xs.mean():  # too little spread to separate fixed and per-token cost
+            return
+        b, a = np.polyfit(xs, ys, 1)
+        if b <= 0:
+            return
+        self.a, self.b = max(float(a), 0.0), float(b)
+
+    def split(self, batch: list[Row], anchor: Row) -> list[Row]:
+        if self.a is None or self.b is None or len(batch) < 2:
+            return batch
+        rows = sorted(batch, key=lambda r: r.tokens)
+        n = len(rows)
+        a, b = self.a, self.b
+        # best[j]: cheapest cost of rows[:j] as contiguous groups; cut[j]: where the last group starts
+        best = [0.0] + [float("inf")] * n
+        cut = [0] * (n + 1)
+        for j in range(1, n + 1):
+            longest = rows[j - 1].tokens
+            for i in range(j):
+                cost = best[i] + a + b * (j - i) * longest
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i
+        j = n
+        while j > 0:
+            i = cut[j]
+            group = rows[i:j]
+            if any(r is anchor for r in group):
+                return group
+            j = i
+        return batch
+
+
 class Batcher:
     def __init__(
         self,
@@ -91,6 +146,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nova-model")
         self._tokens_per_s = 0.0
         self._batch_seconds = 0.0
+        self.cost = BatchCostModel()
         self.preparing = 0  # rows of admitted requests still being decoded/tokenized
         self._stopping = False
         self.batches_run = 0
@@ -208,6 +264,7 @@ class Batcher:
                 continue
             batch.append(row)
             longest = new_longest
+        batch = self.cost.split(batch, anchor)
         taken = set(map(id, batch))
         self._pending = [r for r in pending if id(r) not in taken]
         for row in batch:
@@ -261,7 +318,9 @@ class Batcher:
             self.batches_run += 1
             self.metrics.batch_rows.observe(len(batch))
             self.metrics.batch_tokens.observe(tokens)
-            self.metrics.batch_padded_tokens.observe(len(batch) * max(r.tokens for r in batch))
+            padded = len(batch) * max(r.tokens for r in batch)
+            self.cost.observe(padded, elapsed)
+            self.metrics.batch_padded_tokens.observe(padded)
             self.metrics.batch_requests.observe(len({id(r.ticket) for r in batch}))
             self.metrics.batch_latency.observe(elapsed)
             self.metrics.tokens.inc(tokens)
