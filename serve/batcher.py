@@ -70,43 +70,50 @@ class Ticket:
 
 
 class BatchCostModel:
-    """`seconds ~ a + b * padded_tokens`, least squares over recent batches; splits candidate batches
-    into contiguous length-sorted groups when that lowers the predicted total time."""
+    """`seconds ~ a + b * padded_tokens + c * adapters_in_batch`, least squares over recent batches; splits
+    candidate batches into contiguous length-sorted groups when that lowers the predicted total time.
+    (Each distinct adapter in a forward costs its own per-module work, so splitting a mixed-adapter batch
+    is dearer than splitting a single-adapter one.)"""
 
     def __init__(self, window: int = 64, min_samples: int = 8):
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[float, float, float]] = []
         self.window = window
         self.min_samples = min_samples
         self.a: float | None = None
         self.b: float | None = None
+        self.c: float = 0.0
 
-    def observe(self, padded_tokens: int, seconds: float) -> None:
-        self.samples.append((float(padded_tokens), float(seconds)))
+    def observe(self, padded_tokens: int, seconds: float, adapters: int = 1) -> None:
+        self.samples.append((float(padded_tokens), float(adapters), float(seconds)))
         del self.samples[: -self.window]
         if len(self.samples) < self.min_samples:
             return
-        xs = np.array([x for x, _ in self.samples])
-        ys = np.array([y for _, y in self.samples])
+        data = np.array(self.samples)
+        xs, ns, ys = data[:, 0], data[:, 1], data[:, 2]
         if xs.std() < 0.1 * xs.mean():  # too little spread to separate fixed and per-token cost
             return
-        b, a = np.polyfit(xs, ys, 1)
-        if b <= 0:
+        columns = [np.ones_like(xs), xs] + ([ns] if ns.std() > 0 else [])
+        coef, *_ = np.linalg.lstsq(np.stack(columns, axis=1), ys, rcond=None)
+        if coef[1] <= 0:
             return
-        self.a, self.b = max(float(a), 0.0), float(b)
+        self.a, self.b = max(float(coef[0]), 0.0), float(coef[1])
+        self.c = max(float(coef[2]), 0.0) if len(coef) > 2 else 0.0
 
     def split(self, batch: list[Row], anchor: Row) -> list[Row]:
         if self.a is None or self.b is None or len(batch) < 2:
             return batch
         rows = sorted(batch, key=lambda r: r.tokens)
         n = len(rows)
-        a, b = self.a, self.b
+        a, b, c = self.a, self.b, self.c
         # best[j]: cheapest cost of rows[:j] as contiguous groups; cut[j]: where the last group starts
         best = [0.0] + [float("inf")] * n
         cut = [0] * (n + 1)
         for j in range(1, n + 1):
             longest = rows[j - 1].tokens
-            for i in range(j):
-                cost = best[i] + a + b * (j - i) * longest
+            adapters: set = set()
+            for i in range(j - 1, -1, -1):
+                adapters.add(rows[i].adapter)
+                cost = best[i] + a + b * (j - i) * longest + c * len(adapters)
                 if cost < best[j]:
                     best[j], cut[j] = cost, i
         j = n
@@ -319,7 +326,7 @@ class Batcher:
             self.metrics.batch_rows.observe(len(batch))
             self.metrics.batch_tokens.observe(tokens)
             padded = len(batch) * max(r.tokens for r in batch)
-            self.cost.observe(padded, elapsed)
+            self.cost.observe(padded, elapsed, len({r.adapter for r in batch}))
             self.metrics.batch_padded_tokens.observe(padded)
             self.metrics.batch_requests.observe(len({id(r.ticket) for r in batch}))
             self.metrics.batch_latency.observe(elapsed)
