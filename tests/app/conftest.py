@@ -78,8 +78,10 @@ def tiny_model():
     return load_model(None)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """Module-scoped: Playwright's sync API keeps an event loop running in the main thread while it is open,
+    which would break later tests that call asyncio.run()."""
     if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (Debian package 'chromium'); set NOVA_TEST_CHROMIUM")
     from playwright.sync_api import sync_playwright
