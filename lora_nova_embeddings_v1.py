@@ -221,8 +221,12 @@ class LoraRegistry:
                 if adapter_id not in per_module:
                     continue
                 a, b, scaling = per_module[adapter_id]
-                if rows is None:  # the whole batch uses this adapter
-                    output = output + (x @ a.T @ b.T) * scaling
+                if isinstance(rows, slice):  # a contiguous block of rows: views, no gather/scatter copies
+                    delta = (x[rows] @ a.T @ b.T) * scaling
+                    if torch.is_grad_enabled():
+                        output = torch.cat([output[: rows.start], output[rows] + delta, output[rows.stop :]])
+                    else:
+                        output[rows] += delta
                 else:
                     rows = rows.to(x.device)
                     delta = (x.index_select(0, rows) @ a.T @ b.T) * scaling
@@ -232,12 +236,17 @@ class LoraRegistry:
         return hook
 
 
-def _groups(route: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
-    """[(adapter_id, rows)] for every adapter present; rows None when it covers the whole route."""
-    present = [i for i in torch.unique(route).tolist() if i != NO_ROUTE]
-    if len(present) == 1 and bool((route == present[0]).all()):
-        return [(present[0], None)]
-    return [(i, (route == i).nonzero().squeeze(1)) for i in present]
+def _groups(route: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
+    """[(adapter_id, rows)] for every adapter present: a slice when its rows are contiguous (the model sorts
+    rows by adapter, so they are), else an index tensor."""
+    groups = []
+    for adapter_id in torch.unique(route).tolist():
+        if adapter_id == NO_ROUTE:
+            continue
+        rows = (route == adapter_id).nonzero().squeeze(1)
+        start, stop = int(rows[0]), int(rows[-1]) + 1
+        groups.append((adapter_id, slice(start, stop) if stop - start == len(rows) else rows))
+    return groups
 
 
 __all__ = ["LoraRegistry", "LoraAdapter", "read_peft_folder", "normalize_module_name"]

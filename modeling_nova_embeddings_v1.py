@@ -232,21 +232,27 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         marking each row's multi-vector rows: attended tokens outside the instruction turn). `adapters`
         overrides the rows' own adapters (None entries: the base model).
         """
+        adapters = [r.adapter for r in rows] if adapters is None else list(adapters)
+        # Rows sharing an adapter are made contiguous so LoRA works on slices (rows are independent, so
+        # the order inside a batch changes nothing); outputs are put back in the caller's order.
+        order = sorted(range(len(rows)), key=lambda i: (adapters[i] is not None, adapters[i] or ""))
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
         with self.lora.lock:
-            adapters = [r.adapter for r in rows] if adapters is None else adapters
             missing = [(r, a) for r, a in zip(rows, adapters, strict=True) if a is not None and a not in self.lora.adapters]
             if missing:
                 raise ValueError(f"item {missing[0][0].index}: adapter {missing[0][1]!r} is not loaded")
-            batch = self.processor.collate(rows)
+            batch = self.processor.collate([rows[i] for i in order])
             batch["want_multi"] = multivector
-            hidden, projected = self.forward_hidden(batch, adapters)
+            hidden, projected = self.forward_hidden(batch, [adapters[i] for i in order])
+        inverse = inverse.to(hidden.device)
         pooled_out = tokens = token_mask = None
         if pooled:
             mask = batch["pool_mask"].to(hidden.device).unsqueeze(-1)
-            pooled_out = F.normalize((hidden.float() * mask).sum(1) / mask.sum(1), dim=-1)
+            pooled_out = F.normalize((hidden.float() * mask).sum(1) / mask.sum(1), dim=-1)[inverse]
         if multivector:
-            tokens = F.normalize(projected.float(), dim=-1)
-            token_mask = batch["multi_mask"].to(hidden.device)
+            tokens = F.normalize(projected.float(), dim=-1)[inverse]
+            token_mask = batch["multi_mask"].to(hidden.device)[inverse]
         return pooled_out, tokens, token_mask
 
     @torch.inference_mode()
