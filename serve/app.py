@@ -492,8 +492,11 @@ def create_app(settings: Settings, model=None) -> Starlette:
     async def models(request: Request) -> JSONResponse:
         state.require_api_key(request)
         primary = settings.primary_model_name
+        # Nova extension fields on the served model: what a client needs to pick `dimensions` and parse rows.
+        shape = ({"matryoshka_dims": list(state.model.config.matryoshka_dims),
+                  "multi_vector_dim": state.model.config.multi_vector_projector_dim} if state.ready else {})
         data = [{"id": name, "object": "model", "created": state.created, "owned_by": "nova",
-                 "root": primary, "parent": None} for name in settings.model_names()]
+                 "root": primary, "parent": None, **shape} for name in settings.model_names()]
         if state.ready:
             for name in state.gate.ready_names():
                 if name not in settings.model_names():

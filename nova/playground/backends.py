@@ -262,6 +262,7 @@ class ServerBackend(Backend):
         self._served_adapters = [str(m["id"]) for m in models if m.get("parent") and m.get("id")]
         if primary:
             self.models_info = primary[0]
+            self._matryoshka_dims = list(primary[0].get("matryoshka_dims") or [])
             if self._model is None:
                 self._model = primary[0].get("id")
         self.label = f"{self._model or 'model'} @ {self.url}"

@@ -57,10 +57,13 @@ def test_openai_client_unknown_model_is_404(client):
     assert client.embeddings.create(model=NAME, input="hi").data  # and it answers normally afterwards
 
 
-def test_openai_client_models_list(client):
-    ids = [m.id for m in client.models.list().data]
+def test_openai_client_models_list(client, tiny_model):
+    models = client.models.list().data
+    ids = [m.id for m in models]
     assert ids[:2] == [NAME, "nova-alias"]
     assert {"retrieval", "text-matching", "code"} <= set(ids)  # adapters are listed with parent=model
+    served = models[0].model_dump()
+    assert served["matryoshka_dims"] == tiny_model.config.matryoshka_dims and served["multi_vector_dim"] == 128
 
 
 def test_openai_client_model_field_selects_adapter(client, tiny_model):
