@@ -15,7 +15,7 @@ import json
 import os
 import pathlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jinja2
 import torch
@@ -55,7 +55,6 @@ class PreparedItem:
     image_grid_thw: torch.Tensor | None = None  # [1, 3]
     image_embeds: torch.Tensor | None = None  # precomputed merger output, [n_image_tokens, hidden]
     truncated: bool = False
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -272,16 +271,6 @@ class NovaEmbeddingsV1Processor:
             image_grid_thw=grid,
             image_embeds=image_embeds,
             truncated=truncated,
-        )
-
-    def render_text(self, item: dict, instructions: str | None = None, prompt_set: str | None = None) -> str:
-        """The exact string the model sees (image placeholder not yet expanded): for docs and debugging."""
-        _, prompt, _ = self.route(item.get("task"), None, prompt_set)
-        instructions = item.get("instructions", instructions) or None
-        has_image = item.get("image") is not None or item.get("image_embeds") is not None
-        prefix = self._instruction_template.render(instructions=instructions) if instructions else ""
-        return prefix + self._item_template.render(
-            prompt=prompt, text=item.get("text"), has_image=has_image, instructed=bool(instructions)
         )
 
     def _resolve_adapter(self, requested, routed, index):
