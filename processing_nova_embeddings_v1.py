@@ -69,6 +69,15 @@ def item_error(index: int | None, message: str) -> ValueError:
     return ValueError(message if index is None else f"item {index}: {message}")
 
 
+def _check_text(value: str, name: str, index: int | None) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise item_error(index, f"'{name}' is not valid Unicode ({exc.reason} at position {exc.start})") from None
+    if any(tok in value for tok in RESERVED_TOKENS):
+        raise item_error(index, f"'{name}' contains a reserved vision token ({', '.join(RESERVED_TOKENS)})")
+
+
 def load_chat_templates(path: str | os.PathLike | None) -> dict:
     """Read `chat_template.json` (or a bare Jinja file for the item template); defaults where absent."""
     templates = {"instruction_template": DEFAULT_INSTRUCTION_TEMPLATE, "chat_template": DEFAULT_ITEM_TEMPLATE}
@@ -234,9 +243,11 @@ class NovaEmbeddingsV1Processor:
         if instructions is not None and not isinstance(instructions, str):
             raise item_error(index, f"'instructions' must be a string, not {type(instructions).__name__}")
         instructions = instructions or None
+        if text == "":
+            raise item_error(index, "'text' is empty")
         for name, value in (("text", text), ("instructions", instructions)):
-            if value and any(tok in value for tok in RESERVED_TOKENS):
-                raise item_error(index, f"'{name}' contains a reserved vision token ({', '.join(RESERVED_TOKENS)})")
+            if value:
+                _check_text(value, name, index)
 
         pixel_values = grid = image_embeds = None
         if item.get("image") is not None:

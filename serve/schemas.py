@@ -90,7 +90,7 @@ def parse_embedding_request(
     prompt_set = _opt_str(payload, "prompt_set")
     task = _opt_str(payload, "task")
     if task is not None and known_tasks is not None and task not in known_tasks:
-        raise bad_request(f"unknown task {task!r}; known tasks: {sorted(known_tasks)}", param="task")
+        raise bad_request(f"unknown task {task!r}; known tasks: {', '.join(sorted(known_tasks))}", param="task")
     request_task = task or default_task
 
     if "input" not in payload or payload["input"] is None:
@@ -158,7 +158,7 @@ def _parse_item(raw: object, i: int, request_task: str, known_tasks, forms: set[
         if not isinstance(task, str):
             raise bad_request(f"item {i}: 'task' must be a string", param=f"{where}.task")
         if known_tasks is not None and task not in known_tasks:
-            raise bad_request(f"item {i}: unknown task {task!r}; known tasks: {sorted(known_tasks)}",
+            raise bad_request(f"item {i}: unknown task {task!r}; known tasks: {', '.join(sorted(known_tasks))}",
                               param=f"{where}.task")
         forms.add("nova")
     item["task"] = task or request_task

@@ -132,6 +132,9 @@ def test_truncation_keeps_markup_and_image(tiny_model, image):
         ({"image": "%%%"}, "item 4: image is not an existing file, a data: URL or valid base64"),
         ({"image": "http://example.com/a.png"}, "item 4: image URLs are not fetched"),
         ({"text": "a <|image_pad|> b"}, "item 4: 'text' contains a reserved vision token"),
+        ({"text": "a \ud800 b"}, "item 4: 'text' is not valid Unicode"),
+        ({"text": "ok", "instructions": "\udfff"}, "item 4: 'instructions' is not valid Unicode"),
+        ({"text": ""}, "item 4: 'text' is empty"),
         (42, "item 4: an item must be a string or an object"),
     ],
 )

@@ -115,7 +115,7 @@ def _run(args) -> int:
     from . import metrics as metrics_mod
     from .dataset import load_beir
     from .embedders import EndpointEmbedder, InProcessEmbedder, api_key_from_env
-    from .variants import build_variants
+    from .variants import build_variants, check_against_model
 
     for flag in ("batch_size", "top_k", "max_length"):
         value = getattr(args, flag)
@@ -144,6 +144,8 @@ def _run(args) -> int:
 
             hf_logging.disable_progress_bar()
         model = load_in_process(args.model, args.device, adapter_specs)
+        check_against_model(variants, adapters=set(model.list_adapters()), tasks=set(model.config.task_routing),
+                            dimensions=set(model.config.matryoshka_dims))
         if getattr(model.config, "nova_random_weights", False):
             print("note: the model has RANDOM weights (tiny test checkpoint); numbers are meaningless for quality")
         embedder = InProcessEmbedder(model, batch_size=args.batch_size, show_progress=progress,

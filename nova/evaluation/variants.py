@@ -257,3 +257,18 @@ def build_variants(
     if chosen not in names:
         raise UserInputError(f"baseline '{chosen}' is not one of the variants: {', '.join(names)}")
     return variants, chosen
+
+
+def check_against_model(variants: list[Variant], *, adapters, tasks, dimensions) -> None:
+    """Refuse, before any embedding work, variants the model cannot run (unknown adapter, task or size)."""
+    for v in variants:
+        for side in ("query", "passage"):
+            task, adapter = getattr(v, f"{side}_task"), getattr(v, f"{side}_adapter")
+            if task not in tasks:
+                raise UserInputError(f"variant {v.name!r}: unknown {side} task {task!r}; known: {', '.join(sorted(tasks))}")
+            if adapter is not None and adapter.lower() not in ("none", "base") and adapter not in adapters:
+                raise UserInputError(f"variant {v.name!r}: unknown {side} adapter {adapter!r}; "
+                                     f"loaded: {', '.join(sorted(adapters)) or 'none'}")
+        if v.dimensions is not None and v.dimensions not in dimensions:
+            raise UserInputError(f"variant {v.name!r}: dimensions {v.dimensions} is not one of the model's "
+                                 f"matryoshka sizes {sorted(dimensions)}")

@@ -286,6 +286,10 @@ class Trainer:
             alpha = cfg.alpha if cfg.alpha is not None else 2.0 * rank
             pattern, matched = resolve_targets(model, cfg.targets)
             use_rslora = False
+        has_images = any("image" in item for t in triplets for item in (t.query, t.positive, *t.negatives))
+        if matched and all(name.startswith("visual.") for name in matched) and not has_images:
+            raise UserInputError(f"--targets {cfg.targets!r} only reaches the vision tower, but {cfg.data} has no "
+                                 "images: nothing would train")
         if rank > model.max_lora_rank:
             self.log(f"warning: rank {rank} exceeds this model's max_lora_rank {model.max_lora_rank}; "
                      f"servers must be started with --max-lora-rank >= {rank} to load it")
@@ -376,12 +380,18 @@ class Trainer:
         bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
         started = time.perf_counter()
         recent: list[float] = []
+        warned_no_grad = False
         while step < total_steps:
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for k in range(cfg.grad_accum):
                 loss = loss_of(micro_batch(step * cfg.grad_accum + k)) / cfg.grad_accum
-                loss.backward()
+                if loss.requires_grad:
+                    loss.backward()
+                elif not warned_no_grad:  # e.g. a projector-only adapter and a micro-batch without images
+                    self.log("note: a micro-batch reached none of the adapter's target modules (no gradient); "
+                             "it is skipped")
+                    warned_no_grad = True
                 step_loss += float(loss.detach())
             if cfg.max_grad_norm and cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)

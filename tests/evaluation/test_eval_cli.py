@@ -149,8 +149,9 @@ def test_variants_file_through_cli(small_dataset, run_cli, tmp_path):
     ("args", "message"),
     [
         (["--metrics", "bleu@4"], "unknown metric 'bleu@4'"),
-        (["--adapters", "no-such-adapter"], "unknown adapter 'no-such-adapter'"),
-        (["--dimensions", "4096"], "dimensions=4096 is larger than the model's 64-d vectors"),
+        (["--adapters", "no-such-adapter"], "unknown query adapter 'no-such-adapter'"),
+        (["--dimensions", "4096"], "dimensions 4096 is not one of the model's matryoshka sizes [16, 32, 64]"),
+        (["--dimensions", "50"], "dimensions 50 is not one of the model's matryoshka sizes"),
         (["--load-adapter", "x"], "--load-adapter expects NAME=PATH"),
         (["--load-adapter", "x=/no/such/folder"], "folder not found"),
         (["--model", "/no/such/model"], "model folder not found"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 
@@ -28,7 +29,9 @@ def server(start_server):
 def post(server, payload=None, *, content=None, headers=AUTH, path="/v1/embeddings") -> httpx.Response:
     if content is not None:
         return httpx.post(server.url + path, content=content, headers=headers, timeout=60)
-    return httpx.post(server.url + path, json=payload, headers=headers, timeout=60)
+    # json.dumps escapes non-ASCII (as most clients do), so lone surrogates travel as valid JSON escapes
+    return httpx.post(server.url + path, content=json.dumps(payload), timeout=60,
+                      headers={**headers, "Content-Type": "application/json"})
 
 
 def answers_normally(server, tiny_model) -> None:
@@ -54,6 +57,8 @@ CASES = [
     ({"input": [1, 2, 3]}, 400, None, "input"),
     ({"input": ["ok", [1, 2]]}, 400, None, "input[1]"),
     ({"input": ["ok", ""]}, 400, None, "input[1]"),
+    ({"input": ["ok", "a \ud800 b"]}, 400, None, "input[1]"),  # a lone surrogate: valid JSON, not UTF-8
+    ({"input": [{"text": "ok", "instructions": "\udfff"}]}, 400, None, "input[0]"),
     ({"input": ["ok", 7]}, 400, None, "input[1]"),
     ({"input": ["ok", {"txt": "typo"}]}, 400, None, "input[1].txt"),
     ({"input": ["ok", {"task": "retrieval"}]}, 400, None, "input[1]"),
