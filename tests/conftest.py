@@ -125,3 +125,16 @@ class ServeProcess:
 def serve_process():
     """The `ServeProcess` class: `serve_process(model_dir, lora_root)` starts a real `nova serve`."""
     return ServeProcess
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `nova ...` in-process; returns (exit code, stdout, stderr)."""
+    from nova.cli import main
+
+    def run(*argv: str):
+        code = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

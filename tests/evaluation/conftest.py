@@ -29,19 +29,6 @@ def small_dataset(tmp_path):
     return write_beir(tmp_path / "small", corpus, queries, {"q1": {"d1": 1}, "q2": {"d2": 1, "d4": 0}})
 
 
-@pytest.fixture
-def run_cli(capsys):
-    """Run `nova ...` in-process; returns (exit code, stdout, stderr)."""
-    from nova.cli import main
-
-    def run(*argv: str):
-        code = main([str(a) for a in argv])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
-
-
 @pytest.fixture(scope="session")
 def nova_server(tiny_dir, tmp_path_factory, serve_process):
     root = tmp_path_factory.mktemp("lora-root")

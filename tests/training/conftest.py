@@ -20,18 +20,6 @@ def task(tmp_path_factory):
     return make_task(tmp_path_factory.mktemp("task"), seed=0)
 
 
-@pytest.fixture
-def run_cli(capsys):
-    from nova.cli import main
-
-    def run(*argv: str):
-        code = main([str(a) for a in argv])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
-
-
 def tree_digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
