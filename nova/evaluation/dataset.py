@@ -108,20 +108,26 @@ def _image_field(root: Path, path: Path, number: int, obj: dict) -> str | None:
     return str(resolved)
 
 
-def load_corpus(path: Path) -> dict[str, Document]:
-    corpus: dict[str, Document] = {}
+def _records(path: Path):
+    """(line number, object, _id) for each JSONL record, refusing a repeated _id with both line numbers."""
     first_line: dict[str, int] = {}
     for number, obj in iter_jsonl(path):
-        doc_id = _string_field(path, number, obj, "_id", required=True)
-        if doc_id in corpus:
-            raise UserInputError(f"{path} line {number}: duplicate _id '{doc_id}' (first on line {first_line[doc_id]})")
+        record_id = _string_field(path, number, obj, "_id", required=True)
+        if record_id in first_line:
+            raise UserInputError(f"{path} line {number}: duplicate _id '{record_id}' (first on line {first_line[record_id]})")
+        first_line[record_id] = number
+        yield number, obj, record_id
+
+
+def load_corpus(path: Path) -> dict[str, Document]:
+    corpus: dict[str, Document] = {}
+    for number, obj, doc_id in _records(path):
         title = _string_field(path, number, obj, "title", required=False) or ""
         text = _string_field(path, number, obj, "text", required=False) or ""
         image = _image_field(path.parent, path, number, obj)
         if not (title or text or image):
             raise UserInputError(f"{path} line {number}: document '{doc_id}' has no title, text or image")
         corpus[doc_id] = Document(doc_id, title, text, image)
-        first_line[doc_id] = number
     if not corpus:
         raise UserInputError(f"{path}: the corpus is empty")
     return corpus
@@ -129,17 +135,12 @@ def load_corpus(path: Path) -> dict[str, Document]:
 
 def load_queries(path: Path) -> dict[str, Query]:
     queries: dict[str, Query] = {}
-    first_line: dict[str, int] = {}
-    for number, obj in iter_jsonl(path):
-        query_id = _string_field(path, number, obj, "_id", required=True)
-        if query_id in queries:
-            raise UserInputError(f"{path} line {number}: duplicate _id '{query_id}' (first on line {first_line[query_id]})")
+    for number, obj, query_id in _records(path):
         text = _string_field(path, number, obj, "text", required=False) or ""
         image = _image_field(path.parent, path, number, obj)
         if not (text or image):
             raise UserInputError(f"{path} line {number}: query '{query_id}' has no text or image")
         queries[query_id] = Query(query_id, text, image)
-        first_line[query_id] = number
     if not queries:
         raise UserInputError(f"{path}: there are no queries")
     return queries
