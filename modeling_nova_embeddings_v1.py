@@ -21,10 +21,13 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLPreTrainedModel,
     Qwen2_5_VLTextModel,
 )
+from transformers.utils import logging
 
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
 from .lora_nova_embeddings_v1 import LoraRegistry, read_peft_folder
 from .processing_nova_embeddings_v1 import NovaEmbeddingsV1Processor, PreparedItem
+
+logger = logging.get_logger(__name__)
 
 ADAPTERS_DIR = "adapters"
 JINA_TASKS = {"retrieval", "text-matching", "code"}
@@ -87,11 +90,25 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         model.attach_processor(NovaEmbeddingsV1Processor.from_pretrained(local_dir, config=model.config, chat_template=chat_template))
         if load_adapters:
             model.load_task_adapters(os.path.join(local_dir, ADAPTERS_DIR))
+        model.record_absent_task_adapters()
         return model
 
     def attach_processor(self, processor: NovaEmbeddingsV1Processor) -> None:
         self.processor = processor
         processor.adapter_names = lambda: set(self.lora.adapters)
+        self.record_absent_task_adapters()
+
+    def record_absent_task_adapters(self) -> None:
+        """Task adapters the checkpoint did not ship route their tasks to the base model; say so once, loudly.
+        (A task adapter unloaded later is not absent: its tasks then fail until it is loaded again.)"""
+        if self.processor is None:
+            return
+        routed = {route.get("adapter") for route in self.config.task_routing.values()} - {None}
+        absent = frozenset(routed - set(self.lora.adapters))
+        self.processor.absent_task_adapters = absent
+        if absent:
+            logger.warning("no weights for task adapter(s) %s: their tasks run on the base model",
+                           ", ".join(sorted(absent)))
 
     def load_task_adapters(self, adapters_dir: str) -> list[str]:
         """Jina V4's combined adapter folder (one PEFT folder, `lora_A.<task>`) or one PEFT folder per

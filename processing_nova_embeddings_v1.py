@@ -15,7 +15,7 @@ import json
 import os
 import pathlib
 import re
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import jinja2
 import torch
@@ -65,8 +65,32 @@ class PreparedItem:
         return self.image_grid_thw is not None
 
 
-def item_error(index: int | None, message: str) -> ValueError:
-    return ValueError(message if index is None else f"item {index}: {message}")
+class ItemError(ValueError):
+    """A bad item, typed: `index` (None outside a batch), a machine-readable `code` and the `field` at fault.
+    The message starts with `item N:` so it reads well on its own; servers map `code` to HTTP statuses."""
+
+    def __init__(self, index: int | None, message: str, code: str = "invalid_input", field: str | None = None):
+        super().__init__(message if index is None else f"item {index}: {message}")
+        self.index = index
+        self.code = code
+        self.field = field
+
+
+def item_error(index: int | None, message: str, code: str = "invalid_input", field: str | None = None) -> ItemError:
+    return ItemError(index, message, code, field)
+
+
+# Marks an item that names no adapter (its task's adapter applies), as opposed to `adapter: null` (base model).
+INHERIT = object()
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one item goes: its task, the prompt prefixed to its text, and its adapter (None: base model)."""
+
+    task: str
+    prompt: str
+    adapter: str | None
 
 
 def _check_text(value: str, name: str, index: int | None) -> None:
@@ -163,8 +187,10 @@ class NovaEmbeddingsV1Processor:
         self.vision_end_token_id = config.vision_end_token_id
         self.im_end_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.merge_size = config.vision_config.spatial_merge_size
-        # Set by the model: which adapter names are resident (for validation at prepare time).
+        # Set by the model: which adapter names are resident, and which task adapters the checkpoint did not
+        # ship (their tasks run on the base model, as documented; an adapter unloaded later is an error).
         self.adapter_names = lambda: set()
+        self.absent_task_adapters: frozenset[str] = frozenset()
 
     @classmethod
     def from_pretrained(cls, path, config=None, chat_template: str | None = None, **kwargs):
@@ -193,19 +219,51 @@ class NovaEmbeddingsV1Processor:
 
     # ---- routing -------------------------------------------------------------------------------------
 
-    def route(self, task: str | None, index: int | None = None, prompt_set: str | None = None) -> tuple[str, str, str | None]:
-        """task -> (task, prompt, adapter) from config.task_routing (and an optional alternative prompt set)."""
+    def resolve(self, task: str | None = None, adapter=INHERIT, *, index: int | None = None,
+                prompt_set: str | None = None) -> Route:
+        """The one routing rule (model, server and playground all call it): item -> task, prompt, adapter.
+
+        - `task` None: the config's default task; unknown tasks are an item error.
+        - `adapter` not given: the task's adapter from `config.task_routing`. When the checkpoint shipped no
+          weights for it, the base model (documented, logged at load); when it was loaded and later unloaded,
+          an `adapter_not_found` error, never a quietly different vector.
+        - `adapter` None, "none" or "base": the base model; any other name must be loaded.
+        """
         task = task or self.config.default_task
         routing = self.config.task_routing
-        if task not in routing:
-            raise item_error(index, f"unknown task {task!r}; known tasks: {', '.join(sorted(routing))}")
+        if not isinstance(task, str) or task not in routing:
+            raise item_error(index, f"unknown task {task!r}; known tasks: {', '.join(sorted(routing))}",
+                             field="task")
         prompt = routing[task].get("prompt", "")
         if prompt_set:
             prompts = self.config.prompt_sets.get(prompt_set)
             if prompts is None:
-                raise item_error(index, f"unknown prompt set {prompt_set!r}; known: {', '.join(sorted(self.config.prompt_sets))}")
+                raise item_error(index, f"unknown prompt set {prompt_set!r}; known: "
+                                 f"{', '.join(sorted(self.config.prompt_sets))}", field="prompt_set")
             prompt = prompts.get(task, prompt)
-        return task, prompt, routing[task].get("adapter")
+        routed = routing[task].get("adapter")
+        loaded = self.adapter_names()
+        if adapter is INHERIT:
+            if routed is None or routed in loaded:
+                return Route(task, prompt, routed)
+            if routed in self.absent_task_adapters:
+                return Route(task, prompt, None)
+            raise item_error(index, f"task {task!r} routes to adapter {routed!r}, which is not loaded; loaded "
+                             f"adapters: {', '.join(sorted(loaded)) or 'none'}", code="adapter_not_found",
+                             field="task")
+        if adapter is None or (isinstance(adapter, str) and adapter.lower() in NO_ADAPTER):
+            return Route(task, prompt, None)
+        if not isinstance(adapter, str):
+            raise item_error(index, f"'adapter' must be a string or null, not {type(adapter).__name__}",
+                             field="adapter")
+        if adapter not in loaded:
+            raise item_error(index, f"unknown adapter {adapter!r}; loaded adapters: "
+                             f"{', '.join(sorted(loaded)) or 'none'}", code="adapter_not_found", field="adapter")
+        return Route(task, prompt, adapter)
+
+    def resolve_item(self, item: dict, *, index: int | None = None, prompt_set: str | None = None) -> Route:
+        """`resolve` for an item dict: a missing 'adapter' key inherits the task's adapter."""
+        return self.resolve(item.get("task"), item.get("adapter", INHERIT), index=index, prompt_set=prompt_set)
 
     # ---- one item ------------------------------------------------------------------------------------
 
@@ -237,8 +295,7 @@ class NovaEmbeddingsV1Processor:
             raise item_error(index, "an item needs 'text', 'image' or 'image_embeds'")
         if item.get("image") is not None and item.get("image_embeds") is not None:
             raise item_error(index, "give either 'image' or 'image_embeds', not both")
-        task, prompt, adapter = self.route(item.get("task"), index, prompt_set)
-        adapter = self._resolve_adapter(item.get("adapter", adapter), adapter, index)
+        task, prompt, adapter = astuple(self.resolve_item(item, index=index, prompt_set=prompt_set))
         instructions = item.get("instructions", instructions)
         if instructions is not None and not isinstance(instructions, str):
             raise item_error(index, f"'instructions' must be a string, not {type(instructions).__name__}")
@@ -283,20 +340,6 @@ class NovaEmbeddingsV1Processor:
             image_embeds=image_embeds,
             truncated=truncated,
         )
-
-    def _resolve_adapter(self, requested, routed, index):
-        if requested is None or (isinstance(requested, str) and requested.lower() in NO_ADAPTER):
-            return None
-        if not isinstance(requested, str):
-            raise item_error(index, f"'adapter' must be a string or null, not {type(requested).__name__}")
-        known = self.adapter_names()
-        if requested not in known:
-            if requested == routed and not known:
-                return None  # a checkpoint without adapters: the routed task adapter is simply absent
-            raise item_error(
-                index, f"unknown adapter {requested!r}; loaded adapters: {', '.join(sorted(known)) or 'none'}"
-            )
-        return requested
 
     def _tokenize(self, text: str) -> list[int]:
         # The Rust tokenizer directly: same ids, and safe to call from several threads at once.
@@ -390,4 +433,4 @@ class NovaEmbeddingsV1Processor:
         }
 
 
-__all__ = ["NovaEmbeddingsV1Processor", "PreparedItem", "decode_image", "load_chat_templates"]
+__all__ = ["NovaEmbeddingsV1Processor", "PreparedItem", "ItemError", "Route", "INHERIT", "decode_image", "load_chat_templates"]

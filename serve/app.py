@@ -246,16 +246,11 @@ class ServerState:
                        param="model", code="model_not_found")
 
     def _effective_adapter(self, item: dict, i: int) -> str | None:
-        adapter = item.get("adapter")
-        processor = self.model.processor
-        if adapter is None:
-            _, _, routed = processor.route(item.get("task"), i)
-            if routed is None or not self.gate.state:  # a checkpoint without adapters: base model
-                return None
-            return routed
-        if adapter.lower() in ("none", "base"):
-            return None
-        return adapter
+        """The adapter an item runs on, by the model's own routing rule (one rule for every caller)."""
+        try:
+            return self.model.processor.resolve_item(item, index=i).adapter
+        except ValueError as exc:
+            raise from_value_error(exc) from None
 
     def _prepare_all(self, req: EmbeddingRequest, images: dict[int, bytes]) -> list:
         """Worker thread: decode images and tokenize every item (CPU work kept off the event loop)."""
@@ -285,9 +280,6 @@ class ServerState:
                         )
                     row = processor.prepare_item(item, max_length=s.max_input_tokens, truncate=True, **kwargs)
             except ValueError as exc:
-                if "unknown adapter" in str(exc):
-                    raise adapter_not_found(item.get("adapter") or "?", self.gate.ready_names(),
-                                            param=f"input[{i}].adapter") from None
                 raise from_value_error(exc) from None
             rows.append(row)
         return rows

@@ -64,8 +64,15 @@ _ITEM_RE = re.compile(r"^item (\d+): ")
 
 
 def from_value_error(exc: ValueError, *, param_prefix: str = "input") -> ApiError:
-    """Map the model's `ValueError("item {i}: ...")` to a 400 naming the item."""
+    """Map the model's `ValueError("item {i}: ...")` to a 400 naming the item (404 for an adapter that is
+    not loaded). Typed item errors carry their index, code and field; plain ones are read from the message."""
     message = str(exc) or exc.__class__.__name__
+    code = getattr(exc, "code", None)
+    index = getattr(exc, "index", None)
+    if code is not None and index is not None:
+        field = getattr(exc, "field", None)
+        param = f"{param_prefix}[{index}]" + (f".{field}" if field else "")
+        return ApiError(404 if code == "adapter_not_found" else 400, message, param=param, code=code)
     match = _ITEM_RE.match(message)
     param = f"{param_prefix}[{match.group(1)}]" if match else None
     return ApiError(400, message, param=param, code="invalid_input")
