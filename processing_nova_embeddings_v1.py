@@ -53,12 +53,20 @@ class PreparedItem:
     task: str
     adapter: str | None
     input_ids: list[int]
-    pool_mask: list[bool]
-    instruction_len: int
+    pool_mask: list[bool]  # the tokens averaged into the pooled vector
+    instruction_len: int  # tokens of the instruction turn (the system turn)
+    multi_mask: list[bool] | None = None  # the item's own tokens: its multi-vector rows (None: after the instruction)
+    prefix_len: int | None = None  # tokens before the first of the item's own: a shareable, cacheable prefix
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None  # [1, 3]
     image_embeds: torch.Tensor | None = None  # precomputed merger output, [n_image_tokens, hidden]
     truncated: bool = False
+
+    def __post_init__(self):
+        if self.multi_mask is None:
+            self.multi_mask = [i >= self.instruction_len for i in range(len(self.input_ids))]
+        if self.prefix_len is None:
+            self.prefix_len = self.multi_mask.index(True) if any(self.multi_mask) else self.instruction_len
 
     @property
     def num_tokens(self) -> int:
@@ -359,23 +367,28 @@ class NovaEmbeddingsV1Processor:
         prefix_ids = self.instruction_ids(instructions) if instructions else []
         n_image_tokens = int(grid.prod().item()) // self.merge_size**2 if grid is not None else 0
         segments = self._item_segments(prompt, text, has_image, bool(instructions), n_image_tokens)
-        item_ids = [token for _, ids in segments for token in ids]
+        n_item = sum(len(ids) for _, ids in segments)
         truncated = False
-        if max_length is not None and len(prefix_ids) + len(item_ids) > max_length:
+        if max_length is not None and len(prefix_ids) + n_item > max_length:
             if not truncate:
-                raise item_error(
-                    index, f"{len(prefix_ids) + len(item_ids)} tokens exceed the limit of {max_length} tokens"
-                )
-            item_ids = self._truncate_text(segments, prompt, max_length - len(prefix_ids), index)
+                raise item_error(index, f"{len(prefix_ids) + n_item} tokens exceed the limit of {max_length} tokens")
+            segments = self._truncate_text(segments, prompt, max_length - len(prefix_ids), index)
             truncated = True
-        pool_mask = [False] * len(prefix_ids) + self._pool_mask(item_ids, has_image, text is not None)
+        item_ids = [token for _, ids in segments for token in ids]
+        # The item's own tokens (DESIGN 3.1): with instructions, a text item's user-turn markup is context, not
+        # content; its {prompt}{text} tokens are exactly those it has without instructions. Image items keep
+        # all their tokens (their image turn is the same with and without instructions).
+        own = [plain or has_image or not instructions for plain, ids in segments for _ in ids]
+        pool_mask = self._pool_mask(item_ids, has_image, text is not None) if has_image else own
         return PreparedItem(
             index=-1 if index is None else index,
             task=task,
             adapter=adapter,
             input_ids=prefix_ids + item_ids,
-            pool_mask=pool_mask,
+            pool_mask=[False] * len(prefix_ids) + pool_mask,
             instruction_len=len(prefix_ids),
+            multi_mask=[False] * len(prefix_ids) + own,
+            prefix_len=len(prefix_ids) + (own.index(True) if True in own else 0),
             pixel_values=pixel_values,
             image_grid_thw=grid,
             image_embeds=image_embeds,
@@ -420,7 +433,7 @@ class NovaEmbeddingsV1Processor:
             segments[pads[0]] = (False, ids[:at] + [self.image_token_id] * n_image_tokens + ids[at + 1 :])
         return segments
 
-    def _truncate_text(self, segments, prompt, budget, index) -> list[int]:
+    def _truncate_text(self, segments, prompt, budget, index) -> list[tuple[bool, list[int]]]:
         """Cut the item's prompt + text tokens (never the image span or chat markup) to fit `budget` tokens,
         as Jina V4 cuts its `prefix + text` (tokenized whole, then cut): same ids for text items."""
         texts = [i for i, (plain, _) in enumerate(segments) if plain]
@@ -431,8 +444,7 @@ class NovaEmbeddingsV1Processor:
                              f"over the limit of {budget}")
         at = texts[-1]
         room = budget - fixed - sum(len(segments[i][1]) for i in texts[:-1])
-        cut = segments[:at] + [(True, segments[at][1][:room])] + segments[at + 1 :]
-        return [token for _, ids in cut for token in ids]
+        return segments[:at] + [(True, segments[at][1][:room])] + segments[at + 1 :]
 
     def _pool_mask(self, item_ids: list[int], has_image: bool, has_text: bool) -> list[bool]:
         """Jina's pooling span: all tokens for text; the vision span for images; vision span + the text up
@@ -489,7 +501,7 @@ class NovaEmbeddingsV1Processor:
             input_ids[i, :n] = torch.tensor(row.input_ids)
             attention_mask[i, :n] = 1
             pool_mask[i, :n] = torch.tensor(row.pool_mask)
-            multi_mask[i, row.instruction_len : n] = True
+            multi_mask[i, :n] = torch.tensor(row.multi_mask)
         pixel_rows = [row for row in rows if row.pixel_values is not None]
         grids = [row.image_grid_thw for row in rows if row.has_image]
         return {

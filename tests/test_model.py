@@ -90,13 +90,15 @@ def test_instructions_change_the_vector_and_are_not_pooled(tiny_model, image):
     override = tiny_model.encode([{**item, "instructions": "Retrieve medical literature"}],
                                  instructions="Retrieve legal precedents")[0]
     assert cos(override, medical) >= 0.9999
-    # multi-vector rows: one per token outside the instruction turn
+    # multi-vector rows: the item's own tokens, as many with instructions as without (DESIGN 3.1)
     processor = tiny_model.processor
-    for instructions in (None, "Retrieve legal precedents"):
-        for it in (item, {"image": image}, {"image": image, "text": "chart"}):
+    for it in (item, {"image": image}, {"image": image, "text": "chart"}):
+        bare = processor.prepare_item(it)
+        for instructions in (None, "Retrieve legal precedents"):
             row = processor.prepare_item(it, instructions=instructions)
             multi = tiny_model.encode([it], instructions=instructions, return_multivector=True)[0]
-            assert multi.shape == (row.num_tokens - row.instruction_len, 128)
+            assert multi.shape == (bare.num_tokens, 128) == (sum(row.multi_mask), 128)
+            assert sum(row.pool_mask) == sum(bare.pool_mask)
             assert torch.allclose(multi.norm(dim=-1), torch.ones(len(multi)), atol=1e-5)
 
 

@@ -61,7 +61,11 @@ def test_instructions_are_a_pure_prefix_and_excluded_from_pooling(tiny_model, im
     prefix = tok(processor, "<|im_start|>system\nFind legal cases<|im_end|>\n")
     assert row.input_ids[: len(prefix)] == prefix and row.instruction_len == len(prefix)
     assert row.input_ids[len(prefix):] == tok(processor, "<|im_start|>user\nQuery: hello<|im_end|>\n")
-    assert not any(row.pool_mask[: len(prefix)]) and all(row.pool_mask[len(prefix):])
+    # markup-free pooling (DESIGN 3.1): pooled and multi-vector tokens are exactly the no-instruction ids
+    own = [t for t, m in zip(row.input_ids, row.pool_mask, strict=True) if m]
+    assert own == plain.input_ids == [t for t, m in zip(row.input_ids, row.multi_mask, strict=True) if m]
+    user_turn = len(tok(processor, "<|im_start|>user\n"))
+    assert row.prefix_len == len(prefix) + user_turn and row.pool_mask.index(True) == row.prefix_len
     assert plain.input_ids != row.input_ids
     # the same instruction gives the same prefix whatever the item
     other = processor.prepare_item({"image": image}, instructions="Find legal cases")
