@@ -8,6 +8,7 @@ text/image batches correct), per-row LoRA routing in one forward pass, and `enco
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import re
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 from transformers.utils import logging
 
+from .caching_nova_embeddings_v1 import PrefixCache, PrefixKV, attention_bias
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
 from .lora_nova_embeddings_v1 import LoraRegistry, read_peft_folder
 from .processing_nova_embeddings_v1 import NovaEmbeddingsV1Processor, PreparedItem
@@ -60,6 +62,7 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         self.post_init()
         self.processor: NovaEmbeddingsV1Processor | None = None
         self.lora = LoraRegistry(self, config.max_loras, config.max_lora_rank)
+        self.prefix_cache = PrefixCache()  # instruction prefixes' key/values; configure(max_bytes), stats()
 
     # ---- loading -------------------------------------------------------------------------------------
 
@@ -174,7 +177,10 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         return [adapter.name for adapter, _ in built]
 
     def unload_adapter(self, name: str) -> None:
-        self.lora.remove(name)
+        with self.lora.lock:
+            adapter_id = self.lora.identity(name) if name in self.lora.adapters else None
+            self.lora.remove(name)
+            self.prefix_cache.invalidate_adapter(adapter_id)
 
     def list_adapters(self) -> dict[str, dict]:
         return {name: adapter.describe() for name, adapter in sorted(self.lora.adapters.items())}
@@ -192,9 +198,10 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
 
     # ---- forward -------------------------------------------------------------------------------------
 
-    def forward_hidden(self, batch: dict, adapters: list[str | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_hidden(self, batch: dict, adapters: list[str | None], prefix_kv=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(last hidden states [B, T, H], multi-vector projections [B, T, 128] or None) of a collated batch,
-        each row through its own adapter."""
+        each row through its own adapter. With `prefix_kv` (per layer [B, kv_heads, P, head_dim] key/values of
+        the rows' dropped prefixes, see `collate(drop_prefix=True)`), the rows continue after their prefix."""
         check_backbone_dtype(self.model.embed_tokens.weight.dtype)
         device = self.device
         input_ids = batch["input_ids"].to(device)
@@ -209,8 +216,12 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
                 mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
                 inputs_embeds = inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
             position_ids = self.rope_positions(batch).to(device)
-            out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False)
+            if prefix_kv is None:
+                out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                 position_ids=position_ids, use_cache=False)
+            else:
+                out = self._backbone_after_prefix(inputs_embeds, attention_mask, position_ids, batch["prefix_lens"],
+                                                  prefix_kv)
             hidden = out.last_hidden_state
             projected = self.multi_vector_projector(hidden) if batch.get("want_multi", True) else None
         return hidden, projected
@@ -239,22 +250,98 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         merge = self.config.vision_config.spatial_merge_size
         grids = iter(batch["image_grid_thw"].tolist() if batch["image_grid_thw"] is not None else [])
         image_rows = set(batch["image_rows"])
+        offsets = batch.get("prefix_lens") or [0] * batch_size  # a dropped (cached) prefix: text, p positions
         for row in range(batch_size):
-            n = int(attention_mask[row].sum())
+            n, p = int(attention_mask[row].sum()), offsets[row]
             if row not in image_rows:
-                positions[:, row, :n] = torch.arange(n)
+                positions[:, row, :n] = torch.arange(p, p + n)
                 continue
             t, h, w = next(grids)
             h, w = h // merge, w // merge
             ids = input_ids[row, :n]
             start = int((ids == self.config.image_token_id).nonzero()[0])
             count = t * h * w
-            positions[:, row, :start] = torch.arange(start)
+            positions[:, row, :start] = torch.arange(p, p + start)
             grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
-            positions[:, row, start : start + count] = grid.reshape(3, -1) + start
+            positions[:, row, start : start + count] = grid.reshape(3, -1) + p + start
             after = n - start - count
-            positions[:, row, start + count : n] = torch.arange(after) + start + max(t, h, w)
+            positions[:, row, start + count : n] = torch.arange(after) + p + start + max(t, h, w)
         return positions
+
+    # ---- instruction prefix cache (caching_nova_embeddings_v1.py) --------------------------------------
+
+    def _prefix_cache_applies(self, rows: list[PreparedItem]) -> bool:
+        """Inference with sdpa/eager attention (their additive masks express per-row prefixes; flash-attention
+        2 would need varlen key lengths), and some row has a prefix to share."""
+        return (self.prefix_cache.enabled and not torch.is_grad_enabled()
+                and self.model.config._attn_implementation in ("sdpa", "eager")
+                and any(row.prefix_len for row in rows))
+
+    def _weights_identity(self) -> tuple:
+        """Changes whenever a backbone weight is replaced, modified in place, or moved (dtype, device)."""
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.model.parameters())
+
+    def prefix_states(self, rows: list[PreparedItem], adapters: list[str | None]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the rows' prefix keys/values padded to the longest prefix: [B, kv_heads, P, head_dim].
+        Cached prefixes are reused; the missing ones are computed together in one forward and stored."""
+        cache = self.prefix_cache
+        cache.check_weights(self._weights_identity())
+        param = self.model.embed_tokens.weight
+        keys = [(tuple(row.input_ids[: row.prefix_len]), self.lora.identity(adapter), param.dtype, param.device)
+                for row, adapter in zip(rows, adapters, strict=True)]
+        states: dict[tuple, list] = {}
+        missing: dict[tuple, str | None] = {}
+        for key, adapter in zip(keys, adapters, strict=True):
+            if key[0] and key not in states and key not in missing:
+                found = cache.get(key)
+                if found is None:
+                    missing[key] = adapter
+                else:
+                    states[key] = found
+        if missing:
+            computed = self._compute_prefixes([list(key[0]) for key in missing], list(missing.values()))
+            for key, layers in zip(missing, computed, strict=True):
+                cache.put(key, layers)
+                states[key] = layers
+        width = max(len(key[0]) for key in keys)
+        padded = []
+        for layer in range(len(self.model.layers)):
+            some = next(iter(states.values()))[layer][0]
+            shape = (len(rows), some.shape[0], width, some.shape[2])
+            k, v = torch.zeros(shape, dtype=some.dtype, device=some.device), torch.zeros(shape, dtype=some.dtype, device=some.device)
+            for i, key in enumerate(keys):
+                if key[0]:
+                    k[i, :, : len(key[0])], v[i, :, : len(key[0])] = states[key][layer]
+            padded.append((k, v))
+        return padded
+
+    def _compute_prefixes(self, prefixes: list[list[int]], adapters: list[str | None]) -> list[list[tuple]]:
+        """Key/values of several prefixes (text only), each through its adapter, in one forward."""
+        lengths = [len(ids) for ids in prefixes]
+        width = max(lengths)
+        input_ids = torch.full((len(prefixes), width), self.processor.pad_token_id, dtype=torch.long)
+        for i, ids in enumerate(prefixes):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+        positions = torch.arange(width).expand(3, len(prefixes), width)
+        recorder = PrefixKV(record=True)
+        with self.lora.route(adapters, [], [], 1):
+            embeds = self.model.embed_tokens(input_ids.to(self.device))
+            bias = attention_bias([0] * len(prefixes), lengths, width, embeds.dtype, embeds.device)
+            self.model(inputs_embeds=embeds, attention_mask={"full_attention": bias, "sliding_attention": bias},
+                       position_ids=positions.to(self.device), use_cache=False, **{self._cache_argument: recorder})
+        return [[(k[i, :, :n].clone(), v[i, :, :n].clone()) for k, v in (recorder.recorded[layer]
+                 for layer in range(len(self.model.layers)))] for i, n in enumerate(lengths)]
+
+    def _backbone_after_prefix(self, inputs_embeds, attention_mask, position_ids, prefix_lens, prefix_kv):
+        lengths = attention_mask.sum(1).tolist()
+        bias = attention_bias(prefix_lens, lengths, inputs_embeds.shape[1], inputs_embeds.dtype, inputs_embeds.device)
+        return self.model(inputs_embeds=inputs_embeds, attention_mask={"full_attention": bias, "sliding_attention": bias},
+                          position_ids=position_ids, use_cache=False, **{self._cache_argument: PrefixKV(prefix_kv)})
+
+    @property
+    def _cache_argument(self) -> str:
+        """The backbone's name for its cache argument (`cache` in newer transformers, `past_key_values` before)."""
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     # ---- embeddings ----------------------------------------------------------------------------------
 
@@ -283,9 +370,11 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
             missing = [(r, a) for r, a in zip(rows, adapters, strict=True) if a is not None and a not in self.lora.adapters]
             if missing:
                 raise ValueError(f"item {missing[0][0].index}: adapter {missing[0][1]!r} is not loaded")
-            batch = self.processor.collate([rows[i] for i in order])
+            ordered, routed = [rows[i] for i in order], [adapters[i] for i in order]
+            prefix_kv = self.prefix_states(ordered, routed) if self._prefix_cache_applies(ordered) else None
+            batch = self.processor.collate(ordered, drop_prefix=prefix_kv is not None)
             batch["want_multi"] = multivector
-            hidden, projected = self.forward_hidden(batch, [adapters[i] for i in order])
+            hidden, projected = self.forward_hidden(batch, routed, prefix_kv)
         inverse = inverse.to(hidden.device)
         pooled_out = tokens = token_mask = None
         if pooled:

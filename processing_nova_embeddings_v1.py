@@ -73,6 +73,12 @@ class PreparedItem:
         return len(self.input_ids)
 
     @property
+    def content_end(self) -> int:
+        """One past the last token that is pooled or returned as a multi-vector row."""
+        used = [p or m for p, m in zip(self.pool_mask, self.multi_mask, strict=True)]
+        return len(used) - used[::-1].index(True) if True in used else len(used)
+
+    @property
     def has_image(self) -> bool:
         return self.image_grid_thw is not None
 
@@ -488,20 +494,27 @@ class NovaEmbeddingsV1Processor:
 
     # ---- batches -------------------------------------------------------------------------------------
 
-    def collate(self, rows: list[PreparedItem]) -> dict:
-        """Right-padded batch tensors (right padding keeps every row's positions independent of the batch)."""
-        length = max(row.num_tokens for row in rows)
+    def collate(self, rows: list[PreparedItem], *, drop_prefix: bool = False) -> dict:
+        """Right-padded batch tensors (right padding keeps every row's positions independent of the batch).
+
+        `drop_prefix`: leave out each row's shareable prefix (its first `prefix_len` tokens, whose key/values
+        come from the prefix cache); `prefix_lens` then says where each row's positions continue."""
+        starts = [row.prefix_len if drop_prefix else 0 for row in rows]
+        # Tokens after a row's last pooled or returned one (an instructed text's closing `<|im_end|>\n`) are
+        # never output and, attention being causal, change nothing before them: they are not computed.
+        ends = [row.content_end for row in rows]
+        length = max(end - start for end, start in zip(ends, starts, strict=True))
         batch = len(rows)
         input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((batch, length), dtype=torch.long)
         pool_mask = torch.zeros((batch, length), dtype=torch.bool)
         multi_mask = torch.zeros((batch, length), dtype=torch.bool)
-        for i, row in enumerate(rows):
-            n = row.num_tokens
-            input_ids[i, :n] = torch.tensor(row.input_ids)
+        for i, (row, start, end) in enumerate(zip(rows, starts, ends, strict=True)):
+            n = end - start
+            input_ids[i, :n] = torch.tensor(row.input_ids[start:end])
             attention_mask[i, :n] = 1
-            pool_mask[i, :n] = torch.tensor(row.pool_mask)
-            multi_mask[i, :n] = torch.tensor(row.multi_mask)
+            pool_mask[i, :n] = torch.tensor(row.pool_mask[start:end])
+            multi_mask[i, :n] = torch.tensor(row.multi_mask[start:end])
         pixel_rows = [row for row in rows if row.pixel_values is not None]
         grids = [row.image_grid_thw for row in rows if row.has_image]
         return {
@@ -515,6 +528,7 @@ class NovaEmbeddingsV1Processor:
             "image_rows": [i for i, row in enumerate(rows) if row.has_image],
             "pixel_rows": [i for i, row in enumerate(rows) if row.pixel_values is not None],
             "image_embeds": [row.image_embeds for row in rows],
+            "prefix_lens": starts if drop_prefix else None,
         }
 
 

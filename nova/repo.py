@@ -10,6 +10,7 @@ REMOTE_CODE_FILES = (
     "processing_nova_embeddings_v1.py",
     "lora_nova_embeddings_v1.py",
     "fetching_nova_embeddings_v1.py",
+    "caching_nova_embeddings_v1.py",
     "modeling_nova_embeddings_v1.py",
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")

@@ -1,0 +1,114 @@
+"""What instructions cost, in process: short queries without instructions, with one shared instruction and
+with three different instructions in the same traffic, each with the prefix cache (what Nova does) and
+without it (the naive figure: every row computes its instruction in full).
+
+    python bench/bench_instructions.py                       # CPU, the "small" random config
+    python bench/bench_instructions.py --device cuda --size full
+
+Prints items/s per case (median of interleaved rounds, so drift on a noisy machine hits every case alike) and
+each case's ratio to the no-instruction throughput. Targets (issue 9): one instruction >= 0.8x, three >= 0.75x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# ~16-token queries (with the "Query: " prompt), varied so batches are realistically padded.
+QUERIES = [
+    "what is the capital of france and why did it become the seat of power",
+    "how do i sort a list of dictionaries by a key in python quickly",
+    "symptoms of vitamin d deficiency in adults who work night shifts",
+    "best hiking trails near lake tahoe for beginners with small dogs",
+    "difference between a roth ira and a traditional ira for freelancers",
+    "why does my sourdough bread come out dense and flat every time",
+    "simple proof that there are infinitely many prime numbers explained",
+    "how long does concrete need to cure before you can drive on it",
+]
+INSTRUCTIONS = [
+    "Given a web search query, retrieve the passages from the knowledge base that answer the question "
+    "directly and completely, preferring precise, recent and trustworthy sources over general overviews.",
+    "Given a question from a developer, retrieve the code snippets and documentation pages that solve the "
+    "problem at hand, preferring short working examples over long discussions of the general topic.",
+    "Given a health question from a patient, retrieve the medical literature that answers it, preferring "
+    "peer-reviewed clinical guidance and official recommendations over forum posts and popular articles.",
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", choices=["tiny", "small", "full"], default="small",
+                        help="random-weight config: nova tiny --size small (default), or the full 3B shape")
+    parser.add_argument("--items", type=int, default=64, help="queries per round and case")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from nova.loading import load_model
+    from nova.tiny import ensure_tiny_checkpoint
+
+    device = torch.device(args.device)
+    if args.size == "full":
+        sys.path.insert(0, str(REPO / "bench"))
+        from gpu_check import random_model
+
+        model = random_model(device, "full")
+    else:
+        model = load_model(ensure_tiny_checkpoint(size=args.size), device=str(device))
+    torch.set_grad_enabled(False)
+    queries = [{"task": "retrieval.query", "text": QUERIES[i % len(QUERIES)]} for i in range(args.items)]
+    one = [dict(q, instructions=INSTRUCTIONS[0]) for q in queries]
+    three = [dict(q, instructions=INSTRUCTIONS[i % 3]) for i, q in enumerate(queries)]
+    processor = model.processor
+    q_tokens = statistics.mean(processor.prepare_item(q).num_tokens for q in queries)
+    i_tokens = [len(processor.instruction_ids(text)) for text in INSTRUCTIONS]
+    cache = model.prefix_cache
+    naive = type(cache)(0)  # a disabled cache: swapped in for the naive cases, so the live one stays warm
+    cases = {  # name -> (items, prefix cache on)
+        "no instructions": (queries, True),
+        "one instruction, cached": (one, True),
+        "one instruction, naive": (one, False),
+        "three instructions, cached": (three, True),
+        "three instructions, naive": (three, False),
+    }
+
+    def run(items, cached: bool) -> float:
+        model.prefix_cache = cache if cached else naive
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model.encode(items, batch_size=args.batch_size)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return len(items) / (time.perf_counter() - start)
+
+    for items, cached in cases.values():  # warm-up: allocations, and the cache's first (missing) prefixes
+        run(items, cached)
+    rates: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.rounds):
+        for name, (items, cached) in cases.items():
+            rates[name].append(run(items, cached))
+    model.prefix_cache = cache
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{time.strftime('%Y-%m-%d')} on {name}; {args.size} config; {args.items} queries of {q_tokens:.1f} tokens, "
+          f"batch {args.batch_size}; instruction turns of {i_tokens} tokens; median of {args.rounds} interleaved rounds")
+    base = medians["no instructions"]
+    for case, rate in medians.items():
+        print(f"  {case:28s} {rate:9.1f} items/s   {rate / base:5.2f}x")
+    print(f"  prefix cache: {cache.stats()}")
+    print(f"target: one instruction >= 0.80x (got {medians['one instruction, cached'] / base:.2f}x, naive "
+          f"{medians['one instruction, naive'] / base:.2f}x); three >= 0.75x (got "
+          f"{medians['three instructions, cached'] / base:.2f}x, naive {medians['three instructions, naive'] / base:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
