@@ -341,7 +341,7 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
     @property
     def _cache_argument(self) -> str:
         """The backbone's name for its cache argument (`cache` in newer transformers, `past_key_values` before)."""
-        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        return "cache" if "cache" in inspect.signature(type(self.model).forward).parameters else "past_key_values"
 
     # ---- embeddings ----------------------------------------------------------------------------------
 
