@@ -91,7 +91,8 @@ class Backend:
         """One label per multi-vector row of ``item``, or None when they cannot be aligned.
 
         The rows are the item's tokens outside the instruction turn (DESIGN §3.1). For a text item
-        they are the tokens of ``{prompt}{text}``, wrapped in a user turn when instructions are set.
+        they are the tokens of ``{prompt}{text}``, with and without instructions (the user-turn markup of an
+        instructed item is context, not a row).
         """
         if item.get("image") is not None or not isinstance(item.get("text"), str):
             return None
@@ -99,10 +100,7 @@ class Backend:
         if tokenizer is None:
             return None
         prompt = self.task_prompts.get(item.get("task") or "retrieval", "")
-        rendered = f"{prompt}{item['text']}"
-        if item.get("instructions"):
-            rendered = f"<|im_start|>user\n{rendered}<|im_end|>\n"
-        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(f"{prompt}{item['text']}", add_special_tokens=False)["input_ids"]
         if len(ids) != n_rows:
             return None
         return [tokenizer.decode([i]) for i in ids]
@@ -164,18 +162,18 @@ class InProcessBackend(Backend):
         return getattr(processor, "tokenizer", None)
 
     def token_labels(self, item, n_rows):
-        # Exact: the processor's own token ids; the multi-vector rows are the last n_rows of them
-        # (the instruction turn is a pure prefix and is the only part left out).
+        # Exact: the processor's own token ids of the multi-vector rows (its multi_mask: the item's own tokens).
         processor = getattr(self.model, "processor", None)
         tokenizer = self._tokenizer()
         if processor is not None and tokenizer is not None and hasattr(processor, "prepare_item"):
             try:
                 row = processor.prepare_item(item, index=0)
                 ids = np.asarray(_to_numpy(row.input_ids), dtype=np.int64).reshape(-1).tolist()
+                ids = [i for i, own in zip(ids, row.multi_mask, strict=True) if own]
             except Exception:  # noqa: BLE001 - fall back to rendering the text ourselves
                 ids = []
-            if len(ids) >= n_rows > 0:
-                return [tokenizer.decode([i]) for i in ids[len(ids) - n_rows :]]
+            if len(ids) == n_rows > 0:
+                return [tokenizer.decode([i]) for i in ids]
         return super().token_labels(item, n_rows)
 
 
