@@ -270,15 +270,20 @@ def throughput(device, args, rounds, failures) -> dict:
         ("images bs=8", images),
         ("three adapters bs=16", mixed),
         ("text bs=32 + 40-token instruction", instructed),
+        ("same, naive (no prefix cache)", instructed),
     ]
     results = {}
+    live = model.prefix_cache
     for label, batch in cases:
+        model.prefix_cache = type(live)(0) if "naive" in label else live
         times = timed(lambda batch=batch, model=model: model.encode(batch, batch_size=len(batch)), device, rounds)
         p50 = statistics.median(times)
         results[label] = {"p50_ms": p50 * 1e3, "items_per_s": len(batch) / p50, "batch": len(batch)}
         print(f"  {label:36s} P50 {p50 * 1e3:8.1f} ms   {len(batch) / p50:8.1f} items/s")
     base, instr = results["text bs=32"]["items_per_s"], results["text bs=32 + 40-token instruction"]["items_per_s"]
-    print(f"  instruction / no instruction throughput: {instr / base:.2f}x")
+    naive = results["same, naive (no prefix cache)"]["items_per_s"]
+    print(f"  instruction / no instruction throughput: {instr / base:.2f}x (naive {naive / base:.2f}x); "
+          f"prefix cache {live.stats()}")
     print("  model card (A100): text bs=1 P50 15 ms; text bs=32 400 req/s")
     here = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"  here ({here}, {size} shape): text bs=1 P50 {results['text bs=1']['p50_ms']:.1f} ms; text bs=32 "
