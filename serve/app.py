@@ -108,6 +108,8 @@ class ServerState:
     def _finish_setup_sync(self) -> None:
         """Runs in a worker thread once a model object exists: --load-lora adapters and a warm-up forward."""
         model = self.model
+        model.prefix_cache.configure(self.settings.prefix_cache_mb << 20)
+        self.metrics.watch_prefix_cache(model.prefix_cache.stats)
         for name, path in self.settings.load_lora:
             model.load_adapter(name, path)
             log.info("adapter %r loaded from %s", name, path)

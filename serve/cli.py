@@ -17,6 +17,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return value
+
+
 def _lora_spec(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
@@ -92,6 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="embedding requests handled at once before 429 (default: %(default)s)")
     g.add_argument("--preprocess-workers", type=int, default=d.preprocess_workers,
                    help="threads decoding images and tokenizing; 0 = min(4, CPUs) (default: %(default)s)")
+    g.add_argument("--prefix-cache-mb", type=_non_negative_int, default=d.prefix_cache_mb, metavar="MB",
+                   help="memory for cached instruction-prefix key/values (LRU); 0 disables (default: %(default)s)")
 
     g = parser.add_argument_group("limits")
     g.add_argument("--max-client-batch-size", type=_positive_int, default=d.max_client_batch_size,
@@ -157,6 +166,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_queue_tokens=args.max_queue_tokens,
         max_concurrent_requests=args.max_concurrent_requests,
         preprocess_workers=args.preprocess_workers,
+        prefix_cache_mb=args.prefix_cache_mb,
         max_client_batch_size=args.max_client_batch_size,
         payload_limit=args.payload_limit,
         max_input_tokens=args.max_input_tokens,

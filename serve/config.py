@@ -51,6 +51,7 @@ class Settings:
     max_queue_tokens: int = DEFAULT_MAX_QUEUE_TOKENS
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
     preprocess_workers: int = 0  # 0 -> min(4, cpu count)
+    prefix_cache_mb: int = 256  # instruction prefix key/values kept for reuse; 0 disables the cache
     # limits
     max_client_batch_size: int = DEFAULT_MAX_CLIENT_BATCH_SIZE
     payload_limit: int = DEFAULT_PAYLOAD_LIMIT

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -64,6 +65,19 @@ class Metrics:
         )
         self.adapters_loaded = Gauge("nova_adapters_loaded", "adapters resident in the model", registry=r)
         self.model_ready = Gauge("nova_model_ready", "1 once the model is loaded", registry=r)
+
+    def watch_prefix_cache(self, stats) -> None:
+        """Export the model's instruction prefix cache counters, read at each scrape."""
+
+        class _Collector:
+            def collect(self):
+                s = stats()
+                for name in ("hits", "misses", "evictions"):
+                    yield CounterMetricFamily(f"nova_prefix_cache_{name}", f"prefix cache {name}", value=s[name])
+                yield GaugeMetricFamily("nova_prefix_cache_bytes", "bytes held by the prefix cache", value=s["bytes"])
+                yield GaugeMetricFamily("nova_prefix_cache_entries", "prefixes held", value=s["entries"])
+
+        self.registry.register(_Collector())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -138,3 +138,28 @@ def test_training_forward_bypasses_the_cache(model):
         pooled, _, _ = model.forward_rows(rows)
     assert pooled.requires_grad is False or pooled.grad_fn is not None
     assert model.prefix_cache.stats()["misses"] == 0
+
+
+def test_server_uses_the_cache_and_exports_its_counters(serve_process, tiny_dir, tmp_path):
+    import httpx
+
+    server = serve_process(tiny_dir, tmp_path, extra=("--prefix-cache-mb", "8"))
+    try:
+        item = {"text": "contract termination clause", "instructions": "Retrieve legal precedents"}
+        first = server.embed([item, dict(item, text="another query")])
+        again = server.embed([item])
+        assert float(first[0] @ again[0]) >= 0.99999
+        metrics = httpx.get(server.url + "/metrics", timeout=10).text
+        values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+                  if line.startswith("nova_prefix_cache_")}
+        assert values["nova_prefix_cache_hits_total"] >= 1 and values["nova_prefix_cache_entries"] == 1
+        assert 0 < values["nova_prefix_cache_bytes"] <= 8 << 20
+    finally:
+        server.stop()
+    off = serve_process(tiny_dir, tmp_path, extra=("--prefix-cache-mb", "0"))
+    try:
+        assert float(off.embed([item])[0] @ again[0]) >= 0.99999
+        metrics = httpx.get(off.url + "/metrics", timeout=10).text
+        assert "nova_prefix_cache_entries 0.0" in metrics
+    finally:
+        off.stop()
