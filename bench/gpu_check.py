@@ -65,6 +65,12 @@ def main() -> int:
     import torch
     import transformers
 
+    wanted = (5, 20)  # pyproject: transformers>=5.20 (the processor's image classes and cache argument)
+    have = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    if have < wanted:
+        print(f"transformers {transformers.__version__} is older than the project's >= 5.20: install the wheels "
+              "brought along first (pip install --no-index --find-links WHEELS transformers tokenizers "
+              "huggingface_hub); continuing, expect failures")
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}; torch {torch.__version__}; transformers {transformers.__version__}; "
