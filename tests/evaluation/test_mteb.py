@@ -1,0 +1,124 @@
+"""MTEB through sentence-transformers: an in-memory retrieval task (MTEB's datasets cannot be downloaded
+here) scores exactly what `nova eval` scores on the same BEIR folder, with and without the task's instruction."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+mteb = pytest.importorskip("mteb")
+datasets = pytest.importorskip("datasets")
+
+from mteb.abstasks.retrieval import AbsTaskRetrieval  # noqa: E402
+from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData  # noqa: E402
+from mteb.abstasks.task_metadata import TaskMetadata  # noqa: E402
+from mteb.types import PromptType  # noqa: E402
+
+from nova.evaluation.dataset import load_beir  # noqa: E402
+from nova.evaluation.mteb_model import NovaMTEBModel, nova_task_for  # noqa: E402
+
+INSTRUCTION = "Given a query made of object words, find the passage that names their partners."
+
+
+def in_memory_task(beir_dir, prompt=None, name="NovaInMemoryRetrieval", task_type="Retrieval", domains=None):
+    """An MTEB retrieval task built from a BEIR folder read by nova's own loader (the same data `nova eval` reads)."""
+    data = load_beir(beir_dir)
+    metadata = TaskMetadata(
+        name=name, type=task_type, main_score="ndcg_at_10", prompt=prompt, description="in-memory test task",
+        reference="https://example.invalid/none", dataset={"path": "none", "revision": "none"}, category="t2t",
+        eval_splits=["test"], eval_langs=["eng-Latn"], date=("2026-01-01", "2026-01-01"), dialect=["Written"],
+        domains=domains or [], task_subtypes=[], license="cc-by-4.0", annotations_creators="derived",
+        modalities=["text"], sample_creation="found", bibtex_citation="",
+    )
+
+    class InMemoryRetrieval(AbsTaskRetrieval):
+        def load_data(self, num_proc=None, **kwargs):
+            split = RetrievalSplitData(
+                queries=datasets.Dataset.from_list([{"id": q.id, "text": q.text} for q in data.queries.values()]),
+                corpus=datasets.Dataset.from_list([{"id": d.id, "title": d.title, "text": d.text}
+                                                   for d in data.corpus.values()]),
+                relevant_docs=data.qrels,
+                top_ranked=None,
+            )
+            self.dataset = {"default": {"test": split}}
+            self.data_loaded = True
+
+    InMemoryRetrieval.metadata = metadata
+    return InMemoryRetrieval()
+
+
+def mteb_scores(model, task) -> dict:
+    results = mteb.evaluate(model, task, cache=None, show_progress_bar=False)
+    return results.task_results[0].scores["test"][0]
+
+
+@pytest.fixture(scope="module")
+def mteb_model(tiny_dir):
+    return NovaMTEBModel(str(tiny_dir), device="cpu")
+
+
+def test_mteb_scores_equal_nova_eval_with_and_without_instructions(synthetic, tiny_dir, mteb_model, run_cli, tmp_path):
+    out = tmp_path / "eval"
+    code, _, err = run_cli("eval", synthetic["eval"], "--model", tiny_dir, "--out", out, "--no-cache", "--no-plot",
+                           "--no-progress", "--instructions", INSTRUCTION)
+    assert code == 0, err
+    nova = json.loads((out / "results.json").read_text())["results"]
+
+    task = in_memory_task(synthetic["eval"], prompt={"query": INSTRUCTION})
+    instructed = mteb_scores(mteb_model, task)
+    mteb_model.instructions = "none"
+    try:
+        baseline = mteb_scores(mteb_model, in_memory_task(synthetic["eval"], prompt={"query": INSTRUCTION}))
+    finally:
+        mteb_model.instructions = "query"
+
+    pairs = {"nDCG@10": "ndcg_at_10", "P@10": "precision_at_10", "MRR@10": "mrr_at_10", "Recall@100": "recall_at_100"}
+    for ours, theirs in pairs.items():
+        assert baseline[theirs] == pytest.approx(nova["baseline"][ours], abs=1e-5), ours
+        assert instructed[theirs] == pytest.approx(nova["instructions-1"][ours], abs=1e-5), ours
+    # the instruction really reached the model: the two runs rank differently
+    assert baseline["ndcg_at_10"] != pytest.approx(instructed["ndcg_at_10"], abs=1e-6)
+
+
+def test_mteb_instruction_goes_to_queries_only_unless_asked(synthetic, mteb_model):
+    metadata = in_memory_task(synthetic["eval"], prompt=INSTRUCTION).metadata
+    sides = {}
+    try:
+        for setting in ("query", "both", "none"):
+            mteb_model.instructions = setting
+            sides[setting] = [mteb_model.instruction_for(metadata, side)
+                              for side in (PromptType.query, PromptType.document, None)]
+    finally:
+        mteb_model.instructions = "query"
+    assert sides == {"query": [INSTRUCTION, None, INSTRUCTION], "both": [INSTRUCTION] * 3, "none": [None] * 3}
+    with pytest.raises(ValueError, match="instructions must be one of"):
+        NovaMTEBModel.__init__(mteb_model, "unused", instructions="documents")
+
+
+def test_task_types_map_to_nova_tasks(synthetic):
+    def meta(task_type, domains=None):
+        return in_memory_task(synthetic["eval"], task_type=task_type, domains=domains).metadata
+
+    assert nova_task_for(meta("Retrieval")) == "retrieval"
+    assert nova_task_for(meta("Retrieval", ["Programming"])) == "code"
+    assert nova_task_for(meta("STS")) == "text-matching"
+    assert nova_task_for(meta("Clustering")) == "text-matching"
+
+
+def test_mteb_encode_uses_the_st_route(synthetic, mteb_model, tiny_model):
+    """What MTEB's retrieval evaluator gets for queries and documents is Nova's own encode, side by side."""
+    from torch.utils.data import DataLoader
+
+    task = in_memory_task(synthetic["eval"], prompt={"query": INSTRUCTION})
+    texts = ["apple river", "stone cloud music"]
+    loader = DataLoader(datasets.Dataset.from_dict({"text": texts}), batch_size=1)
+    queries = mteb_model.encode(loader, task_metadata=task.metadata, hf_split="test", hf_subset="default",
+                                prompt_type=PromptType.query)
+    documents = mteb_model.encode(loader, task_metadata=task.metadata, hf_split="test", hf_subset="default",
+                                  prompt_type=PromptType.document)
+    ref_q = tiny_model.encode([{"text": t, "task": "retrieval.query"} for t in texts], instructions=INSTRUCTION)
+    ref_d = tiny_model.encode([{"text": t, "task": "retrieval.passage"} for t in texts])
+    for got, want in zip(list(queries) + list(documents), ref_q + ref_d, strict=True):
+        assert float(np.dot(got, want.numpy())) >= 0.9999
