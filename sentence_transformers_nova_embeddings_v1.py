@@ -117,10 +117,10 @@ class NovaEmbeddingsV1STModule(InputModule):
     def to_item(self, value, task: str, adapter) -> dict:
         """One sentence-transformers input as a Nova item: text, an image (PIL, path, bytes, data: URL) or a Nova
         item dict (its own task/adapter/instructions win over the request's)."""
+        if _is_chat(value):
+            raise ValueError(f"input {_describe(value)}: chat messages are not supported; pass text, an image "
+                             "or a Nova item dict (with 'instructions' for a system turn)")
         if isinstance(value, dict):
-            if "role" in value and "content" in value:
-                raise ValueError(f"input {_describe(value)}: chat messages are not supported; pass text, an image "
-                                 "or a Nova item dict")
             item = {"task": task, **value}
         elif isinstance(value, (Image.Image, pathlib.Path, bytes, bytearray)) or _is_image_string(value):
             item = {"task": task, "image": value}
@@ -179,6 +179,12 @@ def _prompt_sides(routing: dict) -> dict[str, str]:
         if side in ("query", "passage") and route.get("prompt"):
             sides.setdefault(route["prompt"], set()).add(side)
     return {prompt: found.pop() for prompt, found in sides.items() if len(found) == 1}
+
+
+def _is_chat(value) -> bool:
+    """A chat message (role/content dict) or a conversation (a list of them)."""
+    first = value[0] if isinstance(value, list) and value else value
+    return isinstance(first, dict) and "role" in first and "content" in first
 
 
 def _is_image_string(value) -> bool:
