@@ -195,3 +195,14 @@ def test_repository_files_agree():
                                  "passage": routing["retrieval.passage"]["prompt"],
                                  "document": routing["retrieval.passage"]["prompt"]}
     assert config["similarity_fn_name"] == "cosine" and config["default_prompt_name"] is None
+
+
+def test_a_converted_jina_directory_loads_in_sentence_transformers(tiny_model, tmp_path):
+    from nova.cli import main
+    from nova.tiny import write_checkpoint
+
+    jina_dir = write_checkpoint(tmp_path / "jina", layout="jina")
+    assert main(["convert", str(jina_dir), str(tmp_path / "nova")]) == 0
+    model = SentenceTransformer(str(tmp_path / "nova"), trust_remote_code=True, device="cpu")
+    assert_same(model.encode(TEXTS, task="code", prompt_name="passage"),
+                tiny_model.encode_text(TEXTS, task="code", prompt_name="passage"))
