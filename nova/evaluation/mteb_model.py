@@ -3,6 +3,7 @@
     import mteb
     from nova.evaluation.mteb_model import NovaMTEBModel
     results = mteb.evaluate(NovaMTEBModel("path/to/nova"), mteb.get_tasks(tasks=["SciFact"]))
+    results = mteb.evaluate(NovaMTEBModel("path/to/nova"), beir_task("my-beir-folder"))   # your own data
 
 What MTEB hands a model, and what Nova makes of it:
 - the task type picks the Nova task: retrieval-like tasks -> `retrieval` (`code` when the task's domains include
@@ -17,6 +18,7 @@ What MTEB hands a model, and what Nova makes of it:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +29,44 @@ from mteb.types import PromptType
 RETRIEVAL_TYPES = {"Retrieval", "Reranking", "InstructionRetrieval", "InstructionReranking", "Any2AnyRetrieval",
                    "Any2AnyMultilingualRetrieval", "VisionCentricQA", "DocumentUnderstanding"}
 INSTRUCTION_SIDES = ("query", "both", "none")
+
+
+def beir_task(path, *, split: str = "test", name: str | None = None, prompt=None, task_type: str = "Retrieval",
+              domains: list[str] | None = None):
+    """An MTEB retrieval task over a BEIR folder, read by `nova eval`'s own loader: the same queries, corpus and
+    judgements `nova eval` scores, so the two reports can be compared. `prompt` is MTEB's task instruction (a
+    string, or {"query": ..., "document": ...})."""
+    import datasets
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+    from mteb.abstasks.task_metadata import TaskMetadata
+
+    from .dataset import load_beir
+
+    data = load_beir(path, split=split)
+    if any(doc.image for doc in data.corpus.values()) or any(q.image for q in data.queries.values()):
+        raise ValueError(f"{path}: beir_task builds text retrieval tasks; this folder has images")
+    metadata = TaskMetadata(
+        name=name or f"BEIR-{Path(path).resolve().name}", type=task_type, main_score="ndcg_at_10", prompt=prompt,
+        description=f"BEIR folder {path}", reference=None, dataset={"path": str(path), "revision": "local"},
+        category="t2t", eval_splits=[split], eval_langs=["eng-Latn"], date=None, dialect=[], domains=domains or [],
+        task_subtypes=[], license="not specified", annotations_creators="derived", modalities=["text"],
+        sample_creation="found", bibtex_citation="",
+    )
+
+    class BeirFolderTask(AbsTaskRetrieval):
+        def load_data(self, num_proc=None, **kwargs):
+            self.dataset = {"default": {split: RetrievalSplitData(
+                queries=datasets.Dataset.from_list([{"id": q.id, "text": q.text} for q in data.queries.values()]),
+                corpus=datasets.Dataset.from_list([{"id": d.id, "title": d.title, "text": d.text}
+                                                   for d in data.corpus.values()]),
+                relevant_docs=data.qrels,
+                top_ranked=None,
+            )}}
+            self.data_loaded = True
+
+    BeirFolderTask.metadata = metadata
+    return BeirFolderTask()
 
 
 def nova_task_for(task_metadata) -> str:

@@ -11,42 +11,15 @@ import pytest
 mteb = pytest.importorskip("mteb")
 datasets = pytest.importorskip("datasets")
 
-from mteb.abstasks.retrieval import AbsTaskRetrieval  # noqa: E402
-from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData  # noqa: E402
-from mteb.abstasks.task_metadata import TaskMetadata  # noqa: E402
 from mteb.types import PromptType  # noqa: E402
 
-from nova.evaluation.dataset import load_beir  # noqa: E402
-from nova.evaluation.mteb_model import NovaMTEBModel, nova_task_for  # noqa: E402
+from nova.evaluation.mteb_model import NovaMTEBModel, beir_task, nova_task_for  # noqa: E402
 
 INSTRUCTION = "Given a query made of object words, find the passage that names their partners."
 
 
-def in_memory_task(beir_dir, prompt=None, name="NovaInMemoryRetrieval", task_type="Retrieval", domains=None):
-    """An MTEB retrieval task built from a BEIR folder read by nova's own loader (the same data `nova eval` reads)."""
-    data = load_beir(beir_dir)
-    metadata = TaskMetadata(
-        name=name, type=task_type, main_score="ndcg_at_10", prompt=prompt, description="in-memory test task",
-        reference="https://example.invalid/none", dataset={"path": "none", "revision": "none"}, category="t2t",
-        eval_splits=["test"], eval_langs=["eng-Latn"], date=("2026-01-01", "2026-01-01"), dialect=["Written"],
-        domains=domains or [], task_subtypes=[], license="cc-by-4.0", annotations_creators="derived",
-        modalities=["text"], sample_creation="found", bibtex_citation="",
-    )
-
-    class InMemoryRetrieval(AbsTaskRetrieval):
-        def load_data(self, num_proc=None, **kwargs):
-            split = RetrievalSplitData(
-                queries=datasets.Dataset.from_list([{"id": q.id, "text": q.text} for q in data.queries.values()]),
-                corpus=datasets.Dataset.from_list([{"id": d.id, "title": d.title, "text": d.text}
-                                                   for d in data.corpus.values()]),
-                relevant_docs=data.qrels,
-                top_ranked=None,
-            )
-            self.dataset = {"default": {"test": split}}
-            self.data_loaded = True
-
-    InMemoryRetrieval.metadata = metadata
-    return InMemoryRetrieval()
+def in_memory_task(beir_dir, prompt=None, task_type="Retrieval", domains=None):
+    return beir_task(beir_dir, name="NovaInMemoryRetrieval", prompt=prompt, task_type=task_type, domains=domains)
 
 
 def mteb_scores(model, task) -> dict:
