@@ -12,7 +12,14 @@ import json
 import pathlib
 import shutil
 
-from nova.repo import AUTO_MAP, REMOTE_CODE_FILES, SENTENCE_TRANSFORMERS_FILES, TOKENIZER_FILES, model_class, repo_file
+from nova.repo import (
+    AUTO_MAP,
+    REMOTE_CODE_FILES,
+    SENTENCE_TRANSFORMERS_FILES,
+    TOKENIZER_FILES,
+    model_class,
+    repo_file,
+)
 from nova.tiny import write_peft_folder
 
 

@@ -67,7 +67,7 @@ def test_mteb_instruction_goes_to_queries_only_unless_asked(synthetic, mteb_mode
         mteb_model.instructions = "query"
     assert sides == {"query": [INSTRUCTION, None, INSTRUCTION], "both": [INSTRUCTION] * 3, "none": [None] * 3}
     with pytest.raises(ValueError, match="instructions must be one of"):
-        NovaMTEBModel.__init__(mteb_model, "unused", instructions="documents")
+        NovaMTEBModel("unused", instructions="documents")  # refused before anything loads
 
 
 def test_task_types_map_to_nova_tasks(synthetic):
