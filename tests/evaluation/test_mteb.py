@@ -95,3 +95,20 @@ def test_mteb_encode_uses_the_st_route(synthetic, mteb_model, tiny_model):
     ref_d = tiny_model.encode([{"text": t, "task": "retrieval.passage"} for t in texts])
     for got, want in zip(list(queries) + list(documents), ref_q + ref_d, strict=True):
         assert float(np.dot(got, want.numpy())) >= 0.9999
+
+
+def test_per_query_instructions_become_item_instructions(synthetic, mteb_model, tiny_model):
+    """Instruction-retrieval tasks carry an `instruction` column that MTEB glues onto the query text; Nova takes
+    the query as written and the instruction as a real instruction (a system turn, never pooled)."""
+    from torch.utils.data import DataLoader
+
+    rows = {"query": ["apple river", "stone cloud"], "instruction": ["Find fruit.", None],
+            "text": ["apple river Find fruit.", "stone cloud"]}
+    loader = DataLoader(datasets.Dataset.from_dict(rows), batch_size=2)
+    task = in_memory_task(synthetic["eval"], prompt=INSTRUCTION)
+    got = mteb_model.encode(loader, task_metadata=task.metadata, hf_split="test", hf_subset="default",
+                            prompt_type=PromptType.query)
+    want = tiny_model.encode([{"text": "apple river", "task": "retrieval.query", "instructions": "Find fruit."},
+                              {"text": "stone cloud", "task": "retrieval.query"}], instructions=INSTRUCTION)
+    for g, w in zip(got, want, strict=True):
+        assert float(np.dot(g, w.numpy())) >= 0.9999
