@@ -10,6 +10,7 @@ MODEL_CODE_FILES = (
     "configuration_nova_embeddings_v1.py",
     "processing_nova_embeddings_v1.py",
     "lora_nova_embeddings_v1.py",
+    "fetching_nova_embeddings_v1.py",
     "modeling_nova_embeddings_v1.py",
 )
 # The sentence-transformers module (modules.json points at it); it imports the model code above.
