@@ -124,6 +124,14 @@ def resolve_lora_path(root: str | None, given: object, *, root_flag: str = "--lo
     return real
 
 
+def check_lora_name(name: object) -> str:
+    """A name an adapter may be loaded under (ApiError otherwise): short, plain, and not a base-model alias."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or name.lower() in ("none", "base"):
+        raise bad_request("'lora_name' must match [A-Za-z0-9][A-Za-z0-9._-]{0,63} and not be none/base",
+                          param="lora_name")
+    return name
+
+
 def lora_routes(server) -> list[Route]:
     """`server` is the app's ServerState (settings, model, gate, metrics, auth helpers)."""
     lock = asyncio.Lock()
@@ -146,11 +154,7 @@ def lora_routes(server) -> list[Route]:
         return payload
 
     def _name(payload: dict) -> str:
-        name = payload.get("lora_name")
-        if not isinstance(name, str) or not NAME_RE.match(name) or name.lower() in ("none", "base"):
-            raise bad_request("'lora_name' must match [A-Za-z0-9][A-Za-z0-9._-]{0,63} and not be none/base",
-                              param="lora_name")
-        return name
+        return check_lora_name(payload.get("lora_name"))
 
     async def list_adapters(request: Request) -> JSONResponse:
         await _guard(request)

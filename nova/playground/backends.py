@@ -62,7 +62,12 @@ class Backend:
     def list_adapters(self) -> list[str]:
         raise NotImplementedError
 
+    can_load_adapters = False  # run-time adapter loading: off unless the operator allowed it
+
     def load_adapter(self, name: str, path: str) -> None:
+        raise NotImplementedError
+
+    def unload_adapter(self, name: str) -> None:
         raise NotImplementedError
 
     def refresh(self) -> str | None:
@@ -111,8 +116,10 @@ class Backend:
 class InProcessBackend(Backend):
     """The model loaded in this process with `nova.loading.load_model()`."""
 
-    def __init__(self, model: Any, label: str | None = None):
+    def __init__(self, model: Any, label: str | None = None, adapter_root: str | None = None):
         self.model = model
+        self.adapter_root = adapter_root  # None: run-time adapter loading is off (a public Space's default)
+        self.loaded_here: set[str] = set()  # what this playground loaded, and so may unload
         self._lock = threading.Lock()
         self._full_dim = None
         config = getattr(model, "config", None)
@@ -123,7 +130,8 @@ class InProcessBackend(Backend):
         self._matryoshka_dims = list(getattr(config, "matryoshka_dims", None) or [])
 
     @classmethod
-    def load(cls, model_path: str | None, device: str | None = None, dtype: str | None = None) -> InProcessBackend:
+    def load(cls, model_path: str | None, device: str | None = None, dtype: str | None = None,
+             adapter_root: str | None = None) -> InProcessBackend:
         from nova.loading import load_model
 
         kwargs: dict[str, Any] = {}
@@ -132,9 +140,8 @@ class InProcessBackend(Backend):
         if dtype:
             kwargs["dtype"] = dtype
         model = load_model(model_path, **kwargs)
-        if model_path is None:
-            return cls(model, label="tiny random-weight checkpoint (bundled)")
-        return cls(model, label=str(model_path))
+        label = "tiny random-weight checkpoint (bundled)" if model_path is None else str(model_path)
+        return cls(model, label=label, adapter_root=adapter_root)
 
     def encode(self, items, *, multivector, dimensions):
         try:
@@ -152,12 +159,38 @@ class InProcessBackend(Backend):
     def list_adapters(self):
         return sorted(self.model.list_adapters())
 
+    @property
+    def can_load_adapters(self) -> bool:
+        return self.adapter_root is not None
+
     def load_adapter(self, name, path):
+        """Only from under `--adapter-root`, with the server's own confinement rule (symlinks resolved; the
+        weights file of a PEFT folder names the folder)."""
+        from serve.errors import ApiError
+        from serve.lora_admin import check_lora_name, resolve_lora_path
+
+        if self.adapter_root is None:
+            raise PlaygroundError("Loading adapters at run time is off: start the playground with "
+                                  "--adapter-root DIR to allow PEFT folders under DIR.")
+        try:
+            check_lora_name(name)
+            folder = resolve_lora_path(self.adapter_root, path, root_flag="--adapter-root")
+        except ApiError as exc:
+            raise PlaygroundError(f"could not load adapter {name!r}: {exc.message}") from None
         try:
             with self._lock:
-                self.model.load_adapter(name, path)
+                self.model.load_adapter(name, folder)
         except ValueError as exc:
             raise PlaygroundError(f"could not load adapter {name!r}: {exc}") from exc
+        self.loaded_here.add(name)
+
+    def unload_adapter(self, name):
+        if name not in self.loaded_here:
+            raise PlaygroundError(f"{name!r} was not loaded in this playground; only adapters loaded here "
+                                  f"can be unloaded ({', '.join(sorted(self.loaded_here)) or 'none so far'}).")
+        with self._lock:
+            self.model.unload_adapter(name)
+        self.loaded_here.discard(name)
 
     def _tokenizer(self):
         processor = getattr(self.model, "processor", None)
@@ -214,7 +247,9 @@ class ServerBackend(Backend):
         self.url = url.rstrip("/")
         self.api_key = api_key
         self.admin_api_key = admin_api_key or api_key
+        self._admin_key_given = bool(admin_api_key)
         self._client = httpx.Client(timeout=timeout)
+        self.loaded_here: set[str] = set()
         self._model = model
         self._full_dim = None
         self._tok = None
@@ -321,8 +356,24 @@ class ServerBackend(Backend):
             return list(DEFAULT_ADAPTERS)
         return sorted(self._served_adapters) or list(DEFAULT_ADAPTERS)
 
+    @property
+    def can_load_adapters(self) -> bool:
+        """With the admin key; the server confines paths to its own --lora-root."""
+        return self._admin_key_given
+
     def load_adapter(self, name, path):
+        if not self.can_load_adapters:
+            raise PlaygroundError("Loading adapters at run time is off: the playground has no admin key for "
+                                  "the server (--admin-api-key).")
         self._request("POST", "/v1/internal/lora/load", admin=True, json={"lora_name": name, "lora_path": path})
+        self.loaded_here.add(name)
+
+    def unload_adapter(self, name):
+        if name not in self.loaded_here:
+            raise PlaygroundError(f"{name!r} was not loaded in this playground; only adapters loaded here "
+                                  f"can be unloaded ({', '.join(sorted(self.loaded_here)) or 'none so far'}).")
+        self._request("POST", "/v1/internal/lora/unload", admin=True, json={"lora_name": name})
+        self.loaded_here.discard(name)
 
     def _tokenizer(self):
         if self._tok is None:
