@@ -484,7 +484,8 @@ def create_app(settings: Settings, model=None) -> Starlette:
         primary = settings.primary_model_name
         # Nova extension fields on the served model: what a client needs to pick `dimensions` and parse rows.
         shape = ({"matryoshka_dims": list(state.model.config.matryoshka_dims),
-                  "multi_vector_dim": state.model.config.multi_vector_projector_dim} if state.ready else {})
+                  "multi_vector_dim": state.model.config.multi_vector_projector_dim,
+                  "task_routing": state.model.config.task_routing} if state.ready else {})
         data = [{"id": name, "object": "model", "created": state.created, "owned_by": "nova",
                  "root": primary, "parent": None, **shape} for name in settings.model_names()]
         if state.ready:

@@ -15,17 +15,6 @@ from typing import Any
 
 import numpy as np
 
-# Jina V4's trained prefixes (DESIGN §2); used only when the model's own routing table is not reachable.
-DEFAULT_TASK_PROMPTS = {
-    "retrieval": "Query: ",
-    "retrieval.query": "Query: ",
-    "retrieval.passage": "Passage: ",
-    "text-matching": "Query: ",
-    "code": "Query: ",
-    "code.query": "Query: ",
-    "code.passage": "Passage: ",
-}
-DEFAULT_ADAPTERS = ["retrieval", "text-matching", "code"]
 MATRYOSHKA_DIMS = (128, 256, 512, 1024, 2048)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,7 +30,9 @@ def _to_numpy(vector: Any) -> np.ndarray:
 
 
 def _prompts_from_routing(routing: Any) -> dict[str, str]:
-    prompts = dict(DEFAULT_TASK_PROMPTS)
+    """task -> prompt, read from the model's own `task_routing` (the config, or the server's /v1/models):
+    the playground keeps no routing table of its own."""
+    prompts = {}
     if isinstance(routing, dict):
         for task, route in routing.items():
             if isinstance(route, dict) and isinstance(route.get("prompt"), str):
@@ -54,7 +45,7 @@ class Backend:
 
     label = "model"
     random_weights = False
-    task_prompts: dict[str, str] = DEFAULT_TASK_PROMPTS
+    task_prompts: dict[str, str] = {}  # from the model's task_routing; empty until known
 
     def encode(self, items: list[dict], *, multivector: bool, dimensions: int | None) -> list[np.ndarray]:
         raise NotImplementedError
@@ -75,7 +66,8 @@ class Backend:
         return None
 
     def tasks(self) -> list[str]:
-        return list(self.task_prompts)
+        # before the model's table is known (a server not reached yet), the two tasks the page starts with
+        return list(self.task_prompts) or ["retrieval.query", "retrieval.passage"]
 
     def dimension_choices(self) -> list[int]:
         """Matryoshka sizes for pooled vectors, smallest first, the full size last."""
@@ -103,7 +95,9 @@ class Backend:
         tokenizer = self._tokenizer()
         if tokenizer is None:
             return None
-        prompt = self.task_prompts.get(item.get("task") or "retrieval", "")
+        prompt = self.task_prompts.get(item.get("task") or "retrieval")
+        if prompt is None:  # the routing table is not known: no guessed labels
+            return None
         rendered = f"{prompt}{item['text']}"
         if item.get("instructions"):
             rendered = f"<|im_start|>user\n{rendered}<|im_end|>\n"
@@ -297,6 +291,7 @@ class ServerBackend(Backend):
         self._served_adapters = [str(m["id"]) for m in models if m.get("parent") and m.get("id")]
         if primary:
             self.models_info = primary[0]
+            self.task_prompts = _prompts_from_routing(primary[0].get("task_routing"))
             self._matryoshka_dims = list(primary[0].get("matryoshka_dims") or [])
             if self._model is None:
                 self._model = primary[0].get("id")
@@ -353,8 +348,8 @@ class ServerBackend(Backend):
         try:
             self._discover()
         except PlaygroundError:
-            return list(DEFAULT_ADAPTERS)
-        return sorted(self._served_adapters) or list(DEFAULT_ADAPTERS)
+            return []
+        return sorted(self._served_adapters)
 
     @property
     def can_load_adapters(self) -> bool:

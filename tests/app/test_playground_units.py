@@ -189,3 +189,17 @@ def test_token_view_draws_image_patches_as_a_grid():
     assert "grid-template-columns:repeat(4,1fr);grid-template-rows:repeat(3,1fr)" in page
     assert page.count('class="nova-patch nova-hit"') == 1 and "patch 4:" in page
     assert "&lt;|image_pad|&gt;</span>" not in page  # the patches are cells, not 12 text tokens
+
+
+def test_server_backend_takes_its_routing_from_the_server(serve_url, tiny_model):
+    """The playground keeps no task table of its own: against `nova serve` the prompts come from /v1/models."""
+    backend = ServerBackend(serve_url, api_key="test-key")  # the key tests/app/conftest.py starts it with
+    routing = tiny_model.config.task_routing
+    assert backend.task_prompts == {task: route["prompt"] for task, route in routing.items()}
+    assert backend.tasks() == list(routing)
+    assert not backend.can_load_adapters  # no admin key: run-time loading is off
+    with pytest.raises(PlaygroundError, match="off"):
+        backend.load_adapter("x", "code")
+    item = {"task": "code.passage", "text": "def f(): pass"}
+    rows = backend.encode([item], multivector=True, dimensions=None)[0]
+    assert "".join(backend.token_labels(item, len(rows))) == "Passage: def f(): pass"
