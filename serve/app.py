@@ -107,7 +107,15 @@ class ServerState:
         """Runs in a worker thread once a model object exists: --load-lora adapters and a warm-up forward."""
         model = self.model
         for name, path in self.settings.load_lora:
-            model.load_adapter(name, peft_folder(path))
+            folder = os.path.realpath(peft_folder(path))
+            resident = model.list_adapters().get(name)
+            if resident is not None:  # e.g. the model card's --load-lora retrieval=<the checkpoint's own folder>
+                if os.path.realpath(str(resident.get("path"))) != folder:
+                    raise ValueError(f"--load-lora {name}={path}: an adapter {name!r} is already loaded from "
+                                     f"{resident.get('path')}; load this one under another name")
+                log.info("adapter %r: already loaded from %s", name, folder)
+                continue
+            model.load_adapter(name, folder)
             log.info("adapter %r loaded from %s", name, path)
         row = model.processor.prepare_item("warm-up", index=0, allow_paths=False)
         model.embed_prepared([row], False)
