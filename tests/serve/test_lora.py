@@ -266,3 +266,23 @@ def test_task_adapter_unloaded_at_run_time_is_a_clear_404(start_server, lora_roo
         assert embed(server, [{"text": "x", "task": "code.query"}]).status_code == 200
     finally:
         server.stop()
+
+
+def test_load_lora_naming_a_resident_adapter(server_model_factory, tiny_dir):
+    """The model card's `--load-lora retrieval=<checkpoint>/adapters/retrieval/adapter_model.safetensors` names
+    the checkpoint's own adapter: nothing to do. Another folder under a resident name is refused at start-up
+    (it would quietly change the task's vectors)."""
+    from serve.app import create_app
+    from serve.config import Settings
+
+    own = tiny_dir / "adapters" / "retrieval" / "adapter_model.safetensors"
+    model = server_model_factory()
+    before = model.list_adapters()
+    create_app(Settings(enable_lora=True, load_lora=[("retrieval", str(own))]), model=model).state.nova \
+        ._finish_setup_sync()
+    assert model.list_adapters() == before
+    other = tiny_dir / "adapters" / "code"
+    state = create_app(Settings(enable_lora=True, load_lora=[("retrieval", str(other))]), model=model).state.nova
+    with pytest.raises(ValueError, match="'retrieval' is already loaded from"):
+        state._finish_setup_sync()
+    assert model.list_adapters() == before

@@ -9,13 +9,10 @@ checkpoint, whose full size is 512 (the tiny one stops at 64).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
-import subprocess
-import sys
-import time
+import socket
 from pathlib import Path
 
 import httpx
@@ -91,38 +88,15 @@ def test_every_serve_command_on_the_card_parses(card_dirs):
 
 
 @pytest.fixture(scope="module")
-def card_server(card_dirs, tmp_path_factory):
+def card_server(card_dirs, serve_process):
     small, extra = card_dirs
-    with __import__("socket").socket() as sock:
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = next(c for c in card_commands("nova serve") if "--load-lora" in c)
-    argv = shlex.split(fill_in(command, small, extra, port))
-    log_path = tmp_path_factory.mktemp("card-log") / "serve.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "nova.cli", *argv[1:]], cwd=str(REPO), env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.3)
-        yield url, port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    proc = serve_process(small, extra, argv=shlex.split(fill_in(command, small, extra, port))[1:], port=port)
+    yield proc.url, port
+    proc.stop()
 
 
 @pytest.fixture(scope="module")
