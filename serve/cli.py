@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-lora-rank", type=_positive_int, default=d.max_lora_rank,
                    help="largest LoRA rank accepted (default: %(default)s)")
     g.add_argument("--load-lora", action="append", type=_lora_spec, default=[], metavar="NAME=PATH",
-                   help="load a PEFT adapter folder at start-up; repeatable; needs --enable-lora (default: none)")
+                   help="load a PEFT adapter folder (or its adapter_model.safetensors) at start-up; repeatable; "
+                        "needs --enable-lora (default: none)")
     g.add_argument("--lora-root", default=None, metavar="DIR",
                    help="the only directory run-time loads may read adapters from (default: none = run-time "
                         "loading refused)")
@@ -80,8 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="(default: %(default)s)")
 
     g = parser.add_argument_group("batching")
-    g.add_argument("--max-batch-tokens", type=_positive_int, default=d.max_batch_tokens,
-                   help="padded tokens (rows x longest row) per forward pass (default: %(default)s)")
+    g.add_argument("--max-batch-tokens", "--max-num-batched-tokens", dest="max_batch_tokens", type=_positive_int,
+                   default=d.max_batch_tokens,
+                   help="padded tokens (rows x longest row) per forward pass; --max-num-batched-tokens is vLLM's "
+                        "name for it (default: %(default)s)")
     g.add_argument("--max-batch-size", type=_positive_int, default=d.max_batch_size,
                    help="rows per forward pass (default: %(default)s)")
     g.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,

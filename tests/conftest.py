@@ -65,19 +65,21 @@ def free_port() -> int:
 class ServeProcess:
     """`nova serve` as a separate process on 127.0.0.1 (the real command line, the real HTTP stack)."""
 
-    def __init__(self, model_dir: Path, lora_root: Path, admin_key: str = "admin-test-key", extra=()):
+    def __init__(self, model_dir: Path, lora_root: Path, admin_key: str = "admin-test-key", extra=(), *,
+                 argv: list[str] | None = None, port: int | None = None):
+        """`argv` replaces the whole command line after `nova` (then `port` must be the one it names)."""
         pytest.importorskip("serve.cli")
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_key = admin_key
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
         self.log = (lora_root / f"serve-{self.port}.log").open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nova.cli", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
-             "--trust-remote-code", "--enable-lora", "--lora-root", str(lora_root), "--admin-api-key", admin_key, "--max-wait-ms", "2",
-             *extra],
-            cwd=str(REPO), env=env, stdout=self.log, stderr=subprocess.STDOUT,
-        )
+        if argv is None:
+            argv = ["serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port), "--trust-remote-code",
+                    "--enable-lora", "--lora-root", str(lora_root), "--admin-api-key", admin_key, "--max-wait-ms", "2",
+                    *extra]
+        self.proc = subprocess.Popen([sys.executable, "-m", "nova.cli", *argv], cwd=str(REPO), env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
         import httpx
 
         deadline = time.monotonic() + 180
