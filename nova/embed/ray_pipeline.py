@@ -104,10 +104,12 @@ def _run(job, folder, progress, workers, gpus_per_worker, cpus_per_worker) -> No
     log.info("Ray: %d model actor(s), %g GPU and %g CPU each", workers, gpus_per_worker, cpus_per_worker)
     shards = {s.index: s for s in job.pending}
     ds = ray.data.from_items([{"shard": s.index} for s in job.pending], override_num_blocks=len(job.pending))
-    # read and load are light tasks (a tenth of a CPU each, so they fit beside model actors that take the
-    # CPUs); the model stage is a fixed pool of actors, restarted and retried by Ray Data when one dies.
-    ds = ds.map_batches(_read_stage, fn_kwargs={"job": job}, batch_size=1, num_cpus=0.1)
-    ds = ds.map_batches(_load_stage, fn_kwargs={"job": job}, batch_size=ROWS_PER_MODEL_CALL, num_cpus=0.1)
+    # Read and load are light tasks that reserve no CPU (so that they are never starved by model actors that
+    # reserve every CPU of a node), at most two of each at a time; the model stage is a fixed pool of actors,
+    # restarted and retried by Ray Data when one dies.
+    light = {"num_cpus": 0, "compute": ray.data.TaskPoolStrategy(size=2)}
+    ds = ds.map_batches(_read_stage, fn_kwargs={"job": job}, batch_size=1, **light)
+    ds = ds.map_batches(_load_stage, fn_kwargs={"job": job}, batch_size=ROWS_PER_MODEL_CALL, **light)
     ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"worker_kwargs": job.worker_kwargs()},
                         batch_size=ROWS_PER_MODEL_CALL, compute=ray.data.ActorPoolStrategy(size=workers),
                         num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
