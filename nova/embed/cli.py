@@ -124,16 +124,22 @@ def run(args: argparse.Namespace) -> int:
     if done:
         print(f"nova embed: resuming: {len(done)} of {len(job.plan.shards)} part(s) already written", file=sys.stderr)
     started = time.perf_counter()
-    with tqdm(total=todo, unit="row", disable=args.no_progress or not todo, file=sys.stderr) as progress:
-        if todo and use_ray:
-            from .ray_pipeline import run_ray
+    try:
+        with tqdm(total=todo, unit="row", disable=args.no_progress or not todo, file=sys.stderr) as progress:
+            if todo and use_ray:
+                from .ray_pipeline import run_ray
 
-            run_ray(job, folder, progress, address=args.ray_address, workers=args.workers,
-                    gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)
-        elif todo:
-            from .local import run_local
+                run_ray(job, folder, progress, address=args.ray_address, workers=args.workers,
+                        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)
+            elif todo:
+                from .local import run_local
 
-            run_local(job, folder, progress)
+                run_local(job, folder, progress)
+    except Exception as exc:  # a worker that cannot load the model, a cluster that went away, ...
+        logging.getLogger("nova.embed").debug("run failed", exc_info=True)
+        print(f"nova embed: the run stopped: {type(exc).__name__}: {exc}\nThe parts written so far are kept; "
+              "run the same command again to finish.", file=sys.stderr)
+        return 1
     elapsed = time.perf_counter() - started
     summary = folder.finish()
     rate = todo / elapsed if elapsed > 0 else 0.0

@@ -100,7 +100,11 @@ def _run(job, folder, progress, workers, gpus_per_worker, cpus_per_worker) -> No
     import ray
 
     workers, gpus_per_worker = cluster_workers(workers, gpus_per_worker)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    # Rows reach the driver in input order, so shards complete (and are written) one after another and
+    # the driver buffers about one shard, not a part of every shard; the stages still run ahead.
+    context.execution_options.preserve_order = True
     log.info("Ray: %d model actor(s), %g GPU and %g CPU each", workers, gpus_per_worker, cpus_per_worker)
     shards = {s.index: s for s in job.pending}
     ds = ray.data.from_items([{"shard": s.index} for s in job.pending], override_num_blocks=len(job.pending))
