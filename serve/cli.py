@@ -8,7 +8,7 @@ import os
 import sys
 
 from .config import Settings
-from .ray_serve import add_ray_arguments
+from .ray_serve import add_ray_arguments, ray_requested
 
 
 def _positive_int(text: str) -> int:
@@ -199,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     try:
         settings.validate()
+        replicated = ray_requested(args)
     except ValueError as exc:
         print(f"nova serve: {exc}", file=sys.stderr)
         return 2
@@ -210,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     if settings.api_keys == [] and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without --api-key: anyone who can reach the port can use the server",
                     settings.host)
-    if args.ray:
+    if replicated:
         from .ray_serve import run_replicated
 
         return run_replicated(settings, args)

@@ -56,6 +56,17 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                    help="how long an adapter change waits for every replica (default: %(default)s)")
 
 
+def ray_requested(args: argparse.Namespace) -> bool:
+    """True with --ray; a Ray-only flag without --ray is an error, not a silently ignored setting."""
+    if not args.ray:
+        given = [flag for flag, value in (("--replicas", args.replicas), ("--min-replicas", args.min_replicas),
+                                          ("--max-replicas", args.max_replicas), ("--ray-address", args.ray_address),
+                                          ("--replica-gpus", args.replica_gpus)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --ray")
+    return bool(args.ray)
+
+
 # ---------------------------------------------------------------------------------------------- coordinator
 
 

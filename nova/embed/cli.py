@@ -102,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     use_ray = not args.no_ray
+    if args.no_ray and (args.workers is not None or args.gpus_per_worker is not None):
+        print("nova embed: --workers and --gpus-per-worker need Ray (drop --no-ray)", file=sys.stderr)
+        return 2
     if use_ray and importlib.util.find_spec("ray") is None:
         if args.ray_address:
             print(f"nova embed: --ray-address needs Ray: {INSTALL_RAY}", file=sys.stderr)

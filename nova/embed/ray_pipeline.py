@@ -113,7 +113,9 @@ def _run(job, folder, progress, workers, gpus_per_worker, cpus_per_worker) -> No
     # restarted and retried by Ray Data when one dies.
     light = {"num_cpus": 0, "compute": ray.data.TaskPoolStrategy(size=2)}
     ds = ds.map_batches(_read_stage, fn_kwargs={"job": job}, batch_size=1, **light)
-    ds = ds.map_batches(_load_stage, fn_kwargs={"job": job}, batch_size=ROWS_PER_MODEL_CALL, **light)
+    # batch_size=None: a load task takes the block of one shard as it comes (a row count here would make
+    # Ray Data bundle every shard into one task, and nothing would stream).
+    ds = ds.map_batches(_load_stage, fn_kwargs={"job": job}, batch_size=None, **light)
     ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"worker_kwargs": job.worker_kwargs()},
                         batch_size=ROWS_PER_MODEL_CALL, compute=ray.data.ActorPoolStrategy(size=workers),
                         num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)

@@ -107,3 +107,10 @@ def test_parquet_with_image_bytes_and_beir_folder(run_cli, tiny_model, image, tm
     want = tiny_model.encode([{"text": "Title body text", "task": "retrieval.passage"}], return_numpy=True)[0]
     assert table.column("id").to_pylist() == ["d1"]
     assert float(np.asarray(table.column("embedding").to_pylist()[0]) @ want) >= 0.9999
+
+
+def test_embed_worker_flags_without_ray_are_refused(run_cli, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": "a", "text": "x"}\n')
+    code, _, stderr = run_cli("embed", corpus, tmp_path / "out", "--no-ray", "--workers", "2")
+    assert code == 2 and "need Ray" in stderr

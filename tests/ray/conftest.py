@@ -55,7 +55,7 @@ def kill_one(fragment: str, timeout: float = 300) -> int:
         if pids:
             os.kill(pids[0], signal.SIGKILL)
             return pids[0]
-        time.sleep(0.2)
+        time.sleep(0.02)
     raise AssertionError(f"no Ray worker named {fragment!r} appeared")
 
 

@@ -24,7 +24,7 @@ def _wait_for_parts(out: Path, n: int, timeout: float = 600) -> None:
         time.sleep(0.1)
 
 
-def test_two_actors_equal_encode_with_one_actor_killed_mid_run(ray_cluster, run_cli, embed_corpus,
+def test_two_actors_equal_encode_with_one_actor_killed_mid_batch(ray_cluster, run_cli, embed_corpus,
                                                                  embed_reference, check_embed_output, tmp_path,
                                                                  kill_ray_worker):
     path, _, bad = embed_corpus
@@ -32,12 +32,12 @@ def test_two_actors_equal_encode_with_one_actor_killed_mid_run(ray_cluster, run_
     killed: list[int] = []
     parts_at_kill: list[int] = []
 
-    def kill_after_first_part():
-        _wait_for_parts(out, 1)
-        killed.append(kill_ray_worker("ModelStage"))
+    def kill_while_embedding():
+        # Ray titles an actor process after the method it runs: ".submit" = a batch of rows is in the model
+        killed.append(kill_ray_worker("MapWorker(MapBatches(ModelStage)).submit"))
         parts_at_kill.append(len(list(out.glob("part-*.parquet"))))
 
-    killer = threading.Thread(target=kill_after_first_part, daemon=True)
+    killer = threading.Thread(target=kill_while_embedding, daemon=True)
     killer.start()
     code, stdout, stderr = run_cli("embed", path, out, *ARGS)
     killer.join(timeout=5)

@@ -1,4 +1,4 @@
-"""The adapter coordinator of `nova serve --ray` (serve/ray_serve.py), driven directly without Ray: a change
+"""`nova serve --ray` parts that need no Ray (serve/ray_serve.py). The adapter coordinator, driven directly: a change
 commits only when every live replica acknowledged it, and is rolled back everywhere when one failed."""
 
 from __future__ import annotations
@@ -79,3 +79,9 @@ def test_metrics_are_labelled_per_replica_and_grouped_by_family():
     assert merged.count("# TYPE nova_tokens counter") == 1
     assert 'nova_tokens_total{replica="r1"} 5.0' in merged and 'nova_tokens_total{replica="r2"} 7.0' in merged
     assert "nova_ray_replicas 2" in merged
+
+
+def test_ray_flags_without_ray_are_refused(run_cli):
+    code, _, stderr = run_cli("serve", "--replicas", "2")
+    assert code == 2 and "--replicas only apply with --ray" in stderr
+
