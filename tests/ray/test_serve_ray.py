@@ -41,12 +41,12 @@ def lora_root(tmp_path_factory, tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def ray_server(ray_cluster, lora_root):
+def ray_server(ray_cluster, lora_root, tiny_dir):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (lora_root.parent / f"ray-serve-{port}.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nova.cli", "serve", "--ray", "--replicas", "2", "--replica-cpus", "0.5",
+        [sys.executable, "-m", "nova.cli", "serve", str(tiny_dir), "--trust-remote-code", "--ray", "--replicas", "2", "--replica-cpus", "0.5",
          "--ray-address", ray_cluster, "--host", "127.0.0.1", "--port", str(port), "--enable-lora",
          "--lora-root", str(lora_root), "--admin-api-key", "admin-key", "--max-wait-ms", "2"],
         cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=log, stderr=subprocess.STDOUT,
@@ -102,12 +102,12 @@ def test_openai_client_gets_the_vectors_of_a_plain_server(ray_server, serve_proc
     plain = serve_process(tiny_dir, lora_root)
     try:
         want = [d.embedding for d in OpenAI(base_url=plain.url + "/v1", api_key="x").embeddings.create(
-            model="nova-embeddings-v1-tiny", input=TEXTS).data]
+            model=tiny_dir.name, input=TEXTS).data]
     finally:
         plain.stop()
     client = OpenAI(base_url=ray_server + "/v1", api_key="x")
     for _ in range(4):  # several requests, so both replicas answer some
-        got = [d.embedding for d in client.embeddings.create(model="nova-embeddings-v1-tiny", input=TEXTS).data]
+        got = [d.embedding for d in client.embeddings.create(model=tiny_dir.name, input=TEXTS).data]
         assert cosines(got, want).min() >= 0.9999
     bad = httpx.post(ray_server + "/v1/embeddings", json={"input": [{"text": ""}]}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["message"].startswith("item 0:")
