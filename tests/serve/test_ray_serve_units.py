@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from serve.ray_serve import AdapterCoordinator, merge_metrics
 
 
@@ -85,3 +87,26 @@ def test_ray_flags_without_ray_are_refused(run_cli):
     code, _, stderr = run_cli("serve", "--replicas", "2")
     assert code == 2 and "--replicas only apply with --ray" in stderr
 
+
+
+def test_replica_count_or_autoscaling_bounds_and_gpus():
+    import argparse
+
+    from serve.config import Settings
+    from serve.ray_serve import add_ray_arguments, deployment_options
+
+    parser = argparse.ArgumentParser()
+    add_ray_arguments(parser)
+
+    def options(*argv, gpus=0.0):
+        return deployment_options(Settings(), parser.parse_args(["--ray", *argv]), gpus)
+
+    assert options("--replicas", "3")["num_replicas"] == 3
+    assert options()["num_replicas"] == 1 and options()["ray_actor_options"]["num_gpus"] == 0.0
+    assert options(gpus=4)["ray_actor_options"]["num_gpus"] == 1.0
+    assert options("--min-replicas", "1", "--max-replicas", "4")["autoscaling_config"] == {
+        "min_replicas": 1, "max_replicas": 4}
+    for bad in (("--replicas", "2", "--max-replicas", "3"), ("--min-replicas", "3", "--max-replicas", "2"),
+                ("--replicas", "0")):
+        with pytest.raises(ValueError):
+            options(*bad)
