@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -430,10 +429,9 @@ def start(settings, args) -> None:
     import ray
     from ray import serve
 
-    if not ray.is_initialized():
-        keys = ("PYTHONPATH", "NOVA_HOME", "HF_HOME", "HF_MODULES_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-        ray.init(address=args.ray_address, namespace=NAMESPACE, include_dashboard=False,
-                 runtime_env={"env_vars": {k: os.environ[k] for k in keys if k in os.environ}})
+    from nova.ray_init import init_ray
+
+    init_ray(args.ray_address, namespace=NAMESPACE)
     options = deployment_options(settings, args, ray.cluster_resources().get("GPU", 0))
     ray.remote(AdapterCoordinator).options(
         name=COORDINATOR, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,

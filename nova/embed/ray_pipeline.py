@@ -14,7 +14,6 @@ Records travel between stages pickled in a binary column, so PIL images and ragg
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 
 from .inputs import read_shard
@@ -79,21 +78,14 @@ def run_ray(job: Job, folder: OutputFolder, progress, *, address: str | None, wo
             gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0) -> None:
     import ray
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": _forwarded_env()})
+    from nova.ray_init import init_ray
+
+    started_here = init_ray(address, log_to_driver=False)
     try:
         _run(job, folder, progress, workers, gpus_per_worker, cpus_per_worker)
     finally:
         if started_here:
             ray.shutdown()
-
-
-def _forwarded_env() -> dict:
-    """The driver's Nova/HF settings, so that workers find the same caches and stay offline alike."""
-    keys = ("PYTHONPATH", "NOVA_HOME", "HF_HOME", "HF_MODULES_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    return {key: os.environ[key] for key in keys if key in os.environ}
 
 
 def _run(job, folder, progress, workers, gpus_per_worker, cpus_per_worker) -> None:
