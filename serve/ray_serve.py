@@ -42,11 +42,13 @@ INSTALL_RAY = "pip install 'nova-embeddings[ray]'"
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("replicated serving on Ray Serve (docs/scale-out.md)")
     g.add_argument("--ray", action="store_true",
-                   help=f"serve as Ray Serve replicas behind one HTTP entry point (needs {INSTALL_RAY})")
+                   help=f"serve as Ray Serve replicas behind one HTTP entry point (needs {INSTALL_RAY}) (default: off)")
     g.add_argument("--replicas", type=int, default=None,
-                   help="fixed number of replicas (default: 1, or autoscaling with --min/--max-replicas)")
-    g.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound")
-    g.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound")
+                   help="fixed number of replicas (default: 1, unless --min/--max-replicas ask for autoscaling)")
+    g.add_argument("--min-replicas", type=int, default=None,
+                   help="autoscaling lower bound (default: 1 when --max-replicas is given, else no autoscaling)")
+    g.add_argument("--max-replicas", type=int, default=None,
+                   help="autoscaling upper bound (default: --min-replicas when only that is given)")
     g.add_argument("--ray-address", default=None, help="join a Ray cluster (default: start a local Ray)")
     g.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica (default: %(default)s)")
     g.add_argument("--replica-gpus", type=float, default=None,
