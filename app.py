@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=env("GRADIO_SERVER_NAME") or "127.0.0.1",
                         help="address to listen on (default 127.0.0.1; Spaces sets GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT") or 7860))
+    parser.add_argument("--adapter-root", default=env("NOVA_PLAYGROUND_ADAPTER_ROOT") or None, metavar="DIR",
+                        help="allow loading PEFT adapter folders under DIR at run time (in-process model; default: "
+                             "off, as a public Space should be; env NOVA_PLAYGROUND_ADAPTER_ROOT). Against a server, "
+                             "loading needs --admin-api-key and the server's own --lora-root")
     parser.add_argument("--device", default=None, help="in-process model device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="in-process model dtype (default: the model's choice)")
 
@@ -54,7 +58,8 @@ def make_backend(args: argparse.Namespace):
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return InProcessBackend.load(args.model, device=device, dtype=args.dtype)
+    return InProcessBackend.load(args.model, device=device, dtype=args.dtype,
+                                 adapter_root=getattr(args, "adapter_root", None))
 
 
 def build_demo(backend):  # noqa: C901 - one function that lays out the page and wires its events
@@ -133,11 +138,16 @@ def build_demo(backend):  # noqa: C901 - one function that lays out the page and
             instruct_candidates = gr.Checkbox(False, label="Instructions on candidates too",
                                               elem_id="nova-instruct-candidates")
         with gr.Accordion("Adapters loaded at run time", open=False, elem_id="nova-adapters-accordion"):
+            gr.Markdown(views.adapter_loading_note(backend), elem_id="nova-lora-note")
             with gr.Row():
-                lora_name = gr.Textbox(label="Adapter name", scale=1, elem_id="nova-lora-name")
-                lora_path = gr.Textbox(label="PEFT folder (a path the model or server can read)", scale=3,
-                                       elem_id="nova-lora-path")
-                load_button = gr.Button("Load adapter", scale=1, elem_id="nova-lora-load")
+                lora_name = gr.Textbox(label="Adapter name", scale=1, elem_id="nova-lora-name",
+                                       interactive=backend.can_load_adapters)
+                lora_path = gr.Textbox(label="PEFT folder (or its adapter_model.safetensors) under the adapter root",
+                                       scale=3, elem_id="nova-lora-path", interactive=backend.can_load_adapters)
+                load_button = gr.Button("Load adapter", scale=1, elem_id="nova-lora-load",
+                                        interactive=backend.can_load_adapters)
+                unload_button = gr.Button("Unload adapter", scale=1, elem_id="nova-lora-unload",
+                                          interactive=backend.can_load_adapters)
                 refresh_button = gr.Button("Refresh adapter list", scale=1, elem_id="nova-lora-refresh")
         run_button = gr.Button("Compare", variant="primary", elem_id="nova-run")
         status = gr.Markdown("", elem_id="nova-status")
@@ -251,6 +261,15 @@ def build_demo(backend):  # noqa: C901 - one function that lays out the page and
                 return [f"⚠️ {html.escape(str(exc))}", *refresh_adapters()]
             return [f"Loaded adapter `{name}`; pick it in an adapter menu.", *refresh_adapters()]
 
+        def unload_adapter(name):
+            name = (name or "").strip()
+            try:
+                backend.unload_adapter(name)
+            except PlaygroundError as exc:
+                gr.Warning(str(exc))
+                return [f"⚠️ {html.escape(str(exc))}", *refresh_adapters()]
+            return [f"Unloaded adapter `{name}`.", *refresh_adapters()]
+
         inputs = [query, candidates_text, images, *variant_boxes, *variant_adapters,
                   query_task, passage_task, adapter, scoring, dimension, instruct_candidates]
         outputs = [status] + [c for panel in panels for c in panel] + [state, token_variant, token_candidate, token_html]
@@ -265,6 +284,7 @@ def build_demo(backend):  # noqa: C901 - one function that lays out the page and
         token_candidate.input(update_tokens, [state, token_variant, token_candidate], token_html)
         refresh_button.click(refresh_adapters, None, [adapter, *variant_adapters])
         load_button.click(load_adapter, [lora_name, lora_path], [status, adapter, *variant_adapters])
+        unload_button.click(unload_adapter, [lora_name], [status, adapter, *variant_adapters])
         def refresh_banner():
             error = backend.refresh()
             return views.banner_markdown(backend.label, backend.random_weights, isinstance(backend, ServerBackend), error)

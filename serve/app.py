@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import contextvars
 import hmac
 import json
 import logging
@@ -34,17 +33,16 @@ from .errors import (
     bad_request,
     from_value_error,
     http_exception_handler,
+    request_id_var,
     unhandled_exception_handler,
 )
 from .images import ImageError, ImageFetcher, ImagePolicy, classify_source, decode_image
-from .lora_admin import AdapterGate, adapter_not_found, lora_routes
+from .lora_admin import AdapterGate, adapter_not_found, lora_routes, peft_folder
 from .metrics import Metrics
 from .schemas import EmbeddingRequest, parse_embedding_request
 
 log = logging.getLogger("serve")
 access_log = logging.getLogger("serve.access")
-
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 ROUTES = (
     "/v1/embeddings", "/embeddings", "/v1/models", "/health", "/metrics", "/openapi.json",
@@ -111,7 +109,15 @@ class ServerState:
         model.prefix_cache.configure(self.settings.prefix_cache_mb << 20)
         self.metrics.watch_prefix_cache(model.prefix_cache.stats)
         for name, path in self.settings.load_lora:
-            model.load_adapter(name, path)
+            folder = os.path.realpath(peft_folder(path))
+            resident = model.list_adapters().get(name)
+            if resident is not None:  # e.g. the model card's --load-lora retrieval=<the checkpoint's own folder>
+                if os.path.realpath(str(resident.get("path"))) != folder:
+                    raise ValueError(f"--load-lora {name}={path}: an adapter {name!r} is already loaded from "
+                                     f"{resident.get('path')}; load this one under another name")
+                log.info("adapter %r: already loaded from %s", name, folder)
+                continue
+            model.load_adapter(name, folder)
             log.info("adapter %r loaded from %s", name, path)
         row = model.processor.prepare_item("warm-up", index=0, allow_paths=False)
         model.embed_prepared([row], False)
@@ -421,7 +427,7 @@ def _render(req: EmbeddingRequest, vectors: list[np.ndarray], rows: list) -> byt
         "data": data,
         "model": req.model_label,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }, separators=(",", ":")).encode()
+    }, separators=(",", ":"), allow_nan=False).encode()  # a last guard: a 500 with a request id, never NaN in JSON
 
 
 class RequestContextMiddleware:
@@ -488,7 +494,8 @@ def create_app(settings: Settings, model=None) -> Starlette:
         primary = settings.primary_model_name
         # Nova extension fields on the served model: what a client needs to pick `dimensions` and parse rows.
         shape = ({"matryoshka_dims": list(state.model.config.matryoshka_dims),
-                  "multi_vector_dim": state.model.config.multi_vector_projector_dim} if state.ready else {})
+                  "multi_vector_dim": state.model.config.multi_vector_projector_dim,
+                  "task_routing": state.model.config.task_routing} if state.ready else {})
         data = [{"id": name, "object": "model", "created": state.created, "owned_by": "nova",
                  "root": primary, "parent": None, **shape} for name in settings.model_names()]
         if state.ready:

@@ -8,6 +8,7 @@ import os
 import sys
 
 from .config import Settings
+from .ray_serve import add_ray_arguments, ray_requested
 
 
 def _positive_int(text: str) -> int:
@@ -71,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-lora-rank", type=_positive_int, default=d.max_lora_rank,
                    help="largest LoRA rank accepted (default: %(default)s)")
     g.add_argument("--load-lora", action="append", type=_lora_spec, default=[], metavar="NAME=PATH",
-                   help="load a PEFT adapter folder at start-up; repeatable; needs --enable-lora (default: none)")
+                   help="load a PEFT adapter folder (or its adapter_model.safetensors) at start-up; repeatable; "
+                        "needs --enable-lora (default: none)")
     g.add_argument("--lora-root", default=None, metavar="DIR",
                    help="the only directory run-time loads may read adapters from (default: none = run-time "
                         "loading refused)")
@@ -87,8 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="(default: %(default)s)")
 
     g = parser.add_argument_group("batching")
-    g.add_argument("--max-batch-tokens", type=_positive_int, default=d.max_batch_tokens,
-                   help="padded tokens (rows x longest row) per forward pass (default: %(default)s)")
+    g.add_argument("--max-batch-tokens", "--max-num-batched-tokens", dest="max_batch_tokens", type=_positive_int,
+                   default=d.max_batch_tokens,
+                   help="padded tokens (rows x longest row) per forward pass; --max-num-batched-tokens is vLLM's "
+                        "name for it (default: %(default)s)")
     g.add_argument("--max-batch-size", type=_positive_int, default=d.max_batch_size,
                    help="rows per forward pass (default: %(default)s)")
     g.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
@@ -135,6 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="largest image body fetched or decoded, in bytes (default: %(default)s)")
     g.add_argument("--image-url-timeout", type=float, default=d.image_url_timeout, metavar="SECONDS",
                    help="total time for one image URL fetch (default: %(default)s)")
+    add_ray_arguments(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -207,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     try:
         settings.validate()
+        replicated = ray_requested(args)
     except ValueError as exc:
         print(f"nova serve: {exc}", file=sys.stderr)
         return 2
@@ -218,6 +224,10 @@ def run(args: argparse.Namespace) -> int:
     if settings.api_keys == [] and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without --api-key: anyone who can reach the port can use the server",
                     settings.host)
+    if replicated:
+        from .ray_serve import run_replicated
+
+        return run_replicated(settings, args)
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,

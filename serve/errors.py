@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import re
 
@@ -10,6 +11,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 log = logging.getLogger("serve.errors")
+
+# The id of the request being handled ('-' outside one); set by the request middleware, read by the logs and
+# by the 500 answer (so that a user can quote it and an operator can find the traceback).
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 # HTTP status -> OpenAI error type (what the official SDK maps to its exception classes).
 _TYPES = {
@@ -98,4 +103,5 @@ async def api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
 
 async def unhandled_exception_handler(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return ApiError(500, "internal server error", code="internal_error").response()
+    return ApiError(500, f"internal server error (request id {request_id_var.get()})",
+                    code="internal_error").response()

@@ -92,9 +92,22 @@ def adapter_not_found(name: str, loaded: list[str], param: str | None = None) ->
     )
 
 
-def resolve_lora_path(root: str | None, given: object) -> str:
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def peft_folder(path: str) -> str:
+    """A PEFT folder, or the weights file inside one (the model card's `.../adapter_model.safetensors`), ->
+    the folder. Anything else is returned as is (the model says what is wrong with it)."""
+    if os.path.isfile(path) and os.path.basename(path) in WEIGHT_FILES:
+        return os.path.dirname(path)
+    return path
+
+
+def resolve_lora_path(root: str | None, given: object, *, root_flag: str = "--lora-root") -> str:
+    """`given` (relative to `root`, or absolute) -> the real path of a PEFT folder inside `root`; the weights
+    file of a PEFT folder names that folder. Symlinks are resolved before the check. Raises ApiError."""
     if root is None:
-        raise ApiError(403, "loading adapters at run time needs --lora-root DIR", param="lora_path",
+        raise ApiError(403, f"loading adapters at run time needs {root_flag} DIR", param="lora_path",
                        code="lora_root_not_set")
     if not isinstance(given, str) or not given or "\x00" in given:
         raise bad_request("'lora_path' must be a non-empty string", param="lora_path")
@@ -102,12 +115,21 @@ def resolve_lora_path(root: str | None, given: object) -> str:
     candidate = given if os.path.isabs(given) else os.path.join(real_root, given)
     real = os.path.realpath(candidate)
     if real != real_root and os.path.commonpath([real, real_root]) != real_root:
-        raise ApiError(403, "'lora_path' must be inside --lora-root", param="lora_path",
+        raise ApiError(403, f"'lora_path' must be inside {root_flag}", param="lora_path",
                        code="lora_path_outside_root")
+    real = peft_folder(real)
     if not os.path.isdir(real):
-        raise bad_request("'lora_path' is not a directory under --lora-root", param="lora_path",
-                          code="lora_path_not_found")
+        raise bad_request(f"'lora_path' is not a PEFT folder (or its {WEIGHT_FILES[0]}) under {root_flag}",
+                          param="lora_path", code="lora_path_not_found")
     return real
+
+
+def check_lora_name(name: object) -> str:
+    """A name an adapter may be loaded under (ApiError otherwise): short, plain, and not a base-model alias."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or name.lower() in ("none", "base"):
+        raise bad_request("'lora_name' must match [A-Za-z0-9][A-Za-z0-9._-]{0,63} and not be none/base",
+                          param="lora_name")
+    return name
 
 
 def lora_routes(server) -> list[Route]:
@@ -132,11 +154,7 @@ def lora_routes(server) -> list[Route]:
         return payload
 
     def _name(payload: dict) -> str:
-        name = payload.get("lora_name")
-        if not isinstance(name, str) or not NAME_RE.match(name) or name.lower() in ("none", "base"):
-            raise bad_request("'lora_name' must match [A-Za-z0-9][A-Za-z0-9._-]{0,63} and not be none/base",
-                              param="lora_name")
-        return name
+        return check_lora_name(payload.get("lora_name"))
 
     async def list_adapters(request: Request) -> JSONResponse:
         await _guard(request)

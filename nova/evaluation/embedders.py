@@ -8,6 +8,7 @@ multi-vectors. Dimensions are applied later by the caller, so one cached corpus 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import mimetypes
@@ -72,6 +73,30 @@ def model_identity(model, name: str | None = None) -> dict:
     return identity
 
 
+def encoding_settings(model, max_length: int | None) -> dict:
+    """Everything besides the weights that changes an in-process model's vectors: the token limit, the chat
+    template, the image processor's pixel limits and patching, and the routing/prompt tables."""
+    processor = getattr(model, "processor", None)
+    config = getattr(model, "config", None)
+    images = getattr(processor, "image_processor", None)
+    image_keys = ("size", "min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size",
+                  "image_mean", "image_std", "do_resize", "do_normalize", "resample")
+    return {
+        "max_length": max_length,
+        "templates": stable_hash(getattr(processor, "templates", None)),
+        "image_processor": {key: _plain(getattr(images, key, None)) for key in image_keys},
+        "task_routing": getattr(config, "task_routing", None),
+        "prompt_sets": getattr(config, "prompt_sets", None),
+    }
+
+
+def _plain(value):
+    """A JSON-plain copy (transformers keeps sizes in dataclasses such as SizeDict)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
+    return json.loads(json.dumps(value, default=str))
+
+
 class InProcessEmbedder(Embedder):
     def __init__(self, model, batch_size: int = 16, show_progress: bool = True, max_length: int | None = None,
                  name: str | None = None):
@@ -79,10 +104,17 @@ class InProcessEmbedder(Embedder):
         self.batch_size = batch_size
         self.show_progress = show_progress
         self.max_length = max_length
-        self.identity = model_identity(model, name)
+        self.name = name
+        self.refresh_identity()
+
+    @property
+    def identity(self) -> dict:
+        """Read at every cache lookup, so that a setting changed after construction still changes the key."""
+        return {**self._model_identity, "encoding": encoding_settings(self.model, self.max_length)}
 
     def refresh_identity(self) -> None:
-        self.identity = model_identity(self.model, self.identity.get("model"))
+        """Re-read the model's files and adapters (after an adapter was loaded or a file changed)."""
+        self._model_identity = model_identity(self.model, self.name)
 
     def embed(self, items: list[dict], multivector: bool, desc: str = "Embedding") -> list[np.ndarray]:
         out: list[np.ndarray] = []

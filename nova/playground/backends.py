@@ -15,17 +15,6 @@ from typing import Any
 
 import numpy as np
 
-# Jina V4's trained prefixes (DESIGN §2); used only when the model's own routing table is not reachable.
-DEFAULT_TASK_PROMPTS = {
-    "retrieval": "Query: ",
-    "retrieval.query": "Query: ",
-    "retrieval.passage": "Passage: ",
-    "text-matching": "Query: ",
-    "code": "Query: ",
-    "code.query": "Query: ",
-    "code.passage": "Passage: ",
-}
-DEFAULT_ADAPTERS = ["retrieval", "text-matching", "code"]
 MATRYOSHKA_DIMS = (128, 256, 512, 1024, 2048)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,7 +30,9 @@ def _to_numpy(vector: Any) -> np.ndarray:
 
 
 def _prompts_from_routing(routing: Any) -> dict[str, str]:
-    prompts = dict(DEFAULT_TASK_PROMPTS)
+    """task -> prompt, read from the model's own `task_routing` (the config, or the server's /v1/models):
+    the playground keeps no routing table of its own."""
+    prompts = {}
     if isinstance(routing, dict):
         for task, route in routing.items():
             if isinstance(route, dict) and isinstance(route.get("prompt"), str):
@@ -54,7 +45,7 @@ class Backend:
 
     label = "model"
     random_weights = False
-    task_prompts: dict[str, str] = DEFAULT_TASK_PROMPTS
+    task_prompts: dict[str, str] = {}  # from the model's task_routing; empty until known
 
     def encode(self, items: list[dict], *, multivector: bool, dimensions: int | None) -> list[np.ndarray]:
         raise NotImplementedError
@@ -62,7 +53,12 @@ class Backend:
     def list_adapters(self) -> list[str]:
         raise NotImplementedError
 
+    can_load_adapters = False  # run-time adapter loading: off unless the operator allowed it
+
     def load_adapter(self, name: str, path: str) -> None:
+        raise NotImplementedError
+
+    def unload_adapter(self, name: str) -> None:
         raise NotImplementedError
 
     def refresh(self) -> str | None:
@@ -70,7 +66,8 @@ class Backend:
         return None
 
     def tasks(self) -> list[str]:
-        return list(self.task_prompts)
+        # before the model's table is known (a server not reached yet), the two tasks the page starts with
+        return list(self.task_prompts) or ["retrieval.query", "retrieval.passage"]
 
     def dimension_choices(self) -> list[int]:
         """Matryoshka sizes for pooled vectors, smallest first, the full size last."""
@@ -99,7 +96,9 @@ class Backend:
         tokenizer = self._tokenizer()
         if tokenizer is None:
             return None
-        prompt = self.task_prompts.get(item.get("task") or "retrieval", "")
+        prompt = self.task_prompts.get(item.get("task") or "retrieval")
+        if prompt is None:  # the routing table is not known: no guessed labels
+            return None
         ids = tokenizer(f"{prompt}{item['text']}", add_special_tokens=False)["input_ids"]
         if len(ids) != n_rows:
             return None
@@ -109,8 +108,10 @@ class Backend:
 class InProcessBackend(Backend):
     """The model loaded in this process with `nova.loading.load_model()`."""
 
-    def __init__(self, model: Any, label: str | None = None):
+    def __init__(self, model: Any, label: str | None = None, adapter_root: str | None = None):
         self.model = model
+        self.adapter_root = adapter_root  # None: run-time adapter loading is off (a public Space's default)
+        self.loaded_here: set[str] = set()  # what this playground loaded, and so may unload
         self._lock = threading.Lock()
         self._full_dim = None
         config = getattr(model, "config", None)
@@ -121,7 +122,8 @@ class InProcessBackend(Backend):
         self._matryoshka_dims = list(getattr(config, "matryoshka_dims", None) or [])
 
     @classmethod
-    def load(cls, model_path: str | None, device: str | None = None, dtype: str | None = None) -> InProcessBackend:
+    def load(cls, model_path: str | None, device: str | None = None, dtype: str | None = None,
+             adapter_root: str | None = None) -> InProcessBackend:
         from nova.loading import load_model
 
         kwargs: dict[str, Any] = {}
@@ -130,9 +132,8 @@ class InProcessBackend(Backend):
         if dtype:
             kwargs["dtype"] = dtype
         model = load_model(model_path, **kwargs)
-        if model_path is None:
-            return cls(model, label="tiny random-weight checkpoint (bundled)")
-        return cls(model, label=str(model_path))
+        label = "tiny random-weight checkpoint (bundled)" if model_path is None else str(model_path)
+        return cls(model, label=label, adapter_root=adapter_root)
 
     def encode(self, items, *, multivector, dimensions):
         try:
@@ -150,12 +151,38 @@ class InProcessBackend(Backend):
     def list_adapters(self):
         return sorted(self.model.list_adapters())
 
+    @property
+    def can_load_adapters(self) -> bool:
+        return self.adapter_root is not None
+
     def load_adapter(self, name, path):
+        """Only from under `--adapter-root`, with the server's own confinement rule (symlinks resolved; the
+        weights file of a PEFT folder names the folder)."""
+        from serve.errors import ApiError
+        from serve.lora_admin import check_lora_name, resolve_lora_path
+
+        if self.adapter_root is None:
+            raise PlaygroundError("Loading adapters at run time is off: start the playground with "
+                                  "--adapter-root DIR to allow PEFT folders under DIR.")
+        try:
+            check_lora_name(name)
+            folder = resolve_lora_path(self.adapter_root, path, root_flag="--adapter-root")
+        except ApiError as exc:
+            raise PlaygroundError(f"could not load adapter {name!r}: {exc.message}") from None
         try:
             with self._lock:
-                self.model.load_adapter(name, path)
+                self.model.load_adapter(name, folder)
         except ValueError as exc:
             raise PlaygroundError(f"could not load adapter {name!r}: {exc}") from exc
+        self.loaded_here.add(name)
+
+    def unload_adapter(self, name):
+        if name not in self.loaded_here:
+            raise PlaygroundError(f"{name!r} was not loaded in this playground; only adapters loaded here "
+                                  f"can be unloaded ({', '.join(sorted(self.loaded_here)) or 'none so far'}).")
+        with self._lock:
+            self.model.unload_adapter(name)
+        self.loaded_here.discard(name)
 
     def _tokenizer(self):
         processor = getattr(self.model, "processor", None)
@@ -212,7 +239,9 @@ class ServerBackend(Backend):
         self.url = url.rstrip("/")
         self.api_key = api_key
         self.admin_api_key = admin_api_key or api_key
+        self._admin_key_given = bool(admin_api_key)
         self._client = httpx.Client(timeout=timeout)
+        self.loaded_here: set[str] = set()
         self._model = model
         self._full_dim = None
         self._tok = None
@@ -260,6 +289,7 @@ class ServerBackend(Backend):
         self._served_adapters = [str(m["id"]) for m in models if m.get("parent") and m.get("id")]
         if primary:
             self.models_info = primary[0]
+            self.task_prompts = _prompts_from_routing(primary[0].get("task_routing"))
             self._matryoshka_dims = list(primary[0].get("matryoshka_dims") or [])
             if self._model is None:
                 self._model = primary[0].get("id")
@@ -316,11 +346,27 @@ class ServerBackend(Backend):
         try:
             self._discover()
         except PlaygroundError:
-            return list(DEFAULT_ADAPTERS)
-        return sorted(self._served_adapters) or list(DEFAULT_ADAPTERS)
+            return []
+        return sorted(self._served_adapters)
+
+    @property
+    def can_load_adapters(self) -> bool:
+        """With the admin key; the server confines paths to its own --lora-root."""
+        return self._admin_key_given
 
     def load_adapter(self, name, path):
+        if not self.can_load_adapters:
+            raise PlaygroundError("Loading adapters at run time is off: the playground has no admin key for "
+                                  "the server (--admin-api-key).")
         self._request("POST", "/v1/internal/lora/load", admin=True, json={"lora_name": name, "lora_path": path})
+        self.loaded_here.add(name)
+
+    def unload_adapter(self, name):
+        if name not in self.loaded_here:
+            raise PlaygroundError(f"{name!r} was not loaded in this playground; only adapters loaded here "
+                                  f"can be unloaded ({', '.join(sorted(self.loaded_here)) or 'none so far'}).")
+        self._request("POST", "/v1/internal/lora/unload", admin=True, json={"lora_name": name})
+        self.loaded_here.discard(name)
 
     def _tokenizer(self):
         if self._tok is None:

@@ -245,6 +245,18 @@ def token_view_html(query_labels: list[str], candidate_labels: list[str], matche
     )
 
 
+def adapter_loading_note(backend) -> str:
+    """Whether visitors may load adapters, and from where (off unless the operator allowed it)."""
+    root = getattr(backend, "adapter_root", None)
+    if not backend.can_load_adapters:
+        how = ("the playground has no admin key for the server (--admin-api-key)" if hasattr(backend, "url")
+               else "start the playground with --adapter-root DIR to allow PEFT folders under DIR")
+        return f"Loading adapters at run time is **off**: {how}."
+    where = f"`{root}`" if root else "the server's `--lora-root`"
+    return (f"PEFT folders under {where} only. Adapters loaded here can be unloaded here "
+            "(type the name, *Unload adapter*).")
+
+
 def banner_markdown(label: str, random_weights: bool, server: bool, error: str | None = None) -> str:
     where = "a `nova serve` server" if server else "this process"
     text = f"**Model:** `{label}` — embeddings computed by {where}."

@@ -108,7 +108,11 @@ def page(browser):
 def app_url(tiny_model):  # the tiny model is generated (once) before the app process needs it
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    with background([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], url, "app-inprocess"):
+    from nova.tiny import ensure_tiny_checkpoint
+
+    adapters = ensure_tiny_checkpoint() / "adapters"  # run-time loading allowed from here only
+    cmd = [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port), "--adapter-root", str(adapters)]
+    with background(cmd, url, "app-inprocess"):
         yield url
 
 

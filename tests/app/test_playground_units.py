@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,8 +33,8 @@ class FakeBackend(Backend):
         for i, item in enumerate(items):
             if item.get("text") == "BROKEN":
                 raise PlaygroundError(f"item {i}: text is broken")
-            seed = abs(hash((item.get("text"), item.get("instructions"), item.get("adapter"), item.get("image"))))
-            rng = np.random.default_rng(seed % 2**32)
+            key = repr((item.get("text"), item.get("instructions"), item.get("adapter"), item.get("image")))
+            rng = np.random.default_rng(int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))
             v = rng.standard_normal((3, 8) if multivector else 8)
             out.append(v / np.linalg.norm(v, axis=-1, keepdims=True))
         return out
@@ -78,8 +80,17 @@ def test_comparison_encodes_each_item_once_and_names_bad_items():
     assert comparison.results[1].candidate_items[0] == {"task": "retrieval.passage", "text": "a"}
     assert comparison.results[1].query_item["instructions"] == "be legal"
     assert comparison.results[2].query_item["adapter"] == "none"
+    # scores, ranks and rank movement, recomputed here from the vectors the backend returned
+    baseline_ranks = None
     for result in comparison.results:
-        assert result.movement == rank_movement(comparison.results[0].ranks, result.ranks)
+        q = result.query_vector
+        scores = [float(q @ c) for c in result.candidate_vectors]
+        assert result.scores == pytest.approx(scores, abs=1e-12)
+        want_ranks = [1 + sum(other > mine for other in scores) for mine in scores]
+        assert result.ranks == want_ranks
+        baseline_ranks = baseline_ranks or want_ranks
+        assert result.movement == [before - now for before, now in zip(baseline_ranks, want_ranks, strict=True)]
+    assert any(any(result.movement) for result in comparison.results[1:])  # something did move
     run_comparison(encoder, "query", cands, variants, Settings())
     assert len(backend.calls) == 1  # cached
     with pytest.raises(PlaygroundError, match="Problem with candidate C2: text is broken"):
@@ -119,21 +130,35 @@ def test_cli_arguments(monkeypatch):
 def test_in_process_backend_runtime_adapter_and_token_labels(tiny_model):
     from nova.playground.backends import InProcessBackend
 
-    backend = InProcessBackend(tiny_model)
+    path = Path(tiny_model.list_adapters()["code"]["path"])
+    closed = InProcessBackend(tiny_model)  # no --adapter-root: run-time loading is off (a public Space)
+    assert not closed.can_load_adapters
+    with pytest.raises(PlaygroundError, match="off: start the playground with --adapter-root"):
+        closed.load_adapter("my-code", str(path))
+    assert "my-code" not in tiny_model.list_adapters()
+
+    backend = InProcessBackend(tiny_model, adapter_root=str(path.parent))
     assert backend.random_weights
     assert backend.dimension_choices()[-1] == backend.full_dim()
-    path = tiny_model.list_adapters()["code"]["path"]
-    backend.load_adapter("my-code", path)
+    backend.load_adapter("my-code", str(path / "adapter_model.safetensors"))  # the weights file names its folder
     try:
         assert "my-code" in backend.list_adapters()
         a, b = backend.encode([{"task": "retrieval.query", "text": "x", "adapter": "my-code"},
                                {"task": "retrieval.query", "text": "x", "adapter": "code"}],
                               multivector=False, dimensions=None)
         assert np.allclose(a, b, atol=1e-5)
+        with pytest.raises(PlaygroundError, match="only adapters loaded here can be unloaded"):
+            backend.unload_adapter("code")  # the checkpoint's own task adapter stays
     finally:
-        tiny_model.unload_adapter("my-code")
-    with pytest.raises(PlaygroundError, match="could not load adapter 'bad'"):
-        backend.load_adapter("bad", "/nonexistent/adapter")
+        backend.unload_adapter("my-code")
+    assert "my-code" not in tiny_model.list_adapters() and "code" in tiny_model.list_adapters()
+    for bad_path, message in [("/etc", "must be inside --adapter-root"), ("../..", "must be inside --adapter-root"),
+                              ("nonexistent", "not a PEFT folder")]:
+        with pytest.raises(PlaygroundError, match=message):
+            backend.load_adapter("bad", bad_path)
+    with pytest.raises(PlaygroundError, match="lora_name"):
+        backend.load_adapter("none", "code")
+    assert "bad" not in tiny_model.list_adapters()
 
     item = {"task": "retrieval.query", "text": "hello world", "instructions": "be brief"}
     rows = backend.encode([item], multivector=True, dimensions=None)[0]
@@ -164,3 +189,17 @@ def test_token_view_draws_image_patches_as_a_grid():
     assert "grid-template-columns:repeat(4,1fr);grid-template-rows:repeat(3,1fr)" in page
     assert page.count('class="nova-patch nova-hit"') == 1 and "patch 4:" in page
     assert "&lt;|image_pad|&gt;</span>" not in page  # the patches are cells, not 12 text tokens
+
+
+def test_server_backend_takes_its_routing_from_the_server(serve_url, tiny_model):
+    """The playground keeps no task table of its own: against `nova serve` the prompts come from /v1/models."""
+    backend = ServerBackend(serve_url, api_key="test-key")  # the key tests/app/conftest.py starts it with
+    routing = tiny_model.config.task_routing
+    assert backend.task_prompts == {task: route["prompt"] for task, route in routing.items()}
+    assert backend.tasks() == list(routing)
+    assert not backend.can_load_adapters  # no admin key: run-time loading is off
+    with pytest.raises(PlaygroundError, match="off"):
+        backend.load_adapter("x", "code")
+    item = {"task": "code.passage", "text": "def f(): pass"}
+    rows = backend.encode([item], multivector=True, dimensions=None)[0]
+    assert "".join(backend.token_labels(item, len(rows))) == "Passage: def f(): pass"

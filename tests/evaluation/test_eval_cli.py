@@ -165,3 +165,42 @@ def test_cli_errors(small_dataset, run_cli, tmp_path, args, message):
     assert code == 2, err
     assert "Traceback" not in err and message in err, err
     assert [line for line in err.splitlines() if line.startswith("nova eval")] == [err.strip().splitlines()[-1]]
+
+
+def test_a_changed_encoding_setting_misses_the_cache(synthetic, tiny_dir, tmp_path):
+    """Issue 8 item 10: the corpus cache key holds every setting that changes vectors, so a cached corpus is
+    never reused across max_length, chat template, pixel limits or prompt tables."""
+    import json
+
+    from nova.loading import load_model
+
+    dataset = load_beir(synthetic["eval"])
+    variants, baseline = build_variants()
+
+    def corpus_source(embedder, name):
+        doc = evaluate_variants(dataset, variants, baseline, embedder, tmp_path / name, cache_dir=tmp_path / "c",
+                                make_plot=False, log=lambda *_: None)
+        return doc["details"]["baseline"]["corpus_embeddings"]
+
+    def embedder(model, **kwargs):
+        return InProcessEmbedder(model, show_progress=False, name="tiny", **kwargs)
+
+    model = load_model(tiny_dir)
+    assert corpus_source(embedder(model), "first") == "embedded"
+    assert corpus_source(embedder(model), "same") == "cache"  # nothing changed: a hit
+    assert corpus_source(embedder(model, max_length=6), "max-length") == "embedded"
+    assert corpus_source(embedder(model, max_length=6), "max-length-again") == "cache"
+
+    size = dict(model.processor.image_processor.size)
+    model.processor.image_processor.size = {**size, "longest_edge": size["longest_edge"] // 2}
+    assert corpus_source(embedder(model), "pixels") == "embedded"
+    model.processor.image_processor.size = size
+
+    model.config.prompt_sets = {**model.config.prompt_sets, "mine": {"retrieval.passage": "Doc: "}}
+    assert corpus_source(embedder(model), "prompt-sets") == "embedded"
+
+    template = json.loads((tiny_dir / "chat_template.json").read_text())
+    template["chat_template"] = template["chat_template"].replace("Describe the image.", "What is shown?")
+    (tmp_path / "template.json").write_text(json.dumps(template))
+    templated = load_model(tiny_dir, chat_template=str(tmp_path / "template.json"))
+    assert corpus_source(embedder(templated), "template") == "embedded"

@@ -42,6 +42,21 @@ def test_hand_computed_example():
     assert per_query["q2"]["nDCG@10"] == 0.5 and per_query["q1"]["MRR@10"] == 1.0
 
 
+def test_hand_computed_map_and_hit_rate():
+    """Average precision (trec_eval: divided by every judged relevant document, also at a cutoff) and hit rate,
+    worked out by hand on the same example."""
+    got, per_query = evaluate(QRELS, RUN, ["MAP@10", "MAP@2", "Hit_rate@2", "Hit_rate@3"], per_query=True)
+    # q1: relevant at ranks 1 and 3 -> (1/1 + 2/3) / 2; at @2 only rank 1 counts -> (1/1) / 2
+    # q2: relevant at rank 3 -> 1/3; none in the top 2
+    assert per_query["q1"] == pytest.approx({"MAP@10": 5 / 6, "MAP@2": 0.5, "Hit_rate@2": 1.0, "Hit_rate@3": 1.0},
+                                            abs=1e-12)
+    assert per_query["q2"] == pytest.approx({"MAP@10": 1 / 3, "MAP@2": 0.0, "Hit_rate@2": 0.0, "Hit_rate@3": 1.0},
+                                            abs=1e-12)
+    assert per_query["q3"] == {"MAP@10": 0.0, "MAP@2": 0.0, "Hit_rate@2": 0.0, "Hit_rate@3": 0.0}
+    assert got == pytest.approx({"MAP@10": 7 / 18, "MAP@2": 1 / 6, "Hit_rate@2": 1 / 3, "Hit_rate@3": 2 / 3},
+                                abs=1e-12)
+
+
 def test_cutoff_applies():
     qrels = {"q": {"d11": 1}}
     run = {"q": [(f"d{i:02d}", 1.0 - i / 100) for i in range(12)]}  # the relevant doc at rank 12
@@ -83,6 +98,15 @@ def _reference(qrels, run, kind, k):
             values.append(next((1 / (i + 1) for i, d in enumerate(ranking) if d in relevant), 0.0))
         elif kind == "recall":
             values.append(sum(d in relevant for d in ranking) / len(relevant))
+        elif kind == "map":
+            hits, precisions = 0, []
+            for i, d in enumerate(ranking):
+                if d in relevant:
+                    hits += 1
+                    precisions.append(hits / (i + 1))
+            values.append(sum(precisions) / len(relevant))
+        elif kind == "hit_rate":
+            values.append(float(any(d in relevant for d in ranking)))
     return sum(values) / len(values)
 
 
@@ -101,7 +125,7 @@ def test_random_runs_match_ranx_and_reference(seed):
         qrels[qid] = {d: rng.choice([1, 1, 2, 3]) for d in rng.sample(docs, rng.randint(1, 8))}
         raw[qid] = {d: rng.random() for d in rng.sample(docs, rng.randint(50, 300))}  # distinct scores
     run = {qid: rank(scores) for qid, scores in raw.items()}
-    names = metric_list(["nDCG@5", "Recall@20", "MAP@100", "P@1", "MRR@100"])
+    names = metric_list(["nDCG@5", "Recall@20", "MAP@100", "MAP@10", "P@1", "MRR@100", "Hit_rate@3"])
     ours = evaluate(qrels, run, names)
     ranx_names = [parse_metric(n)[1] for n in names]
     with warnings.catch_warnings():
@@ -111,9 +135,9 @@ def test_random_runs_match_ranx_and_reference(seed):
         assert ours[name] == pytest.approx(float(theirs[ranx_name]), abs=1e-12), name
     for name in names:
         display, _, k = parse_metric(name)
-        kind = {"nDCG": "ndcg", "P": "precision", "MRR": "mrr", "Recall": "recall"}.get(display.split("@")[0])
-        if kind:
-            assert ours[name] == pytest.approx(_reference(qrels, run, kind, k), abs=1e-12), name
+        kind = {"nDCG": "ndcg", "P": "precision", "MRR": "mrr", "Recall": "recall", "MAP": "map",
+                "Hit_rate": "hit_rate"}[display.split("@")[0]]
+        assert ours[name] == pytest.approx(_reference(qrels, run, kind, k), abs=1e-12), name
 
 
 def test_metric_names():

@@ -1,6 +1,9 @@
 """Server fixtures: a REAL uvicorn on 127.0.0.1 (random free port, in a thread) around `create_app`, with
 its own model instance loaded from the tiny checkpoint. Reference vectors come from the session's
-in-process `tiny_model` (tests/conftest.py)."""
+in-process `tiny_model` (tests/conftest.py).
+
+Every image fetcher made in these tests connects through `LoopbackOnlyTransport`: whatever the URL guard under
+test decides, no socket is ever opened to an address other than 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -11,10 +14,26 @@ import time
 import httpx
 import pytest
 import uvicorn
+from serve_helpers import LoopbackOnlyTransport
 
 from nova.loading import load_model
 from serve.app import create_app
 from serve.config import Settings
+from serve.images import ImageFetcher
+
+
+@pytest.fixture(autouse=True, scope="session")
+def image_fetches_stay_on_loopback():
+    """Every ImageFetcher built during the tests (the servers' and the tests' own) gets the loopback-only
+    transport unless a test passes one explicitly."""
+    original = ImageFetcher.__init__
+
+    def guarded(self, policy, *, transport=None, **kwargs):
+        original(self, policy, transport=transport or LoopbackOnlyTransport(), **kwargs)
+
+    ImageFetcher.__init__ = guarded
+    yield
+    ImageFetcher.__init__ = original
 
 
 class LiveServer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 
+import httpcore
 import httpx
 import numpy as np
 from PIL import Image
@@ -73,3 +74,34 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None,
     if param is not None:
         assert err["param"] == param, err
     return err
+
+
+class LoopbackOnlyBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend, refusing at connect time every TCP target but 127.0.0.1 (and every Unix
+    socket). `refused` records what a regressed guard would have reached."""
+
+    refused: list[tuple[str, int]] = []
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend):
+        self.inner = inner
+
+    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        if host != "127.0.0.1":
+            LoopbackOnlyBackend.refused.append((host, port))
+            raise httpcore.ConnectError(f"test network guard: no connection to {host}:{port} (loopback only)")
+        return await self.inner.connect_tcp(host, port, timeout=timeout, local_address=local_address,
+                                            socket_options=socket_options)
+
+    async def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        raise httpcore.ConnectError("test network guard: no Unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+class LoopbackOnlyTransport(httpx.AsyncHTTPTransport):
+    def __init__(self):
+        super().__init__(trust_env=False)
+        pool = self._pool  # httpx keeps its httpcore pool here; fail loudly if a new httpx moves it
+        assert isinstance(pool, httpcore.AsyncConnectionPool) and hasattr(pool, "_network_backend")
+        pool._network_backend = LoopbackOnlyBackend(pool._network_backend)

@@ -57,6 +57,14 @@ def test_settings_from_flags_and_env(monkeypatch):
         _parser().parse_args(["--load-lora", "no-equals-sign"])
 
 
+def test_vllm_flag_name_is_an_alias_of_max_batch_tokens():
+    # the model card's troubleshooting section says "lower --max-num-batched-tokens" (vLLM's name)
+    settings = cli.settings_from_args(_parser().parse_args(["--max-num-batched-tokens", "4096"]))
+    assert settings.max_batch_tokens == 4096
+    assert cli.settings_from_args(_parser().parse_args(["--max-batch-tokens", "2048"])).max_batch_tokens == 2048
+    assert "--max-num-batched-tokens" in _parser().format_help()
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--allow-image-urls"], "allowlist"),
     (["--load-lora", "a=/tmp"], "--enable-lora"),

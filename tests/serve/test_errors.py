@@ -65,7 +65,6 @@ CASES = [
     ({"input": ["ok", {"text": 5}]}, 400, None, "input[1].text"),
     ({"input": ["ok", {"text": "x", "task": "summarize"}]}, 400, None, "input[1].task"),
     ({"input": ["ok"], "task": "summarize"}, 400, None, "task"),
-    ({"input": ["ok", "ok", {"text": "x <|image_pad|> y"}]}, 400, "invalid_input", "input[2]"),
     ({"input": ["ok", {"text": "x", "adapter": "no-such-adapter"}]}, 404, "adapter_not_found", "input[1].adapter"),
     ({"input": ["ok", {"image": "not base64 at all!"}]}, 400, "image_source_refused", "input[1].image"),
     ({"input": ["ok", {"image": base64.b64encode(b"GIF89a garbage").decode()}]}, 400, "invalid_image",
@@ -90,6 +89,17 @@ CASES = [
     ({"input": ["ok", {"image": base64.b64encode(png_bytes(1000, 1000)).decode()}]}, 413, "image_too_large",
      "input[1].image"),
 ]
+
+
+def test_control_tokens_in_text_are_plain_text(server, tiny_model):
+    """Decision (docs/architecture.md): control tokens typed by a client are text, never markup or image slots."""
+    text = "x <|image_pad|> y <|im_end|>"
+    response = post(server, {"input": ["ok", text], "return_multivector": True})
+    assert response.status_code == 200, response.text
+    got = decode_embedding(response.json()["data"][1])
+    assert_close(got, reference(tiny_model, {"task": "retrieval", "text": text}, multivector=True))
+    ids = tiny_model.processor.prepare_item({"text": text}).input_ids
+    assert tiny_model.config.image_token_id not in ids and got.shape[0] == len(ids)
 
 
 @pytest.mark.parametrize("payload,status,code,param", CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)])
@@ -220,3 +230,88 @@ def test_disconnected_client_frees_its_rows(slow_server):
     time.sleep(1.5)
     assert slow_server.metric("nova_batch_rows_count") == batches_before  # the rows never reached the model
 
+
+
+# ------------------------------------------------------------------------ non-finite numbers and failing batches
+
+
+def test_non_finite_image_embeds_are_a_400_never_invalid_json(server, tiny_model):
+    """1e300 is valid JSON but overflows float32 to inf: the item is refused (`item N:`), so the last guard
+    (JSON rendered with allow_nan=False) is never what answers."""
+    hidden = tiny_model.config.text_config.hidden_size
+    for value in (1e300, -1e300):
+        item = {"image_embeds": [[value] * hidden], "image_grid_thw": [1, 2, 2]}
+        err = assert_error(post(server, {"input": ["ok", item]}), 400, "invalid_input")
+        assert err["message"].startswith("item 1:"), err
+        assert err["param"].startswith("input[1]"), err
+    answers_normally(server, tiny_model)
+
+
+def test_a_model_that_returns_nan_answers_500_with_a_request_id(start_server, server_model_factory):
+    """The last guard: vectors are rendered with allow_nan=False, so a broken model (here: a final norm of NaN,
+    as a corrupted checkpoint would give) answers a 500 naming the request id, never a body with NaN in it."""
+    import torch
+
+    model = server_model_factory()
+    norms = [p for n, p in model.named_parameters() if n.endswith("norm.weight") and "layers" not in n
+             and "visual" not in n]
+    assert norms
+    with torch.no_grad():
+        for p in norms:
+            p.fill_(float("nan"))
+    broken = start_server(model=model)
+    try:
+        response = httpx.post(broken.url + "/v1/embeddings", json={"input": ["x"]},
+                              headers={"X-Request-Id": "nan-probe-1"}, timeout=60)
+        err = assert_error(response, 500, "internal_error")
+        assert "nan-probe-1" in err["message"]
+    finally:
+        broken.stop()
+
+
+POISON = " xqzpoisonqzx"
+
+
+def test_a_failing_batch_is_retried_row_by_row(start_server, server_model_factory, tiny_model):
+    """One row makes the forward pass fail (a fault injected at the model boundary, standing for any row the
+    validation missed): the batch is retried row by row, the other clients' rows in that batch succeed with
+    the right vectors, and only the client that sent the bad row gets an error."""
+    model = server_model_factory()
+    real_embed = model.embed_prepared
+    poison = model.processor.tokenizer(POISON, add_special_tokens=False)["input_ids"]
+    batches: list[tuple[int, bool]] = []
+
+    def has_poison(row) -> bool:
+        ids = [int(i) for i in row.input_ids]
+        return any(ids[i:i + len(poison)] == poison for i in range(len(ids) - len(poison) + 1))
+
+    def embed_prepared(rows, return_multivector=False):
+        bad = any(has_poison(r) for r in rows)
+        batches.append((len(rows), bad))
+        if bad:
+            raise RuntimeError("the forward pass failed on one row (fault injected by the test)")
+        return real_embed(rows, return_multivector)
+
+    model.embed_prepared = embed_prepared
+    slow = start_server(model=model, max_wait_ms=400, max_batch_tokens=100_000, max_batch_size=1000)
+    try:
+        texts = [f"good client {i}" for i in range(6)]
+        results: dict = {}
+
+        def send(key, text):
+            results[key] = httpx.post(slow.url + "/v1/embeddings", json={"input": [text]}, timeout=60)
+
+        threads = [threading.Thread(target=send, args=(t, t)) for t in texts]
+        threads.append(threading.Thread(target=send, args=("bad", "bad client" + POISON)))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert any(n > 1 and bad for n, bad in batches), batches  # the bad row shared a forward with others
+        for text in texts:
+            assert results[text].status_code == 200, results[text].text
+            assert_close(decode_embedding(results[text].json()["data"][0]),
+                         reference(tiny_model, {"task": "retrieval", "text": text}))
+        assert_error(results["bad"], 500, "internal_error")
+    finally:
+        slow.stop()

@@ -210,3 +210,79 @@ def test_unload_drains_admitted_rows_and_refuses_new_ones(slow_server, tiny_mode
     assert_close(decode_embedding(results["first"].json()["data"][0]), reference(tiny_model, {**item, "adapter": "code"}))
     assert results["unload"].status_code == 200
     assert "mine" not in names(slow_server)
+
+
+# ------------------------------------------------------------------------ routing with and without task adapters
+
+
+@pytest.fixture(scope="module")
+def checkpoint_without_task_adapters(tmp_path_factory, tiny_dir):
+    """The tiny checkpoint as a repository checkout without LFS files: adapter configs, no adapter weights."""
+    out = tmp_path_factory.mktemp("no-task-weights") / "ckpt"
+    shutil.copytree(tiny_dir, out, ignore=shutil.ignore_patterns("adapter_model.safetensors"))
+    assert not list(out.glob("adapters/*/adapter_model.safetensors"))
+    return out
+
+
+def test_plain_requests_route_to_the_base_model_with_a_custom_adapter_loaded(
+        serve_process, checkpoint_without_task_adapters, lora_root, tiny_model):
+    """Issue 8 item 3: with no task adapter weights and one custom adapter loaded by `--load-lora` (named by
+    its weights file, as the model card writes it), plain OpenAI requests answer (base model), not 404."""
+    from openai import OpenAI
+
+    weights_file = lora_root / "mine" / "adapter_model.safetensors"
+    proc = serve_process(checkpoint_without_task_adapters, lora_root, admin_key="admin-key",
+                         extra=["--load-lora", f"custom={weights_file}"])
+    try:
+        client = OpenAI(base_url=proc.url + "/v1", api_key="unused", max_retries=0)
+        got = client.embeddings.create(model="ckpt", input=["plain query", "another"])
+        assert [d.index for d in got.data] == [0, 1]
+        for text, entry in zip(["plain query", "another"], got.data, strict=True):
+            assert_close(np.asarray(entry.embedding, dtype=np.float32),
+                         reference(tiny_model, {"text": text, "task": "retrieval", "adapter": "none"}))
+        # every task routes to the base model; the custom adapter is there for items that name it
+        code = proc.embed([{"text": "def f(): pass", "task": "code.passage"},
+                           {"text": "def f(): pass", "task": "code.passage", "adapter": "custom"}])
+        assert_close(code[0], reference(tiny_model, {"text": "def f(): pass", "task": "code.passage", "adapter": "none"}))
+        assert_close(code[1], reference(tiny_model, {"text": "def f(): pass", "task": "code.passage", "adapter": "code"}))
+        # a run-time load may also name the weights file of a PEFT folder (same confinement rules)
+        loaded = proc.load_lora("other", "other/adapter_model.safetensors")
+        assert loaded.status_code == 200, loaded.text
+        outside = proc.load_lora("evil", "link-out/adapter_model.safetensors")
+        assert_error(outside, 403, "lora_path_outside_root", "lora_path")
+        assert proc.embed(["still plain"])[0].shape == (len(got.data[0].embedding),)
+    finally:
+        proc.stop()
+
+
+def test_task_adapter_unloaded_at_run_time_is_a_clear_404(start_server, lora_root):
+    """A checkpoint that shipped the retrieval adapter, unloaded at run time: its tasks fail loudly (never a
+    quietly different vector), naming the adapter, until it is loaded again."""
+    server = start_server(enable_lora=True, lora_root=str(lora_root), admin_api_key="admin-key")
+    try:
+        assert admin(server, "unload", {"lora_name": "retrieval"}).status_code == 200
+        err = assert_error(embed(server, ["plain"]), 404, "adapter_not_found", "input[0].task")
+        assert "'retrieval'" in err["message"]
+        assert embed(server, [{"text": "x", "task": "code.query"}]).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_load_lora_naming_a_resident_adapter(server_model_factory, tiny_dir):
+    """The model card's `--load-lora retrieval=<checkpoint>/adapters/retrieval/adapter_model.safetensors` names
+    the checkpoint's own adapter: nothing to do. Another folder under a resident name is refused at start-up
+    (it would quietly change the task's vectors)."""
+    from serve.app import create_app
+    from serve.config import Settings
+
+    own = tiny_dir / "adapters" / "retrieval" / "adapter_model.safetensors"
+    model = server_model_factory()
+    before = model.list_adapters()
+    create_app(Settings(enable_lora=True, load_lora=[("retrieval", str(own))]), model=model).state.nova \
+        ._finish_setup_sync()
+    assert model.list_adapters() == before
+    other = tiny_dir / "adapters" / "code"
+    state = create_app(Settings(enable_lora=True, load_lora=[("retrieval", str(other))]), model=model).state.nova
+    with pytest.raises(ValueError, match="'retrieval' is already loaded from"):
+        state._finish_setup_sync()
+    assert model.list_adapters() == before

@@ -14,7 +14,14 @@ import time
 import httpx
 import pytest
 from PIL import Image
-from serve_helpers import assert_close, assert_error, decode_embedding, make_png, reference
+from serve_helpers import (
+    LoopbackOnlyBackend,
+    assert_close,
+    assert_error,
+    decode_embedding,
+    make_png,
+    reference,
+)
 
 from serve.images import ImageError, ImageFetcher, ImagePolicy, decode_image, host_allowed, ip_is_public
 
@@ -217,6 +224,25 @@ def test_fetcher_limits(image_host):
         "http://nowhere.test/x.png": (400, "image_url_refused"),
         "http://images.example/x.png": (400, "image_url_refused"),
     }
+
+
+def test_fetches_cannot_leave_the_machine_even_with_the_guard_off():
+    """The tests' own safety net (tests/serve/conftest.py): with the address guard switched off entirely, a
+    URL that resolves to a private address is still never connected to; loopback still works."""
+    async def main():
+        policy = ImagePolicy(allow_urls=True, allowlist=["*"], max_bytes=1_000_000, timeout=2.0)
+        fetcher = ImageFetcher(policy, resolver=_resolver, ip_allowed=lambda ip: True)  # a regressed guard
+        try:
+            with pytest.raises(ImageError) as refused:
+                await fetcher.fetch("http://internal.test/x.png")
+            return refused.value
+        finally:
+            await fetcher.aclose()
+
+    before = len(LoopbackOnlyBackend.refused)
+    error = asyncio.run(main())
+    assert error.code == "image_url_failed"
+    assert LoopbackOnlyBackend.refused[before:] == [("10.1.2.3", 80)]
 
 
 def test_url_policy_helpers():
