@@ -6,8 +6,9 @@
 Parts (each prints its figures; a failed check exits non-zero at the end, after everything has run):
   1. parity: the tiny checkpoint in bf16 against fp32 on the same device (pooled, multi-vector, mixed batch
      of text / image / text+image rows, three adapters and the base model): cosine >= 0.98.
-  2. sdpa + padding: a padded mixed batch against each row alone, bf16 with sdpa (cosine >= 0.99), and
-     flash-attention 2 against sdpa when flash_attn is installed.
+  2. sdpa + padding: a padded mixed batch against each row alone, bf16 with sdpa (cosine >= 0.99), the
+     instruction prefix cache against the uncached forward, and flash-attention 2 against sdpa when
+     flash_attn is installed.
   3. throughput of a given shape (`--size full`: config.json at the repository root, Jina V4's 3B shape) with
      random bf16 weights generated on the device, random rank-32 adapters: text bs=1 (P50 latency), text
      bs=32, images bs=8, three adapters bs=16, a 40-token instruction on short queries, printed next to
@@ -189,6 +190,11 @@ def sdpa_padding(device, args, rounds, failures) -> dict:
     sdpa = load_tiny(device, torch.bfloat16, "sdpa")
     alone = ([sdpa.encode([i])[0] for i in items], [sdpa.encode([i], return_multivector=True)[0] for i in items])
     out["sdpa"] = compare("sdpa, batch vs alone", both(sdpa, items, len(items)), alone, 0.99, failures)
+    cached = both(sdpa, items, len(items))
+    live, sdpa.prefix_cache = sdpa.prefix_cache, type(sdpa.prefix_cache)(0)
+    out["prefix_cache"] = compare("instruction prefix cache vs uncached", cached, both(sdpa, items, len(items)),
+                                  0.99, failures)
+    sdpa.prefix_cache = live
     if device.type == "cuda" and importlib.util.find_spec("flash_attn"):
         flash = load_tiny(device, torch.bfloat16, "flash_attention_2")
         out["flash_attention_2"] = compare("flash-attention 2 vs sdpa", both(flash, items, len(items)),
