@@ -115,7 +115,7 @@ class NovaEmbeddingsV1STModule(InputModule):
     # ---- inputs -> prepared rows -> embeddings ----------------------------------------------------------
 
     def to_item(self, value, task: str, adapter) -> dict:
-        """One sentence-transformers input as a Nova item: text, an image (PIL, path, bytes, data: URL) or a Nova
+        """One sentence-transformers input as a Nova item: text, an image (PIL, path, bytes, data: or image URL) or a Nova
         item dict (its own task/adapter/instructions win over the request's)."""
         if _is_chat(value):
             raise ValueError(f"input {_describe(value)}: chat messages are not supported; pass text, an image "
@@ -143,7 +143,7 @@ class NovaEmbeddingsV1STModule(InputModule):
             item = self.to_item(value, task, adapter)
             try:
                 rows.append(self.model.processor.prepare_item(item, instructions=instructions,
-                                                              max_length=self.max_seq_length))
+                                                              max_length=self.max_seq_length, fetch_urls=True))
             except ItemError as exc:  # sentence-transformers reorders inputs: name the input, not a position
                 raise ItemError(None, f"input {_describe(value)}: {exc}", exc.code, exc.field) from None
         return {"nova_rows": rows}
@@ -193,10 +193,9 @@ def _is_image_string(value) -> bool:
     if value.startswith("data:image/"):
         return True
     if value.startswith(("http://", "https://")) and " " not in value:
-        if urlparse(value).path.lower().endswith(IMAGE_SUFFIXES):
-            raise ValueError(f"input {_describe(value)}: image URLs are not fetched by the model; pass the image "
-                             "(PIL, path or bytes), or {'text': url} to embed the URL as text")
-        return False
+        # As Jina V4's module: an image URL is an image, fetched in this process by the model's guarded
+        # fetcher (public addresses only, size and time limits); other URLs are text.
+        return urlparse(value).path.lower().endswith(IMAGE_SUFFIXES)
     return len(value) < 4096 and value.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(value)
 
 

@@ -144,3 +144,21 @@ def test_prepare_item_never_fetches_unless_asked(fresh_model, server):
     with pytest.raises(ValueError, match="item 0: image URLs are not fetched by the model"):
         fresh_model.processor.prepare_item({"image": url + "/x.png"}, index=0, allow_paths=False)
     assert hits == []
+
+
+def test_sentence_transformers_takes_image_urls_like_encode_image(tiny_dir, server, png):
+    """Jina V4's sentence-transformers module treats an image URL as an image; Nova's fetches it with the
+    same guarded fetcher as `encode_image` (loopback allowed here through the test hook only)."""
+    from sentence_transformers import SentenceTransformer
+
+    url, _ = server
+    st_model = SentenceTransformer(str(tiny_dir), trust_remote_code=True, device="cpu")
+    model = st_model[0].model
+    model.processor.url_fetcher = fetching(model).UrlFetcher(address_allowed=loopback_only,
+                                                             connect=loopback_transport)
+    got = st_model.encode([url + "/x.png"], convert_to_tensor=True)
+    want = model.encode_image([png], task="retrieval")
+    assert float(got[0] @ want[0]) > 0.9999
+    model.processor.url_fetcher = fetching(model).UrlFetcher(connect=no_transport)  # the default guard
+    with pytest.raises(ValueError, match="10.0.0.1"):
+        st_model.encode(["http://10.0.0.1/cat.png"])

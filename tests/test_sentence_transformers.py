@@ -172,8 +172,6 @@ def test_bad_calls_are_clear_errors(st_model):
         st_model.encode(TEXTS, prompt="Represent this: ")
     with pytest.raises(ValueError, match="is the passage side, but the prompt asks for the query side"):
         st_model.encode(TEXTS, task="code.passage", prompt_name="query")
-    with pytest.raises(ValueError, match="image URLs are not fetched"):
-        st_model.encode(["https://example.invalid/cat.png"])
     with pytest.raises(ValueError, match=r"input 'x': unknown adapter 'nope'"):
         st_model.encode(["x"], adapter="nope")
     with pytest.raises(ValueError, match="chat messages are not supported"):
