@@ -96,7 +96,6 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
     def attach_processor(self, processor: NovaEmbeddingsV1Processor) -> None:
         self.processor = processor
         processor.adapter_names = lambda: set(self.lora.adapters)
-        self.record_absent_task_adapters()
 
     def record_absent_task_adapters(self) -> None:
         """Task adapters the checkpoint did not ship route their tasks to the base model; say so once, loudly.

@@ -189,7 +189,8 @@ class NovaEmbeddingsV1Processor:
         self.merge_size = config.vision_config.spatial_merge_size
         # Set by the model: which adapter names are resident, and which task adapters the checkpoint did not
         # ship (their tasks run on the base model, as documented; an adapter unloaded later is an error).
-        self.adapter_names = lambda: set()
+        # None: a processor on its own (no model attached) routes by name without validating adapters.
+        self.adapter_names = None
         self.absent_task_adapters: frozenset[str] = frozenset()
 
     @classmethod
@@ -242,6 +243,12 @@ class NovaEmbeddingsV1Processor:
                                  f"{', '.join(sorted(self.config.prompt_sets))}", field="prompt_set")
             prompt = prompts.get(task, prompt)
         routed = routing[task].get("adapter")
+        if self.adapter_names is None:
+            named = routed if adapter is INHERIT else adapter
+            if named is not None and not isinstance(named, str):
+                raise item_error(index, f"'adapter' must be a string or null, not {type(named).__name__}",
+                                 field="adapter")
+            return Route(task, prompt, None if named is None or named.lower() in NO_ADAPTER else named)
         loaded = self.adapter_names()
         if adapter is INHERIT:
             if routed is None or routed in loaded:

@@ -1,8 +1,8 @@
 """`nova convert JINA_DIR OUT_DIR`: a Jina Embeddings V4 directory -> a Nova directory.
 
 Base weights keep their names (Nova uses Jina's module names), so they are copied byte for byte; the
-combined task adapter is split into one standard PEFT folder per task; Nova's config, template and remote
-code are added.
+combined task adapter is split into one standard PEFT folder per task; Nova's config, template, remote
+code and sentence-transformers files are added.
 """
 
 from __future__ import annotations
@@ -12,7 +12,14 @@ import json
 import pathlib
 import shutil
 
-from nova.repo import AUTO_MAP, REMOTE_CODE_FILES, TOKENIZER_FILES, model_class, repo_file
+from nova.repo import (
+    AUTO_MAP,
+    REMOTE_CODE_FILES,
+    SENTENCE_TRANSFORMERS_FILES,
+    TOKENIZER_FILES,
+    model_class,
+    repo_file,
+)
 from nova.tiny import write_peft_folder
 
 
@@ -36,7 +43,8 @@ def convert(jina_dir, out_dir) -> pathlib.Path:
         shutil.copyfile(path, out / path.name)
     for name in TOKENIZER_FILES + ("preprocessor_config.json",):
         shutil.copyfile(src / name if (src / name).is_file() else repo_file(name), out / name)
-    for name in REMOTE_CODE_FILES + ("chat_template.json",):
+    # Nova's own sentence-transformers files replace Jina's (its modules.json names Jina's custom_st module)
+    for name in REMOTE_CODE_FILES + SENTENCE_TRANSFORMERS_FILES + ("chat_template.json",):
         shutil.copyfile(repo_file(name), out / name)
     adapters = src / "adapters"
     if (adapters / "adapter_model.safetensors").is_file():

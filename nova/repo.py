@@ -5,14 +5,19 @@ from __future__ import annotations
 import pathlib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-REMOTE_CODE_FILES = (
+# What `AutoModel.from_pretrained(..., trust_remote_code=True)` copies into the modules cache.
+MODEL_CODE_FILES = (
     "configuration_nova_embeddings_v1.py",
     "processing_nova_embeddings_v1.py",
     "lora_nova_embeddings_v1.py",
     "modeling_nova_embeddings_v1.py",
 )
+# The sentence-transformers module (modules.json points at it); it imports the model code above.
+SENTENCE_TRANSFORMERS_CODE_FILE = "sentence_transformers_nova_embeddings_v1.py"
+REMOTE_CODE_FILES = MODEL_CODE_FILES + (SENTENCE_TRANSFORMERS_CODE_FILE,)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
-DATA_FILES = ("chat_template.json", "preprocessor_config.json")
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.json")
+DATA_FILES = ("chat_template.json", "preprocessor_config.json") + SENTENCE_TRANSFORMERS_FILES
 AUTO_MAP = {
     "AutoConfig": "configuration_nova_embeddings_v1.NovaEmbeddingsV1Config",
     "AutoModel": "modeling_nova_embeddings_v1.NovaEmbeddingsV1Model",
