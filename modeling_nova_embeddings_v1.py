@@ -233,6 +233,17 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
 
     # ---- embeddings ----------------------------------------------------------------------------------
 
+    def collate_rows(self, rows: list[PreparedItem], adapters: list[str | None] | None = None) -> dict:
+        """The host-side half of `forward_rows`: rows grouped by adapter (LoRA works on contiguous slices; rows
+        are independent, so their order inside a batch changes nothing) and collated into padded tensors. No
+        lock and no device work, so a server can collate the next batch while the current one runs."""
+        adapters = [r.adapter for r in rows] if adapters is None else list(adapters)
+        order = sorted(range(len(rows)), key=lambda i: (adapters[i] is not None, adapters[i] or ""))
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        return {"batch": self.processor.collate([rows[i] for i in order]), "adapters": [adapters[i] for i in order],
+                "inverse": inverse, "rows": [rows[i] for i in order]}
+
     def forward_rows(
         self,
         rows: list[PreparedItem],
@@ -240,28 +251,26 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         pooled: bool = True,
         multivector: bool = False,
         adapters: list[str | None] | None = None,
+        collated: dict | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Differentiable embeddings of prepared rows: the one place pooling is defined (training uses it
         with gradients, `embed_prepared` without).
 
         Returns (pooled [N, H] L2-normalized, tokens [N, T, 128] L2-normalized per token, token_mask [N, T]
-        marking each row's multi-vector rows: attended tokens outside the instruction turn). `adapters`
-        overrides the rows' own adapters (None entries: the base model).
+        marking each row's multi-vector rows: attended tokens outside the instruction turn), in the rows'
+        order. `adapters` overrides the rows' own adapters (None entries: the base model); `collated` is
+        `collate_rows(rows, adapters)` done beforehand.
         """
-        adapters = [r.adapter for r in rows] if adapters is None else list(adapters)
-        # Rows sharing an adapter are made contiguous so LoRA works on slices (rows are independent, so
-        # the order inside a batch changes nothing); outputs are put back in the caller's order.
-        order = sorted(range(len(rows)), key=lambda i: (adapters[i] is not None, adapters[i] or ""))
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        collated = collated if collated is not None else self.collate_rows(rows, adapters)
+        batch, ordered_adapters = dict(collated["batch"]), collated["adapters"]
         with self.lora.lock:
-            missing = [(r, a) for r, a in zip(rows, adapters, strict=True) if a is not None and a not in self.lora.adapters]
+            missing = [(r, a) for r, a in zip(collated["rows"], ordered_adapters, strict=True)
+                       if a is not None and a not in self.lora.adapters]
             if missing:
                 raise ValueError(f"item {missing[0][0].index}: adapter {missing[0][1]!r} is not loaded")
-            batch = self.processor.collate([rows[i] for i in order])
             batch["want_multi"] = multivector
-            hidden, projected = self.forward_hidden(batch, [adapters[i] for i in order])
-        inverse = inverse.to(hidden.device)
+            hidden, projected = self.forward_hidden(batch, ordered_adapters)
+        inverse = collated["inverse"].to(hidden.device)
         pooled_out = tokens = token_mask = None
         if pooled:
             mask = batch["pool_mask"].to(hidden.device).unsqueeze(-1)
@@ -272,14 +281,20 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         return pooled_out, tokens, token_mask
 
     @torch.inference_mode()
-    def embed_prepared(self, rows: list[PreparedItem], return_multivector: bool | list[bool] = False) -> list[torch.Tensor]:
+    def embed_prepared(self, rows: list[PreparedItem], return_multivector: bool | list[bool] = False,
+                       collated: dict | None = None) -> list[torch.Tensor]:
         """One forward pass over prepared rows. Returns, per row, the full-size L2-normalized pooled vector
-        or the [n_tokens, 128] multi-vector (instruction turn excluded), as float32 CPU tensors."""
+        or the [n_tokens, 128] multi-vector (instruction turn excluded), as float32 CPU tensors (one
+        device-to-host copy per output kind, not one per row)."""
         if not rows:
             return []
         wants = list(return_multivector) if isinstance(return_multivector, (list, tuple)) else [bool(return_multivector)] * len(rows)
-        pooled, tokens, token_mask = self.forward_rows(rows, pooled=not all(wants), multivector=any(wants))
-        return [(tokens[i][token_mask[i]] if want else pooled[i]).cpu() for i, want in enumerate(wants)]
+        pooled, tokens, token_mask = self.forward_rows(rows, pooled=not all(wants), multivector=any(wants),
+                                                       collated=collated)
+        pooled = pooled.cpu() if pooled is not None else None
+        if tokens is not None:
+            tokens, token_mask = tokens.cpu(), token_mask.cpu()
+        return [tokens[i][token_mask[i]] if want else pooled[i] for i, want in enumerate(wants)]
 
     def check_dimensions(self, dimensions: int | None, return_multivector: bool = False) -> None:
         if dimensions is None:

@@ -411,19 +411,18 @@ class NovaEmbeddingsV1Processor:
     # ---- batches -------------------------------------------------------------------------------------
 
     def collate(self, rows: list[PreparedItem]) -> dict:
-        """Right-padded batch tensors (right padding keeps every row's positions independent of the batch)."""
-        length = max(row.num_tokens for row in rows)
-        batch = len(rows)
-        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, length), dtype=torch.long)
-        pool_mask = torch.zeros((batch, length), dtype=torch.bool)
-        multi_mask = torch.zeros((batch, length), dtype=torch.bool)
-        for i, row in enumerate(rows):
-            n = row.num_tokens
-            input_ids[i, :n] = torch.tensor(row.input_ids)
-            attention_mask[i, :n] = 1
-            pool_mask[i, :n] = torch.tensor(row.pool_mask)
-            multi_mask[i, row.instruction_len : n] = True
+        """Right-padded batch tensors (right padding keeps every row's positions independent of the batch).
+        Vectorized: one tensor per field from the rows' concatenated lists, scattered through a length mask."""
+        lengths = torch.tensor([row.num_tokens for row in rows], dtype=torch.long)
+        starts = torch.tensor([row.instruction_len for row in rows], dtype=torch.long)
+        positions = torch.arange(int(lengths.max())).unsqueeze(0)
+        attended = positions < lengths.unsqueeze(1)
+        input_ids = torch.full(attended.shape, self.pad_token_id, dtype=torch.long)
+        input_ids[attended] = torch.tensor([t for row in rows for t in row.input_ids], dtype=torch.long)
+        pool_mask = torch.zeros(attended.shape, dtype=torch.bool)
+        pool_mask[attended] = torch.tensor([m for row in rows for m in row.pool_mask], dtype=torch.bool)
+        attention_mask = attended.long()
+        multi_mask = attended & (positions >= starts.unsqueeze(1))
         pixel_rows = [row for row in rows if row.pixel_values is not None]
         grids = [row.image_grid_thw for row in rows if row.has_image]
         return {

@@ -160,8 +160,8 @@ class InProcessBackend(Backend):
     def load_adapter(self, name, path):
         """Only from under `--adapter-root`, with the server's own confinement rule (symlinks resolved; the
         weights file of a PEFT folder names the folder)."""
+        from serve.adapters import check_lora_name, resolve_lora_path
         from serve.errors import ApiError
-        from serve.lora_admin import check_lora_name, resolve_lora_path
 
         if self.adapter_root is None:
             raise PlaygroundError("Loading adapters at run time is off: start the playground with "
