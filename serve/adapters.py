@@ -24,6 +24,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from nova.repo import is_base_model_name
+
 from .admission import adapter_not_found
 from .errors import ApiError, bad_request
 
@@ -66,7 +68,7 @@ def resolve_lora_path(root: str | None, given: object, *, root_flag: str = "--lo
 
 def check_lora_name(name: object) -> str:
     """A name an adapter may be loaded under (ApiError otherwise): short, plain, and not a base-model alias."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or name.lower() in ("none", "base"):
+    if not isinstance(name, str) or not NAME_RE.match(name) or is_base_model_name(name):
         raise bad_request("'lora_name' must match [A-Za-z0-9][A-Za-z0-9._-]{0,63} and not be none/base",
                           param="lora_name")
     return name
