@@ -184,7 +184,8 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
                 features = self._image_features(batch)
                 mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
                 inputs_embeds = inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
-            position_ids = self.rope_positions(batch).to(device)
+            position_ids = batch["position_ids"] if "position_ids" in batch else self.rope_positions(batch)
+            position_ids = position_ids.to(device)
             out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
             hidden = out.last_hidden_state
             projected = self.multi_vector_projector(hidden) if batch.get("want_multi", True) else None
@@ -213,12 +214,13 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         positions = torch.zeros(3, batch_size, length, dtype=torch.long)
         merge = self.config.vision_config.spatial_merge_size
         grids = iter(batch["image_grid_thw"].tolist() if batch["image_grid_thw"] is not None else [])
-        image_rows = set(batch["image_rows"])
-        for row in range(batch_size):
+        image_rows = batch["image_rows"]
+        text_rows = torch.ones(batch_size, dtype=torch.bool)
+        text_rows[image_rows] = False
+        # text rows: 0..n-1 on all three axes, vectorized (padding stays 0)
+        positions[:, text_rows] = (torch.arange(length).unsqueeze(0) * attention_mask[text_rows]).unsqueeze(0)
+        for row in image_rows:
             n = int(attention_mask[row].sum())
-            if row not in image_rows:
-                positions[:, row, :n] = torch.arange(n)
-                continue
             t, h, w = next(grids)
             h, w = h // merge, w // merge
             ids = input_ids[row, :n]
@@ -241,8 +243,10 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         order = sorted(range(len(rows)), key=lambda i: (adapters[i] is not None, adapters[i] or ""))
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-        return {"batch": self.processor.collate([rows[i] for i in order]), "adapters": [adapters[i] for i in order],
-                "inverse": inverse, "rows": [rows[i] for i in order]}
+        batch = self.processor.collate([rows[i] for i in order])
+        batch["position_ids"] = self.rope_positions(batch)
+        return {"batch": batch, "adapters": [adapters[i] for i in order], "inverse": inverse,
+                "rows": [rows[i] for i in order]}
 
     def forward_rows(
         self,

@@ -228,7 +228,8 @@ def main() -> int:
                              "the server cannot sort by length the way encode() does (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="in-process encode() batch size (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="(default: %(default)s)")
-    parser.add_argument("--max-wait-ms", type=float, default=2.0, help="server batching wait (default: %(default)s)")
+    parser.add_argument("--max-wait-ms", type=float, default=None,
+                        help="server --max-wait-ms (default: the server's own default)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--mode", choices=["items", "sentences"], default="items",
@@ -256,7 +257,8 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "nova.cli", "serve", model_dir, "--trust-remote-code", "--port", str(port),
-           "--max-wait-ms", str(args.max_wait_ms), "--max-batch-size", str(args.batch_size),
+           *(["--max-wait-ms", str(args.max_wait_ms)] if args.max_wait_ms is not None else []),
+           "--max-batch-size", str(args.batch_size),
            "--max-client-batch-size", str(max(32, args.per_request)), "--log-level", "warning",
            "--device", args.device]
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

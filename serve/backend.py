@@ -33,8 +33,7 @@ class Backend:
         self._collate_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nova-collate")
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nova-model")
         self._in_backend = 0  # batches collating, waiting or running
-        self._running_since: float | None = None
-        self._running_predicted = 0.0
+        self._busy_until = 0.0  # predicted end of the last batch handed to the model thread (monotonic)
         self._collate_seconds = 0.0
         self._tasks: set[asyncio.Task] = set()
         self.model_thread_ids: set[int] = set()
@@ -48,10 +47,9 @@ class Backend:
         return self._in_backend < DEPTH
 
     def expected_free_at(self) -> float:
-        """When the model thread should be free again (monotonic seconds), from the running batch's prediction."""
-        if self._running_since is None:
-            return time.monotonic()
-        return self._running_since + self._running_predicted
+        """When the model thread should be free again (monotonic seconds): each batch submitted adds its
+        predicted forward time after the previous one's end (one model thread, first in first out)."""
+        return self._busy_until
 
     def collate_lead(self) -> float:
         return self._collate_seconds + 0.001
@@ -61,11 +59,13 @@ class Backend:
     def submit(self, batch: list, predicted_seconds: float) -> None:
         """Start collating `batch` now and run it when the model thread is free (returns at once)."""
         self._in_backend += 1
-        task = asyncio.create_task(self._process(batch, predicted_seconds))
+        now = time.monotonic()
+        self._busy_until = max(self._busy_until, now + self.collate_lead()) + predicted_seconds
+        task = asyncio.create_task(self._process(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _process(self, batch: list, predicted_seconds: float) -> None:
+    async def _process(self, batch: list) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
@@ -74,8 +74,7 @@ class Backend:
             except Exception:  # noqa: BLE001 - the model thread retries the rows one by one
                 collated = None
             self._collate_seconds = 0.8 * self._collate_seconds + 0.2 * (time.monotonic() - started)
-            outcomes, elapsed = await loop.run_in_executor(self._model_thread, self._run, batch, collated,
-                                                           predicted_seconds)
+            outcomes, elapsed = await loop.run_in_executor(self._model_thread, self._run, batch, collated)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the executor itself failed: fail these rows, keep serving
@@ -83,15 +82,16 @@ class Backend:
             outcomes, elapsed = [exc] * len(batch), time.monotonic() - started
         finally:
             self._in_backend -= 1
+            if self._in_backend == 0:
+                self._busy_until = time.monotonic()
         self.on_batch_done(batch, outcomes, elapsed)
 
     def _collate(self, batch: list):
         return self.model.collate_rows([row.prepared for row in batch])
 
-    def _run(self, batch: list, collated, predicted_seconds: float) -> tuple[list, float]:
+    def _run(self, batch: list, collated) -> tuple[list, float]:
         """Model thread: one forward (or, if it fails, one per row). Returns (outcomes, forward seconds)."""
         self.model_thread_ids.add(threading.get_ident())
-        self._running_since, self._running_predicted = time.monotonic(), predicted_seconds
         started = time.perf_counter()
         try:
             if collated is not None:  # (a batch that failed to collate goes straight to the rows one by one)
@@ -100,8 +100,6 @@ class Backend:
             if len(batch) == 1:
                 return [_row_error(batch[0], exc)], time.perf_counter() - started
             log.warning("batch of %d rows failed (%s); retrying rows one by one", len(batch), exc)
-        finally:
-            self._running_since = None
         outcomes = []
         for row in batch:
             try:

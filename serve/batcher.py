@@ -3,7 +3,7 @@
 - Rows wait in one queue (FIFO for fairness). A batch always contains the oldest row (so nothing starves)
   plus the rows closest to it in length, packed while `rows x longest row <= max_batch_tokens` and
   `rows <= max_batch_size`; rows of any adapter, task, instruction and modality share a batch (the model
-  routes adapters per row). A row's length counts its image tokens, so images weigh what they cost.
+  routes adapters per row). A row's length counts its image's vision-tower patches too (routes.batch_cost).
 - No fixed wait (TEI's way): when the model is idle a batch leaves at once. `--max-wait-ms` (default 0) is only
   how long a row may wait for company while the model is idle; rows of requests that are received and still
   being tokenized (`preparing`) are worth a short grace (a quarter of the measured batch time, at most 50 ms),

@@ -185,7 +185,7 @@ async def _embeddings(server: Server, request: Request) -> Response:
         raise
     try:
         ticket = server.batcher.submit([
-            {"prepared": row, "tokens": row.num_tokens, "adapter": row.adapter, "multivector": req.return_multivector,
+            {"prepared": row, "tokens": batch_cost(row), "adapter": row.adapter, "multivector": req.return_multivector,
              "dimensions": None if req.return_multivector else req.dimensions}
             for row in rows
         ])
@@ -210,6 +210,14 @@ async def _embeddings(server: Server, request: Request) -> Response:
     body = await asyncio.get_running_loop().run_in_executor(server.preparer.pool, render_embeddings, req, vectors,
                                                              rows)
     return Response(body, media_type="application/json")
+
+
+def batch_cost(row) -> int:
+    """A row's weight in the token budgets: its tokens, plus its image's patches before the 2x2 merge (the vision
+    tower runs on those, so an image costs more than its merged tokens say)."""
+    if row.pixel_values is None or row.image_grid_thw is None:
+        return row.num_tokens
+    return row.num_tokens + int(row.image_grid_thw.prod())
 
 
 def render_embeddings(req: EmbeddingRequest, vectors: list[np.ndarray], rows: list) -> bytes:

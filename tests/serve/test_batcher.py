@@ -68,9 +68,9 @@ def test_an_idle_model_takes_a_lone_row_at_once_and_a_busy_one_paces_on_its_pred
     waiting = _batcher(max_wait_ms=200)
     assert waiting._take_at() == waiting._pending[0].enqueued + 0.2
     backend = batcher.backend
-    backend._in_backend, backend._running_since, backend._running_predicted = 1, time.monotonic(), 0.5
     backend._collate_seconds = 0.01
-    assert batcher._take_at() == backend._running_since + 0.5 - 0.011
+    backend._in_backend, backend._busy_until = 1, time.monotonic() + 0.5  # one batch in, predicted to take 0.5 s
+    assert batcher._take_at() == backend._busy_until - 0.011
     assert batcher._take_at() > oldest.enqueued
     backend._in_backend = 2
     assert math.isinf(batcher._take_at())
