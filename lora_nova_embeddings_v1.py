@@ -2,8 +2,9 @@
 
 Adapters never touch the base weights: each targeted `nn.Linear` gets a forward hook that adds
 `scale * B(A(x))` for the rows routed to each adapter (grouped, one small matmul pair per adapter present
-in the batch, like punica/S-LoRA's gather-scatter). Base state-dict keys therefore stay Jina V4's, and
-loading or unloading an adapter is a dictionary update done under a lock, all-or-nothing.
+in the batch, like punica/S-LoRA's gather-scatter). The matrices are non-persistent buffers of
+`MultiLoraLayer` modules under the model's `lora` child, so they follow every dtype/device move of the
+model while base state-dict keys stay Jina V4's; loading or unloading is done under a lock, all-or-nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -41,18 +43,61 @@ def normalize_module_name(key: str) -> str:
 
 @dataclass
 class LoraAdapter:
-    """One adapter's weights, already validated against the model: module name -> (A, B)."""
+    """One resident adapter's description. Its matrices live in the model's `MultiLoraLayer` modules (so they
+    follow every `.to()`), under `adapter_id`, which is never reused: it identifies these exact weights."""
 
     name: str
     rank: int
     alpha: float
     scaling: float
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    targets: tuple[str, ...]
     path: str = ""
     config: dict = field(default_factory=dict)
+    adapter_id: int = -1
 
     def describe(self) -> dict:
-        return {"rank": self.rank, "alpha": self.alpha, "targets": len(self.weights), "path": self.path}
+        return {"rank": self.rank, "alpha": self.alpha, "targets": len(self.targets), "path": self.path}
+
+
+class MultiLoraLayer(nn.Module):
+    """The LoRA matrices of every resident adapter for ONE targeted `nn.Linear`, as non-persistent buffers
+    (`A<id>`, `B<id>`): they move with the model on `.to()`/`.half()`/`.cuda()`, and stay out of the base
+    model's `state_dict()` (its keys remain Jina V4's). `delta()` adds each row group's `scale * B(A(x))`."""
+
+    def __init__(self):
+        super().__init__()
+        self.scalings: dict[int, float] = {}
+
+    def add(self, adapter_id: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        self.register_buffer(f"A{adapter_id}", a, persistent=False)
+        self.register_buffer(f"B{adapter_id}", b, persistent=False)
+        self.scalings[adapter_id] = scaling
+
+    def remove(self, adapter_id: int) -> None:
+        for ab in "AB":
+            delattr(self, f"{ab}{adapter_id}")
+        del self.scalings[adapter_id]
+
+    def pair(self, adapter_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"A{adapter_id}"), getattr(self, f"B{adapter_id}")
+
+    def delta(self, x: torch.Tensor, output: torch.Tensor, groups) -> torch.Tensor:
+        for adapter_id, rows in groups or ():
+            if adapter_id not in self.scalings:
+                continue
+            a, b = self.pair(adapter_id)
+            scaling = self.scalings[adapter_id]
+            if isinstance(rows, slice):  # a contiguous block of rows: views, no gather/scatter copies
+                delta = (x[rows] @ a.T @ b.T) * scaling
+                if torch.is_grad_enabled():
+                    output = torch.cat([output[: rows.start], output[rows] + delta, output[rows.stop :]])
+                else:
+                    output[rows] += delta
+            else:
+                rows = rows.to(x.device)
+                delta = (x.index_select(0, rows) @ a.T @ b.T) * scaling
+                output = output.index_add(0, rows, delta.to(output.dtype))
+        return output
 
 
 def read_peft_folder(path: str, *, name_filter: str | None = None) -> dict[str, tuple[dict, dict[str, tuple]]]:
@@ -108,26 +153,46 @@ def read_peft_folder(path: str, *, name_filter: str | None = None) -> dict[str, 
     return out
 
 
-class LoraRegistry:
-    """The resident adapters of one model and the per-row routing of the forward pass in flight."""
+class LoraRegistry(nn.Module):
+    """The resident adapters of one model (a child module of it, so their matrices follow the model's dtype
+    and device) and the per-row routing of the forward pass in flight."""
 
     def __init__(self, model: nn.Module, max_loras: int, max_lora_rank: int):
-        self.model = model
+        super().__init__()
+        # A weak reference: the registry is the model's child, so a strong one would make a module cycle.
+        self._owner = weakref.ref(model)
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
         self.adapters: dict[str, LoraAdapter] = {}
         self.lock = threading.RLock()
-        self._ids: dict[str, int] = {}
-        self._module_weights: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+        self.layers = nn.ModuleDict()  # "<target module name with . -> __>" -> MultiLoraLayer
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._text_route: list | None = None
         self._vision_routes: dict[int, list] = {}
         self._next_id = 0
 
+    @property
+    def model(self) -> nn.Module:
+        return self._owner()
+
+    def layer(self, module_name: str) -> MultiLoraLayer | None:
+        key = module_name.replace(".", "__")
+        return self.layers[key] if key in self.layers else None
+
+    def weights(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{module: (lora_A, lora_B)} of a resident adapter, as they are now (model dtype and device)."""
+        adapter = self.adapters[name]
+        return {module: self.layer(module).pair(adapter.adapter_id) for module in adapter.targets}
+
+    def identity(self, name: str | None) -> int:
+        """A number that changes whenever the weights behind `name` change (load, unload, reload)."""
+        return NO_ROUTE if name is None else self.adapters[name].adapter_id
+
     # ---- loading -------------------------------------------------------------------------------------
 
-    def build(self, name: str, config: dict, pairs: dict, path: str = "") -> LoraAdapter:
-        """Validate one adapter against the model (shapes, rank, targets) without changing anything."""
+    def build(self, name: str, config: dict, pairs: dict, path: str = "") -> tuple[LoraAdapter, dict]:
+        """Validate one adapter against the model (shapes, rank, targets) without changing anything. Returns
+        the adapter and its matrices, already in each target's dtype and on its device."""
         if not name or not isinstance(name, str) or name.lower() in NO_ADAPTER:
             raise ValueError(f"invalid adapter name {name!r}")
         modules = dict(self.model.named_modules())
@@ -136,7 +201,6 @@ class LoraRegistry:
             raise ValueError(f"adapter {name!r}: rank {rank} exceeds max_lora_rank {self.max_lora_rank}")
         alpha = float(config.get("lora_alpha", rank))
         scaling = alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank
-        param = next(self.model.parameters())
         weights = {}
         for module_name, (a, b) in pairs.items():
             target = modules.get(module_name)
@@ -148,43 +212,48 @@ class LoraRegistry:
                     f"adapter {name!r}: module {module_name!r} expects lora_A [{rank}, {target.in_features}] and "
                     f"lora_B [{target.out_features}, {rank}], got {list(a.shape)} and {list(b.shape)}"
                 )
-            weights[module_name] = (a.to(param.device, param.dtype), b.to(param.device, param.dtype))
-        return LoraAdapter(name=name, rank=rank, alpha=alpha, scaling=scaling, weights=weights, path=path, config=config)
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise ValueError(f"adapter {name!r}: module {module_name!r} has non-finite LoRA weights")
+            device, dtype = target.weight.device, target.weight.dtype
+            weights[module_name] = (a.to(device, dtype), b.to(device, dtype))
+        adapter = LoraAdapter(name=name, rank=rank, alpha=alpha, scaling=scaling, targets=tuple(weights), path=path,
+                              config=config)
+        return adapter, weights
 
-    def add(self, adapters: list[LoraAdapter]) -> None:
+    def add(self, built: list[tuple[LoraAdapter, dict]]) -> None:
         """Make validated adapters resident, all or none."""
         with self.lock:
-            names = [adapter.name for adapter in adapters]
+            names = [adapter.name for adapter, _ in built]
             clash = [n for n in names if n in self.adapters] or [n for n in set(names) if names.count(n) > 1]
             if clash:
                 raise ValueError(f"adapter {clash[0]!r} is already loaded; unload it first")
-            if len(self.adapters) + len(adapters) > self.max_loras:
+            if len(self.adapters) + len(built) > self.max_loras:
                 raise ValueError(
-                    f"loading {len(adapters)} more adapter(s) would exceed max_loras={self.max_loras} "
+                    f"loading {len(built)} more adapter(s) would exceed max_loras={self.max_loras} "
                     f"({len(self.adapters)} loaded: {', '.join(sorted(self.adapters)) or 'none'})"
                 )
-            for adapter in adapters:
-                adapter_id = self._next_id
+            for adapter, weights in built:
+                adapter.adapter_id = self._next_id
                 self._next_id += 1
-                self._ids[adapter.name] = adapter_id
                 self.adapters[adapter.name] = adapter
-                for module_name, (a, b) in adapter.weights.items():
-                    self._module_weights.setdefault(module_name, {})[adapter_id] = (a, b, adapter.scaling)
-                    if module_name not in self._hooks:
+                for module_name, (a, b) in weights.items():
+                    layer = self.layer(module_name)
+                    if layer is None:
+                        layer = self.layers[module_name.replace(".", "__")] = MultiLoraLayer()
                         module = self.model.get_submodule(module_name)
-                        self._hooks[module_name] = module.register_forward_hook(self._make_hook(module_name))
+                        self._hooks[module_name] = module.register_forward_hook(self._make_hook(layer))
+                    layer.add(adapter.adapter_id, a, b, adapter.scaling)
 
     def remove(self, name: str) -> None:
         with self.lock:
             if name not in self.adapters:
                 raise ValueError(f"unknown adapter {name!r}; loaded: {', '.join(sorted(self.adapters)) or 'none'}")
-            adapter_id = self._ids.pop(name)
             adapter = self.adapters.pop(name)
-            for module_name in adapter.weights:
-                per_module = self._module_weights[module_name]
-                per_module.pop(adapter_id, None)
-                if not per_module:
-                    del self._module_weights[module_name]
+            for module_name in adapter.targets:
+                layer = self.layer(module_name)
+                layer.remove(adapter.adapter_id)
+                if not layer.scalings:
+                    del self.layers[module_name.replace(".", "__")]
                     self._hooks.pop(module_name).remove()
 
     # ---- routing -------------------------------------------------------------------------------------
@@ -198,7 +267,7 @@ class LoraRegistry:
         patch for the merger). Row groups are computed once here, not in every layer.
         """
         with self.lock:
-            ids = torch.tensor([self._ids[a] if a is not None else NO_ROUTE for a in row_adapters], dtype=torch.long)
+            ids = torch.tensor([self.identity(a) for a in row_adapters], dtype=torch.long)
             self._text_route = _groups(ids)
             self._vision_routes = {}
             if image_rows:
@@ -212,28 +281,13 @@ class LoraRegistry:
                 self._text_route = None
                 self._vision_routes = {}
 
-    def _make_hook(self, module_name: str):
+    def _make_hook(self, layer: MultiLoraLayer):
         def hook(module, inputs, output):
-            per_module = self._module_weights.get(module_name)
-            if not per_module or self._text_route is None:
+            if self._text_route is None:
                 return output
             x = inputs[0]
             groups = self._text_route if x.dim() == 3 else self._vision_routes.get(x.shape[0])
-            for adapter_id, rows in groups or ():
-                if adapter_id not in per_module:
-                    continue
-                a, b, scaling = per_module[adapter_id]
-                if isinstance(rows, slice):  # a contiguous block of rows: views, no gather/scatter copies
-                    delta = (x[rows] @ a.T @ b.T) * scaling
-                    if torch.is_grad_enabled():
-                        output = torch.cat([output[: rows.start], output[rows] + delta, output[rows.stop :]])
-                    else:
-                        output[rows] += delta
-                else:
-                    rows = rows.to(x.device)
-                    delta = (x.index_select(0, rows) @ a.T @ b.T) * scaling
-                    output = output.index_add(0, rows, delta.to(output.dtype))
-            return output
+            return layer.delta(x, output, groups)
 
         return hook
 
@@ -251,4 +305,4 @@ def _groups(route: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
     return groups
 
 
-__all__ = ["LoraRegistry", "LoraAdapter", "read_peft_folder", "normalize_module_name"]
+__all__ = ["LoraRegistry", "LoraAdapter", "MultiLoraLayer", "read_peft_folder", "normalize_module_name"]

@@ -77,13 +77,34 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
     ):
         """Load a Nova or Jina V4 directory (or hub id), then its processor and its task adapters.
 
-        Defaults: fp32 on CPU, bf16 on CUDA; sdpa attention, flash-attention 2 when installed on CUDA.
+        Defaults: fp32 on CPU, bf16 on CUDA; weights go straight to that device and dtype (`device_map`
+        works too). sdpa attention; flash-attention 2 when installed, on CUDA, in bf16. float16 is refused
+        (Qwen2.5-VL's activations overflow it). Weights may use Jina V4's names or transformers' newer
+        `model.language_model.*` / `model.visual.*`; any base weight missing from the checkpoint (other than
+        `lm_head`, which embeddings do not use) is a load error naming it, never a random weight.
         """
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        kwargs.setdefault("dtype", torch.bfloat16 if device.type == "cuda" else torch.float32)
-        kwargs.setdefault("attn_implementation", _default_attention(device))
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model.to(device).eval()
+        want_info = kwargs.pop("output_loading_info", False)
+        if "device_map" in kwargs:
+            device = None
+        else:
+            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            kwargs["device_map"] = device
+        first = torch.device(device) if device is not None else _first_device(kwargs["device_map"])
+        dtype = _dtype(kwargs.get("dtype") or kwargs.get("torch_dtype"))
+        if dtype is None:
+            dtype = torch.bfloat16 if first.type == "cuda" else torch.float32
+        kwargs.pop("torch_dtype", None)
+        kwargs["dtype"] = dtype
+        check_backbone_dtype(dtype)
+        kwargs.setdefault("attn_implementation", _default_attention(first, dtype))
+        kwargs.setdefault("key_mapping", NEWER_QWEN_NAMES)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        missing = sorted(key for key in info.get("missing_keys", ()) if not key.startswith("lm_head."))
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise ValueError(f"{pretrained_model_name_or_path}: {len(missing)} base weight(s) missing from the "
+                             f"checkpoint (they would be random): {shown}")
+        model.eval()
         local_dir = _local_dir(pretrained_model_name_or_path, kwargs)
         model.lora.max_loras = max_loras or model.config.max_loras
         model.lora.max_lora_rank = max_lora_rank or model.config.max_lora_rank
@@ -91,13 +112,14 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         if load_adapters:
             model.load_task_adapters(os.path.join(local_dir, ADAPTERS_DIR))
         model.record_absent_task_adapters()
-        return model
+        return (model, info) if want_info else model
 
     def attach_processor(self, processor: NovaEmbeddingsV1Processor) -> None:
         self.processor = processor
         processor.adapter_names = lambda: set(self.lora.adapters)
+        self.record_absent_task_adapters(log=False)
 
-    def record_absent_task_adapters(self) -> None:
+    def record_absent_task_adapters(self, log: bool = True) -> None:
         """Task adapters the checkpoint did not ship route their tasks to the base model; say so once, loudly.
         (A task adapter unloaded later is not absent: its tasks then fail until it is loaded again.)"""
         if self.processor is None:
@@ -105,7 +127,7 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         routed = {route.get("adapter") for route in self.config.task_routing.values()} - {None}
         absent = frozenset(routed - set(self.lora.adapters))
         self.processor.absent_task_adapters = absent
-        if absent:
+        if absent and log:
             logger.warning("no weights for task adapter(s) %s: their tasks run on the base model",
                            ", ".join(sorted(absent)))
 
@@ -149,7 +171,7 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
             _check_targets(config, pairs, name)
             built = [self.lora.build(name, config, pairs, str(path))]
         self.lora.add(built)
-        return [adapter.name for adapter in built]
+        return [adapter.name for adapter, _ in built]
 
     def unload_adapter(self, name: str) -> None:
         self.lora.remove(name)
@@ -165,13 +187,15 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
             if adapter is None:
                 raise ValueError(f"unknown adapter {name!r}; loaded: {', '.join(sorted(self.lora.adapters)) or 'none'}")
             config = {**adapter.config, "r": adapter.rank, "lora_alpha": adapter.alpha}
-            return config, {module: (a.detach().clone(), b.detach().clone()) for module, (a, b) in adapter.weights.items()}
+            weights = self.lora.weights(name)
+            return config, {module: (a.detach().clone(), b.detach().clone()) for module, (a, b) in weights.items()}
 
     # ---- forward -------------------------------------------------------------------------------------
 
     def forward_hidden(self, batch: dict, adapters: list[str | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(last hidden states [B, T, H], multi-vector projections [B, T, 128] or None) of a collated batch,
         each row through its own adapter."""
+        check_backbone_dtype(self.model.embed_tokens.weight.dtype)
         device = self.device
         input_ids = batch["input_ids"].to(device)
         attention_mask = batch["attention_mask"].to(device)
@@ -186,7 +210,8 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
                 inputs_embeds = inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
             position_ids = batch["position_ids"] if "position_ids" in batch else self.rope_positions(batch)
             position_ids = position_ids.to(device)
-            out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
+            out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False)
             hidden = out.last_hidden_state
             projected = self.multi_vector_projector(hidden) if batch.get("want_multi", True) else None
         return hidden, projected
@@ -349,7 +374,7 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
                 rows = [
                     self.processor.prepare_item(
                         item, index=start + offset, instructions=instructions, max_pixels=max_pixels,
-                        max_length=max_length, prompt_set=prompt_set,
+                        max_length=max_length, prompt_set=prompt_set, fetch_urls=True,
                     )
                     for offset, item in enumerate(items[start : start + window])
                 ]
@@ -394,7 +419,8 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         truncate_dim: int | None = None,
         max_pixels: int | None = None,
     ):
-        """Jina V4's `encode_image`: PIL images, paths, bytes or data URLs."""
+        """Jina V4's `encode_image`: PIL images, paths, bytes, data URLs or http(s) URLs (fetched by the guarded
+        fetcher: public addresses only, size and time limits)."""
         single = not isinstance(images, (list, tuple))
         task = _jina_task(task, "query")
         items = [{"task": task, "image": image} for image in ([images] if single else images)]
@@ -435,8 +461,39 @@ def _check_targets(config: dict, pairs: dict, name: str) -> None:
         raise ValueError(f"adapter {name!r}: weights for {unmatched[0]!r}, which target_modules {targets!r} does not name")
 
 
-def _default_attention(device: torch.device) -> str:
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+# transformers >= 4.52 nests the backbone as `model.language_model` / `model.visual`; Jina V4 and Nova use
+# `model.*` / `visual.*` (the names of this model's modules).
+NEWER_QWEN_NAMES = {r"^model\.language_model\.": "model.", r"^model\.visual\.": "visual.",
+                    r"^language_model\.": "model."}
+
+
+def check_backbone_dtype(dtype: torch.dtype) -> None:
+    """float16 is refused: Qwen2.5-VL's hidden states exceed its range (inf/NaN vectors, silently)."""
+    if dtype == torch.float16:
+        raise ValueError("float16 is not supported for the Qwen2.5-VL backbone (its activations overflow fp16 "
+                         "and give inf/NaN vectors); use torch.bfloat16 (or float32)")
+
+
+def _dtype(value) -> torch.dtype | None:
+    if value is None or value == "auto":
+        return None
+    return getattr(torch, value) if isinstance(value, str) else value
+
+
+def _first_device(device_map) -> torch.device:
+    """The device a `device_map` puts the first weights on (for the default dtype and attention)."""
+    if isinstance(device_map, dict):
+        device_map = next(iter(device_map.values()), "cpu")
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device_map)
+
+
+def _default_attention(device: torch.device, dtype: torch.dtype) -> str:
+    """flash-attention 2 needs CUDA and a 16-bit dtype; everything else runs sdpa."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and importlib.util.find_spec("flash_attn"):
         return "flash_attention_2"
     return "sdpa"
 

@@ -22,10 +22,14 @@ import torch
 from PIL import Image
 from transformers import Qwen2Tokenizer, Qwen2VLImageProcessorPil
 
+from .fetching_nova_embeddings_v1 import FetchError, UrlFetcher
+
 CHAT_TEMPLATE_FILE = "chat_template.json"
 IMAGE_PLACEHOLDER = "<|image_pad|>"
-# Tokens that only the processor may place: in user text they would corrupt the image span.
-RESERVED_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
+# Template variables whose values come from the caller: always tokenized as plain text (see `_segments`).
+PLAIN_VARIABLES = ("instructions", "prompt", "text")
+_SENTINEL = "\ue000nova:{}\ue000"
+_SENTINELS = re.compile("\ue000nova:(" + "|".join(PLAIN_VARIABLES) + ")\ue000")
 ITEM_KEYS = {"task", "text", "image", "image_embeds", "image_grid_thw", "adapter", "instructions"}
 NO_ADAPTER = ("none", "base")
 
@@ -98,8 +102,27 @@ def _check_text(value: str, name: str, index: int | None) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise item_error(index, f"'{name}' is not valid Unicode ({exc.reason} at position {exc.start})") from None
-    if any(tok in value for tok in RESERVED_TOKENS):
-        raise item_error(index, f"'{name}' contains a reserved vision token ({', '.join(RESERVED_TOKENS)})")
+    if "\ue000nova:" in value:
+        raise item_error(index, f"'{name}' contains the processor's internal marker U+E000 'nova:'")
+
+
+def _named_adapter(adapter, index: int | None) -> str | None:
+    """An item's explicit 'adapter' value -> its name, or None for the base model."""
+    if adapter is None or (isinstance(adapter, str) and adapter.lower() in NO_ADAPTER):
+        return None
+    if not isinstance(adapter, str):
+        raise item_error(index, f"'adapter' must be a string or null, not {type(adapter).__name__}", field="adapter")
+    return adapter
+
+
+def _private_copy(backend, *, plain: bool):
+    """An independent copy of a `tokenizers.Tokenizer` without padding or truncation. `plain`: special tokens
+    in the input are tokenized as ordinary text."""
+    copy = type(backend).from_str(backend.to_str())
+    copy.no_padding()
+    copy.no_truncation()
+    copy.encode_special_tokens = plain
+    return copy
 
 
 def load_chat_templates(path: str | os.PathLike | None) -> dict:
@@ -121,13 +144,14 @@ def load_chat_templates(path: str | os.PathLike | None) -> dict:
     return templates
 
 
-def decode_image(source, *, index: int | None, allow_paths: bool, max_image_pixels: int) -> Image.Image:
-    """PIL image, path, bytes, base64 or data: URL -> RGB image. Never touches the network; refuses
-    decompression bombs from the header, before any pixel is decoded."""
+def decode_image(source, *, index: int | None, allow_paths: bool, max_image_pixels: int,
+                 fetcher: UrlFetcher | None = None) -> Image.Image:
+    """PIL image, path, bytes, base64, data: URL or (only when a `fetcher` is given) http(s) URL -> RGB image.
+    Refuses decompression bombs from the header, before any pixel is decoded."""
     if isinstance(source, Image.Image):
         image = source
     else:
-        data = _image_bytes(source, index=index, allow_paths=allow_paths)
+        data = _image_bytes(source, index=index, allow_paths=allow_paths, fetcher=fetcher)
         try:
             image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
@@ -145,7 +169,7 @@ def decode_image(source, *, index: int | None, allow_paths: bool, max_image_pixe
         raise item_error(index, f"image could not be decoded ({type(exc).__name__}: {exc})") from None
 
 
-def _image_bytes(source, *, index: int | None, allow_paths: bool) -> bytes:
+def _image_bytes(source, *, index: int | None, allow_paths: bool, fetcher: UrlFetcher | None) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
     if isinstance(source, pathlib.Path):
@@ -158,7 +182,12 @@ def _image_bytes(source, *, index: int | None, allow_paths: bool) -> bytes:
             raise item_error(index, "data: URL images must be base64-encoded")
         return _b64(payload, index)
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", source):
-        raise item_error(index, "image URLs are not fetched by the model; pass the image bytes instead")
+        if fetcher is None:
+            raise item_error(index, "image URLs are not fetched by the model; pass the image bytes instead")
+        try:
+            return fetcher.fetch(source)
+        except FetchError as exc:
+            raise item_error(index, str(exc), field="image") from None
     if len(source) < 4096 and os.path.isfile(source):
         if not allow_paths:
             raise item_error(index, "local file paths are not accepted here; send the image as base64 or a data: URL")
@@ -177,7 +206,12 @@ class NovaEmbeddingsV1Processor:
     """Items -> PreparedItem -> batch tensors. Knows rendering and routing, not the network weights."""
 
     def __init__(self, tokenizer, image_processor, templates: dict, config):
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # public: callers may change its padding/truncation; encoding never reads it
+        # Private copies of the Rust tokenizer, so nothing a caller does to `self.tokenizer` (padding,
+        # truncation) changes encoding: one for template markup (control tokens are control tokens) and one
+        # for caller text, where "<|im_end|>" and every other special token is plain text.
+        self._markup_tokenizer = _private_copy(tokenizer.backend_tokenizer, plain=False)
+        self._plain_tokenizer = _private_copy(tokenizer.backend_tokenizer, plain=True)
         self.image_processor = image_processor
         self.config = config
         self.set_templates(templates)
@@ -187,9 +221,10 @@ class NovaEmbeddingsV1Processor:
         self.vision_end_token_id = config.vision_end_token_id
         self.im_end_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.merge_size = config.vision_config.spatial_merge_size
+        self.url_fetcher = UrlFetcher()  # used only with prepare_item(fetch_urls=True): public addresses only
         # Set by the model: which adapter names are resident, and which task adapters the checkpoint did not
         # ship (their tasks run on the base model, as documented; an adapter unloaded later is an error).
-        # None: a processor on its own (no model attached) routes by name without validating adapters.
+        # None: a processor on its own (AutoProcessor) knows no model, so adapter names are not checked.
         self.adapter_names = None
         self.absent_task_adapters: frozenset[str] = frozenset()
 
@@ -243,12 +278,8 @@ class NovaEmbeddingsV1Processor:
                                  f"{', '.join(sorted(self.config.prompt_sets))}", field="prompt_set")
             prompt = prompts.get(task, prompt)
         routed = routing[task].get("adapter")
-        if self.adapter_names is None:
-            named = routed if adapter is INHERIT else adapter
-            if named is not None and not isinstance(named, str):
-                raise item_error(index, f"'adapter' must be a string or null, not {type(named).__name__}",
-                                 field="adapter")
-            return Route(task, prompt, None if named is None or named.lower() in NO_ADAPTER else named)
+        if self.adapter_names is None:  # no model attached: route by the config alone
+            return Route(task, prompt, routed if adapter is INHERIT else _named_adapter(adapter, index))
         loaded = self.adapter_names()
         if adapter is INHERIT:
             if routed is None or routed in loaded:
@@ -258,11 +289,9 @@ class NovaEmbeddingsV1Processor:
             raise item_error(index, f"task {task!r} routes to adapter {routed!r}, which is not loaded; loaded "
                              f"adapters: {', '.join(sorted(loaded)) or 'none'}", code="adapter_not_found",
                              field="task")
-        if adapter is None or (isinstance(adapter, str) and adapter.lower() in NO_ADAPTER):
+        adapter = _named_adapter(adapter, index)
+        if adapter is None:
             return Route(task, prompt, None)
-        if not isinstance(adapter, str):
-            raise item_error(index, f"'adapter' must be a string or null, not {type(adapter).__name__}",
-                             field="adapter")
         if adapter not in loaded:
             raise item_error(index, f"unknown adapter {adapter!r}; loaded adapters: "
                              f"{', '.join(sorted(loaded)) or 'none'}", code="adapter_not_found", field="adapter")
@@ -284,9 +313,13 @@ class NovaEmbeddingsV1Processor:
         max_length: int | None = None,
         truncate: bool = True,
         allow_paths: bool = True,
+        fetch_urls: bool = False,
         prompt_set: str | None = None,
     ) -> PreparedItem:
-        """Validate, render, tokenize and (for images) decode + patchify one item. CPU only, thread-safe."""
+        """Validate, render, tokenize and (for images) decode + patchify one item. CPU only, thread-safe.
+
+        `fetch_urls`: fetch http(s) image URLs with `self.url_fetcher` (the in-process API sets it; a
+        server never does: it applies its own URL policy and passes bytes)."""
         if isinstance(item, str):
             item = {"text": item}
         if not isinstance(item, dict):
@@ -316,23 +349,24 @@ class NovaEmbeddingsV1Processor:
         pixel_values = grid = image_embeds = None
         if item.get("image") is not None:
             image = decode_image(
-                item["image"], index=index, allow_paths=allow_paths, max_image_pixels=self.config.max_image_pixels
+                item["image"], index=index, allow_paths=allow_paths, max_image_pixels=self.config.max_image_pixels,
+                fetcher=self.url_fetcher if fetch_urls else None,
             )
             pixel_values, grid = self._patchify(image, max_pixels, index)
         elif item.get("image_embeds") is not None:
             image_embeds, grid = self._check_image_embeds(item, index)
 
-        prefix_ids = self._tokenize(self._instruction_template.render(instructions=instructions)) if instructions else []
+        prefix_ids = self.instruction_ids(instructions) if instructions else []
         n_image_tokens = int(grid.prod().item()) // self.merge_size**2 if grid is not None else 0
-        item_ids = self._render_item(prompt, text, has_image, bool(instructions), n_image_tokens)
+        segments = self._item_segments(prompt, text, has_image, bool(instructions), n_image_tokens)
+        item_ids = [token for _, ids in segments for token in ids]
         truncated = False
         if max_length is not None and len(prefix_ids) + len(item_ids) > max_length:
             if not truncate:
                 raise item_error(
                     index, f"{len(prefix_ids) + len(item_ids)} tokens exceed the limit of {max_length} tokens"
                 )
-            item_ids = self._truncate_text(prompt, text, has_image, bool(instructions), n_image_tokens,
-                                           max_length - len(prefix_ids), index)
+            item_ids = self._truncate_text(segments, prompt, max_length - len(prefix_ids), index)
             truncated = True
         pool_mask = [False] * len(prefix_ids) + self._pool_mask(item_ids, has_image, text is not None)
         return PreparedItem(
@@ -348,32 +382,57 @@ class NovaEmbeddingsV1Processor:
             truncated=truncated,
         )
 
-    def _tokenize(self, text: str) -> list[int]:
-        # The Rust tokenizer directly: same ids, and safe to call from several threads at once.
-        return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    def instruction_ids(self, instructions: str) -> list[int]:
+        """Token ids of the instruction turn (the system turn): the prefix shared by every row with it."""
+        return [token for _, ids in self._segments(self._instruction_template, instructions=instructions) for token in ids]
 
-    def _render_item(self, prompt, text, has_image, instructed, n_image_tokens) -> list[int]:
-        rendered = self._item_template.render(prompt=prompt, text=text, has_image=has_image, instructed=instructed)
-        ids = self._tokenize(rendered)
+    def _segments(self, template, **values) -> list[tuple[bool, list[int]]]:
+        """Render `template` and tokenize it as [(is_text, ids)]: template markup with control tokens, the
+        caller's values (instructions, prompt + text, adjacent ones joined as Jina V4 joins them) as plain
+        text, so "<|im_end|>" in a query is seven ordinary tokens, never a control token."""
+        rendered = template.render(**{k: _SENTINEL.format(k) if k in PLAIN_VARIABLES and v is not None else v
+                                    for k, v in values.items()})
+        segments: list[tuple[bool, str]] = []
+        at = 0
+        for match in _SENTINELS.finditer(rendered):
+            if match.start() > at:
+                segments.append((False, rendered[at : match.start()]))
+            value = values[match[1]]
+            if segments and segments[-1][0] and match.start() == at:
+                segments[-1] = (True, segments[-1][1] + value)
+            else:
+                segments.append((True, value))
+            at = match.end()
+        if at < len(rendered):
+            segments.append((False, rendered[at:]))
+        return [(plain, (self._plain_tokenizer if plain else self._markup_tokenizer).encode(
+            part, add_special_tokens=False).ids) for plain, part in segments if part]
+
+    def _item_segments(self, prompt, text, has_image, instructed, n_image_tokens) -> list[tuple[bool, list[int]]]:
+        segments = self._segments(self._item_template, prompt=prompt, text=text, has_image=has_image,
+                                  instructed=instructed)
+        pads = [i for i, (plain, ids) in enumerate(segments) if not plain and self.image_token_id in ids]
         if has_image:
-            if ids.count(self.image_token_id) != 1:
+            if len(pads) != 1 or segments[pads[0]][1].count(self.image_token_id) != 1:
                 raise ValueError("the chat template must place exactly one <|image_pad|> for an image item")
+            ids = segments[pads[0]][1]
             at = ids.index(self.image_token_id)
-            ids = ids[:at] + [self.image_token_id] * n_image_tokens + ids[at + 1 :]
-        return ids
+            segments[pads[0]] = (False, ids[:at] + [self.image_token_id] * n_image_tokens + ids[at + 1 :])
+        return segments
 
-    def _truncate_text(self, prompt, text, has_image, instructed, n_image_tokens, budget, index) -> list[int]:
-        """Cut the item's text (never the image span, prompt or chat markup) until it fits `budget` tokens."""
-        fixed = self._render_item(prompt, "" if text is not None else None, has_image, instructed, n_image_tokens)
-        if text is None or len(fixed) >= budget:
-            raise item_error(index, f"the item without its text already takes {len(fixed)} tokens, over the limit")
-        text_ids = self._tokenize(text)
-        keep = len(text_ids)
-        while True:
-            keep = min(keep - 1, budget - len(fixed))
-            ids = self._render_item(prompt, self.tokenizer.decode(text_ids[:keep]), has_image, instructed, n_image_tokens)
-            if len(ids) <= budget:
-                return ids
+    def _truncate_text(self, segments, prompt, budget, index) -> list[int]:
+        """Cut the item's prompt + text tokens (never the image span or chat markup) to fit `budget` tokens,
+        as Jina V4 cuts its `prefix + text` (tokenized whole, then cut): same ids for text items."""
+        texts = [i for i, (plain, _) in enumerate(segments) if plain]
+        fixed = sum(len(ids) for plain, ids in segments if not plain)
+        keep_min = len(self._plain_tokenizer.encode(prompt, add_special_tokens=False).ids) + 1 if prompt else 1
+        if not texts or budget - fixed < keep_min:
+            raise item_error(index, f"the item without its text already takes {fixed + keep_min - 1} tokens, "
+                             f"over the limit of {budget}")
+        at = texts[-1]
+        room = budget - fixed - sum(len(segments[i][1]) for i in texts[:-1])
+        cut = segments[:at] + [(True, segments[at][1][:room])] + segments[at + 1 :]
+        return [token for _, ids in cut for token in ids]
 
     def _pool_mask(self, item_ids: list[int], has_image: bool, has_text: bool) -> list[bool]:
         """Jina's pooling span: all tokens for text; the vision span for images; vision span + the text up
@@ -402,10 +461,17 @@ class NovaEmbeddingsV1Processor:
             grid = torch.as_tensor(item.get("image_grid_thw"), dtype=torch.long).reshape(1, 3)
         except Exception:
             raise item_error(index, "'image_embeds' needs a [n, hidden] array and 'image_grid_thw' [t, h, w]") from None
-        expected = int(grid.prod().item()) // self.merge_size**2
+        t, h, w = grid[0].tolist()
+        if t < 1 or h < 1 or w < 1 or h % self.merge_size or w % self.merge_size:
+            raise item_error(index, f"'image_grid_thw' {[t, h, w]} must be positive with h and w multiples of the "
+                             f"merge size {self.merge_size}", field="image_grid_thw")
+        expected = t * h * w // self.merge_size**2
         hidden = self.config.text_config.hidden_size
         if embeds.dim() != 2 or embeds.shape != (expected, hidden):
             raise item_error(index, f"'image_embeds' must have shape [{expected}, {hidden}] for grid {grid.tolist()[0]}, got {list(embeds.shape)}")
+        if not torch.isfinite(embeds).all():
+            raise item_error(index, "'image_embeds' holds non-finite values (inf or NaN, or beyond float32's range)",
+                             field="image_embeds")
         return embeds, grid
 
     # ---- batches -------------------------------------------------------------------------------------

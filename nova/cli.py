@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "convert": ("nova.convert", "convert a Jina Embeddings V4 directory into a Nova directory"),
     "train": ("nova.training.cli", "fine-tune a LoRA adapter with PEFT"),
     "eval": ("nova.evaluation.cli", "evaluate variants on a BEIR-layout dataset"),
+    "embed": ("nova.embed.cli", "embed a corpus into Parquet vectors (Ray Data, or one process)"),
     "playground": ("app", "start the Gradio playground"),
 }
 

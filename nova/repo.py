@@ -10,6 +10,7 @@ MODEL_CODE_FILES = (
     "configuration_nova_embeddings_v1.py",
     "processing_nova_embeddings_v1.py",
     "lora_nova_embeddings_v1.py",
+    "fetching_nova_embeddings_v1.py",
     "modeling_nova_embeddings_v1.py",
 )
 # The sentence-transformers module (modules.json points at it); it imports the model code above.
@@ -44,6 +45,7 @@ def model_class(name: str = "NovaEmbeddingsV1Model"):
         "NovaEmbeddingsV1Processor": "processing_nova_embeddings_v1",
         "read_peft_folder": "lora_nova_embeddings_v1",
         "NO_ADAPTER": "processing_nova_embeddings_v1",
+        "decode_image": "processing_nova_embeddings_v1",
     }[name]
     repo_file(f"{module}.py")
     return get_class_from_dynamic_module(f"{module}.{name}", str(REPO_ROOT))

@@ -8,6 +8,7 @@ import os
 import sys
 
 from .config import Settings
+from .ray_serve import add_ray_arguments, ray_requested
 
 
 def _positive_int(text: str) -> int:
@@ -130,6 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="largest image body fetched or decoded, in bytes (default: %(default)s)")
     g.add_argument("--image-url-timeout", type=float, default=d.image_url_timeout, metavar="SECONDS",
                    help="total time for one image URL fetch (default: %(default)s)")
+    add_ray_arguments(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -201,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     try:
         settings.validate()
+        replicated = ray_requested(args)
     except ValueError as exc:
         print(f"nova serve: {exc}", file=sys.stderr)
         return 2
@@ -212,6 +215,10 @@ def run(args: argparse.Namespace) -> int:
     if settings.api_keys == [] and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without --api-key: anyone who can reach the port can use the server",
                     settings.host)
+    if replicated:
+        from .ray_serve import run_replicated
+
+        return run_replicated(settings, args)
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,

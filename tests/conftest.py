@@ -140,3 +140,85 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+def _write_embed_corpus(folder: Path, n: int = 1000):
+    """A JSONL corpus for `nova embed`: n good rows (text of varied length, some with instructions, other
+    tasks, images given as relative paths) and five bad rows. -> (path, {id: item as encode() takes it},
+    {bad id or position: reason fragment})."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(3):
+        _make_image(40 + 16 * k, 32 + 8 * k, seed=k).save(folder / f"img{k}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    good: dict[str, dict] = {}
+    lines: list[str] = []
+    for i in range(n):
+        row: dict = {"id": f"doc-{i}", "text": " ".join(words[(i + j) % len(words)] for j in range(1 + i % 23))}
+        if i % 10 == 3:
+            row["instructions"] = "Represent the passage for finding related notes."
+        if i % 7 == 2:
+            row["task"] = "retrieval.passage"
+        if i % 97 == 5:
+            row["image"] = f"img{i % 3}.png"
+        lines.append(json.dumps(row))
+        item = {k: v for k, v in row.items() if k != "id"}
+        if "image" in item:
+            item["image"] = str(folder / item["image"])
+        good[row["id"]] = item
+    bad = {"bad-empty": "'text' is empty", "bad-image": "image could not be decoded",
+           "#no-id": "no 'id'", "#not-json": "not valid JSON", "bad-task": "unknown task"}
+    bad_rows = [json.dumps({"id": "bad-empty", "text": ""}), json.dumps({"id": "bad-image", "image": "broken.png"}),
+                json.dumps({"text": "a row without an id"}), "{not json", json.dumps({"id": "bad-task", "text": "x",
+                                                                                      "task": "nope"})]
+    for k, line in enumerate(bad_rows):  # spread the bad rows over the corpus
+        lines.insert(min(len(lines), 150 * k + 40), line)
+    path = folder / "corpus.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, good, bad
+
+
+@pytest.fixture(scope="session")
+def embed_corpus(tmp_path_factory):
+    """(corpus.jsonl, good items by id, bad rows) of 1,000 good rows; shared, read-only."""
+    return _write_embed_corpus(tmp_path_factory.mktemp("embed-corpus"))
+
+
+@pytest.fixture(scope="session")
+def embed_reference(embed_corpus, tiny_model):
+    """In-process `encode()` of the corpus's good items: {id: pooled vector}."""
+    _, good, _ = embed_corpus
+    ids = list(good)
+    vectors = tiny_model.encode([good[i] for i in ids], return_numpy=True, batch_size=16, show_progress=False)
+    return dict(zip(ids, vectors, strict=True))
+
+
+@pytest.fixture
+def check_embed_output():
+    """Asserts an output folder holds every good id exactly once, equal to the reference (cos >= 0.9999),
+    and every bad row in the errors file with its reason."""
+    import json
+
+    import numpy as np
+
+    def check(out_dir: Path, reference: dict, bad: dict) -> None:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(out_dir)
+        ids = table.column("id").to_pylist()
+        assert len(ids) == len(set(ids)), "an id was written twice"
+        assert set(ids) == set(reference), f"missing {sorted(set(reference) - set(ids))[:5]}"
+        vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+        expected = np.stack([reference[i] for i in ids])
+        cos = (vectors * expected).sum(1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(expected, axis=1))
+        assert cos.min() >= 0.9999, f"lowest cosine {cos.min()} for {ids[int(cos.argmin())]}"
+        errors = [json.loads(line) for line in (out_dir / "_errors.jsonl").read_text().splitlines()]
+        assert len(errors) == len(bad)
+        for key, fragment in bad.items():
+            match = [e for e in errors if (e["id"] == key if not key.startswith("#") else e["id"] is None)
+                     and fragment in e["reason"]]
+            assert match, f"{key}: no error with {fragment!r} in {errors}"
+
+    return check

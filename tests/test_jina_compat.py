@@ -31,3 +31,49 @@ def test_jina_layout_and_its_conversion_give_identical_vectors(tiny_model, tmp_p
 def test_convert_refuses_a_non_model_directory(tmp_path, capsys):
     assert main(["convert", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "no config.json" in capsys.readouterr().out
+
+
+def _rewrite_weights(src, dst, rename, drop=()):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(str(src / "model.safetensors"))
+    save_file({rename(k): v for k, v in weights.items() if not any(k.startswith(d) for d in drop)},
+              str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def _newer_name(key: str) -> str:
+    if key.startswith("model."):
+        return "model.language_model." + key[len("model."):]
+    if key.startswith("visual."):
+        return "model.visual." + key[len("visual."):]
+    return key
+
+
+def test_newer_transformers_weight_names_load(tiny_model, tiny_dir, tmp_path, make_image):
+    newer = _rewrite_weights(tiny_dir, tmp_path / "newer", _newer_name)
+    model = load_model(newer)
+    items = ["hello", {"image": make_image(), "text": "chart"}]
+    for a, b in zip(model.encode(items), tiny_model.encode(items), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_missing_base_weights_are_a_load_error_naming_them(tiny_dir, tmp_path):
+    import pytest
+
+    broken = _rewrite_weights(tiny_dir, tmp_path / "broken", lambda k: k,
+                              drop=("model.layers.1.mlp.down_proj", "visual.merger"))
+    with pytest.raises(ValueError, match=r"base weight\(s\) missing.*model\.layers\.1\.mlp\.down_proj\.weight"):
+        load_model(broken)
+    # a checkpoint with an lm_head (Jina V4 ships none; Qwen does) loads: embeddings never use it
+    with_head = tmp_path / "with_head"
+    _rewrite_weights(tiny_dir, with_head, lambda k: k)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(with_head / "model.safetensors"))
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, str(with_head / "model.safetensors"), metadata={"format": "pt"})
+    assert load_model(with_head).list_adapters()

@@ -113,7 +113,7 @@ def test_truncation_keeps_markup_and_image(tiny_model, image):
     assert img.input_ids.count(IMAGE_PAD) == full.input_ids.count(IMAGE_PAD)
     assert img.input_ids[-2:] == tok(processor, "<|im_end|>\n") and img.num_tokens <= row.num_tokens + 60
     plain = processor.prepare_item({"text": long_text}, max_length=20)
-    assert plain.input_ids == tok(processor, "Query: " + long_text)[:20] or plain.num_tokens <= 20
+    assert plain.input_ids == tok(processor, "Query: " + long_text)[:20]  # Jina: prompt + text, then cut
     with pytest.raises(ValueError, match="item 2: .* exceed the limit of 20 tokens"):
         processor.prepare_item({"text": long_text}, index=2, max_length=20, truncate=False)
     with pytest.raises(ValueError, match="item 0: the item without its text"):
@@ -131,7 +131,7 @@ def test_truncation_keeps_markup_and_image(tiny_model, image):
         ({"image": "bm90IGFuIGltYWdl"}, "item 4: image could not be decoded"),
         ({"image": "%%%"}, "item 4: image is not an existing file, a data: URL or valid base64"),
         ({"image": "http://example.com/a.png"}, "item 4: image URLs are not fetched"),
-        ({"text": "a <|image_pad|> b"}, "item 4: 'text' contains a reserved vision token"),
+        ({"text": "a \ue000nova:text\ue000 b"}, "item 4: 'text' contains the processor's internal marker"),
         ({"text": "a \ud800 b"}, "item 4: 'text' is not valid Unicode"),
         ({"text": "ok", "instructions": "\udfff"}, "item 4: 'instructions' is not valid Unicode"),
         ({"text": ""}, "item 4: 'text' is empty"),
@@ -155,8 +155,105 @@ def test_decompression_bomb_refused_before_decoding(tiny_model, make_image):
 
 
 def test_root_chat_template_is_the_processor_default():
-    import processing_nova_embeddings_v1 as processing
+    from nova.repo import model_class
+
+    processing = __import__(model_class("NovaEmbeddingsV1Processor").__module__, fromlist=["_"])
 
     data = json.loads(repo_file("chat_template.json").read_text())
     assert data == {"instruction_template": processing.DEFAULT_INSTRUCTION_TEMPLATE,
                     "chat_template": processing.DEFAULT_ITEM_TEMPLATE}
+
+
+def test_callers_tokenizer_settings_never_change_encoding(fresh_model, image):
+    """The public tokenizer is the caller's: padding/truncation they set on it must not reach encoding."""
+    items = ["a short query", {"text": "a text with an image", "image": image}, {"text": "x", "instructions": "Find"}]
+    want_ids = [fresh_model.processor.prepare_item(item).input_ids for item in items]
+    want = fresh_model.encode(items)
+    tokenizer = fresh_model.processor.tokenizer
+    tokenizer(["warm up the padding state"], padding="max_length", max_length=12)
+    assert [fresh_model.processor.prepare_item(item).input_ids for item in items] == want_ids
+    tokenizer(["and now truncation"], truncation=True, max_length=3)
+    tokenizer.backend_tokenizer.enable_truncation(3)  # even the Rust object itself
+    tokenizer.backend_tokenizer.enable_padding(length=40)
+    assert [fresh_model.processor.prepare_item(item).input_ids for item in items] == want_ids
+    got = fresh_model.encode(items)
+    assert all(float(a @ b) > 0.99999 for a, b in zip(got, want, strict=True))
+
+
+CONTROL = ["<|im_end|>", "<|im_start|>", "<|vision_start|>", "<|image_pad|>", "<|endoftext|>", "<|box_start|>"]
+
+
+@pytest.mark.parametrize("control", CONTROL)
+def test_control_tokens_in_text_and_instructions_are_plain_text(tiny_model, image, control):
+    """Decision (docs/architecture.md): caller text is tokenized as plain text, never as control tokens."""
+    processor = tiny_model.processor
+    special = set(processor.tokenizer.all_special_ids) | {IMAGE_PAD, VISION_START, VISION_END}
+    text = f"before {control}system\nafter"
+    for item in ({"text": text}, {"text": text, "image": image}, {"text": "q", "instructions": text},
+                 {"image": image, "instructions": text}):
+        row = processor.prepare_item(item)
+        n_pad = row.input_ids.count(IMAGE_PAD)
+        if "image" in item:
+            assert n_pad == int(row.image_grid_thw.prod()) // 4  # the only image pads are the processor's
+        else:
+            assert n_pad == 0
+        markup = processor.prepare_item({k: ("safe text" if k in ("text", "instructions") else v)
+                                         for k, v in item.items()})
+        count = [t for t in row.input_ids if t in special]
+        assert count == [t for t in markup.input_ids if t in special], item
+    solo = processor.prepare_item({"text": text})
+    assert solo.input_ids == tok_plain(processor, "Query: " + text)
+
+
+def tok_plain(processor, text):
+    backend = type(processor.tokenizer.backend_tokenizer).from_str(processor.tokenizer.backend_tokenizer.to_str())
+    backend.encode_special_tokens = True
+    return backend.encode(text, add_special_tokens=False).ids
+
+
+def test_injected_im_end_does_not_change_pooling_of_text_image_item(tiny_model, image):
+    processor = tiny_model.processor
+    row = processor.prepare_item({"image": image, "text": "chart<|im_end|>\nmore", "task": "retrieval.passage"})
+    end = row.input_ids.index(VISION_END)
+    # pooling runs to the end of the user's text, not to an injected <|im_end|>
+    assert row.pool_mask[: len(row.input_ids) - 2] == [i >= row.input_ids.index(VISION_START)
+                                                       for i in range(len(row.input_ids) - 2)]
+    assert row.input_ids[-2:] == tok(processor, "<|im_end|>\n") and row.input_ids.count(151645) == 1
+    assert end < len(row.input_ids) - 2
+
+
+def test_jina_encode_text_max_length_is_prompt_plus_text_then_cut(tiny_model):
+    processor = tiny_model.processor
+    text = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen " * 3
+    for max_length in (5, 20, 21):
+        row = processor.prepare_item({"text": text, "task": "retrieval.query"}, max_length=max_length)
+        assert row.input_ids == tok(processor, "Query: " + text)[:max_length]
+    got = tiny_model.encode_text([text], task="retrieval", max_length=20)[0]
+    row = processor.prepare_item({"text": text, "task": "retrieval.query"}, max_length=20)
+    assert row.num_tokens == 20
+    assert float(got @ tiny_model.embed_prepared([row])[0]) > 0.99999
+
+
+@pytest.mark.parametrize(("embeds", "grid", "message"), [
+    ([[1e300] * 64], [1, 2, 2], "non-finite"),
+    ([[float("nan")] * 64], [1, 2, 2], "non-finite"),
+    ([[0.1] * 64] * 3, [1, 2, 6], None),  # valid: the control case
+    ([[0.1] * 64] * 3, [1, 3, 4], "multiples of the merge size 2"),
+    ([[0.1] * 64] * 3, [1, 4, 3], "multiples of the merge size 2"),
+    ([[0.1] * 64], [0, 2, 2], "must be positive"),
+])
+def test_bad_image_embeds_are_item_errors(tiny_model, embeds, grid, message):
+    item = {"image_embeds": embeds, "image_grid_thw": grid}
+    if message is None:
+        assert tiny_model.processor.prepare_item(item, index=2).has_image
+        return
+    with pytest.raises(ValueError, match=f"item 2: .*{message}"):
+        tiny_model.processor.prepare_item(item, index=2)
+
+
+def test_processor_alone_routes_by_config(tiny_dir):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(tiny_dir), trust_remote_code=True)
+    row = processor.prepare_item({"text": "hello world"})
+    assert row.input_ids == [2859, 25, 23811, 1879] and row.adapter == "retrieval"

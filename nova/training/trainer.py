@@ -446,8 +446,11 @@ class Trainer:
         for got, want in zip(reloaded_multi, expected_multi, strict=True):
             diff = max(diff, float((got - want).abs().max()) if got.shape == want.shape else float("inf"))
         self.log(f"reload check: max |difference| between training forward and load_adapter vectors = {diff:.2e}")
-        if diff > 1e-3:
-            raise RuntimeError(f"saved adapter gives different vectors than the training forward (max diff {diff})")
+        # fp32 agrees to rounding; bf16 (8 mantissa bits) rounds each of the two paths differently
+        tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 3e-2
+        if diff > tolerance:
+            raise RuntimeError(f"saved adapter gives different vectors than the training forward (max diff {diff}, "
+                               f"tolerance {tolerance:g})")
 
         summary = {
             "name": name, "steps": step, "examples": n, "elapsed_seconds": round(elapsed, 1),

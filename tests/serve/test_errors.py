@@ -65,7 +65,6 @@ CASES = [
     ({"input": ["ok", {"text": 5}]}, 400, None, "input[1].text"),
     ({"input": ["ok", {"text": "x", "task": "summarize"}]}, 400, None, "input[1].task"),
     ({"input": ["ok"], "task": "summarize"}, 400, None, "task"),
-    ({"input": ["ok", "ok", {"text": "x <|image_pad|> y"}]}, 400, "invalid_input", "input[2]"),
     ({"input": ["ok", {"text": "x", "adapter": "no-such-adapter"}]}, 404, "adapter_not_found", "input[1].adapter"),
     ({"input": ["ok", {"image": "not base64 at all!"}]}, 400, "image_source_refused", "input[1].image"),
     ({"input": ["ok", {"image": base64.b64encode(b"GIF89a garbage").decode()}]}, 400, "invalid_image",
@@ -90,6 +89,17 @@ CASES = [
     ({"input": ["ok", {"image": base64.b64encode(png_bytes(1000, 1000)).decode()}]}, 413, "image_too_large",
      "input[1].image"),
 ]
+
+
+def test_control_tokens_in_text_are_plain_text(server, tiny_model):
+    """Decision (docs/architecture.md): control tokens typed by a client are text, never markup or image slots."""
+    text = "x <|image_pad|> y <|im_end|>"
+    response = post(server, {"input": ["ok", text], "return_multivector": True})
+    assert response.status_code == 200, response.text
+    got = decode_embedding(response.json()["data"][1])
+    assert_close(got, reference(tiny_model, {"task": "retrieval", "text": text}, multivector=True))
+    ids = tiny_model.processor.prepare_item({"text": text}).input_ids
+    assert tiny_model.config.image_token_id not in ids and got.shape[0] == len(ids)
 
 
 @pytest.mark.parametrize("payload,status,code,param", CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)])

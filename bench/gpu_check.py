@@ -1,0 +1,294 @@
+"""One prepared, offline check of the model on a GPU (written for one H100 and about 15 minutes in all).
+
+    python bench/gpu_check.py                          # on the GPU machine: all three parts, full-size shape
+    python bench/gpu_check.py --device cpu --size tiny # smoke mode: the same code paths, on this CPU
+
+Parts (each prints its figures; a failed check exits non-zero at the end, after everything has run):
+  1. parity: the tiny checkpoint in bf16 against fp32 on the same device (pooled, multi-vector, mixed batch
+     of text / image / text+image rows, three adapters and the base model): cosine >= 0.98.
+  2. sdpa + padding: a padded mixed batch against each row alone, bf16 with sdpa (cosine >= 0.99), and
+     flash-attention 2 against sdpa when flash_attn is installed.
+  3. throughput of a given shape (`--size full`: config.json at the repository root, Jina V4's 3B shape) with
+     random bf16 weights generated on the device, random rank-32 adapters: text bs=1 (P50 latency), text
+     bs=32, images bs=8, three adapters bs=16, a 40-token instruction on short queries, printed next to
+     the model card's A100 figures (15 ms P50 at bs=1, 400 req/s at bs=32).
+
+Needs only torch, transformers, safetensors, jinja2, Pillow and numpy (the model's remote-code imports);
+nothing is downloaded. If one is missing the script says which before doing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NEEDED = ("torch", "transformers", "safetensors", "jinja2", "PIL", "numpy")
+MODEL_CARD_A100 = {"text bs=1 P50 ms": 15.0, "text bs=32 req/s": 400.0}
+QUERIES = [
+    "what is the capital of france and why did it become the seat of government",
+    "how do i sort a list of dictionaries by a key in python without a lambda",
+    "symptoms of vitamin d deficiency in adults who work night shifts indoors",
+    "best hiking trails near lake tahoe for beginners with dogs in early spring",
+    "difference between a roth ira and a traditional ira for self employed people",
+    "why does my sourdough bread come out dense and flat after the second proof",
+    "explain the proof that there are infinitely many prime numbers in simple terms",
+    "how long does it take for concrete to cure before you can drive on it safely",
+]
+INSTRUCTION = ("Given a web search query from a user, retrieve the passages from the knowledge base that "
+               "answer the question directly, preferring precise, recent and trustworthy sources over general overviews.")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", choices=["tiny", "small", "full"], default="full",
+                        help="shape for the throughput part (parity always uses the tiny checkpoint)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed repetitions per figure")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["parity", "sdpa", "throughput"])
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"missing Python packages: {', '.join(missing)}; install them from wheels brought along "
+              "(pip install --no-index --find-links WHEELS ...), nothing can be downloaded here")
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    sys.path.insert(0, str(REPO))
+    import torch
+    import transformers
+
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device: {name}; torch {torch.__version__}; transformers {transformers.__version__}; "
+          f"flash_attn {'installed' if importlib.util.find_spec('flash_attn') else 'not installed'}")
+    rounds = args.rounds or (20 if device.type == "cuda" else 3)
+    report: dict = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__}
+    failures: list[str] = []
+    for part, fn in (("parity", parity), ("sdpa", sdpa_padding), ("throughput", throughput)):
+        if part in args.skip:
+            continue
+        started = time.perf_counter()
+        try:
+            report[part] = fn(device, args, rounds, failures)
+        except Exception as exc:  # keep going: one part failing must not hide the others' figures
+            import traceback
+
+            traceback.print_exc()
+            failures.append(f"{part}: {type(exc).__name__}: {exc}")
+        print(f"[{part}: {time.perf_counter() - started:.0f}s]", flush=True)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(report, indent=2))
+    print("FAILED: " + "; ".join(failures) if failures else "all checks passed")
+    return 1 if failures else 0
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+
+def cos(a, b) -> float:
+    import torch
+
+    return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
+
+
+def image(width: int, height: int, seed: int):
+    from PIL import Image
+
+    img = Image.new("RGB", (width, height))
+    img.putdata([((x * 7 + seed * 31) % 256, (y * 5 + seed * 17) % 256, (x + y) % 256)
+                 for y in range(height) for x in range(width)])
+    return img
+
+
+def mixed_items() -> list:
+    return [
+        {"task": "retrieval.query", "text": QUERIES[0]},
+        {"task": "retrieval.passage", "text": "Paris is the capital and largest city of France. " * 6},
+        {"task": "code.query", "text": QUERIES[1], "instructions": "Find code"},
+        {"task": "text-matching", "text": "the cat sat on the mat"},
+        {"text": "no adapter here", "adapter": None},
+        {"image": image(120, 80, 0)},
+        {"image": image(60, 90, 3), "text": "a bar chart", "task": "retrieval.passage"},
+        {"image": image(50, 50, 5), "instructions": "Represent this chart", "adapter": "code"},
+    ]
+
+
+def load_tiny(device, dtype, attn: str | None = None):
+    from nova.repo import model_class
+    from nova.tiny import ensure_tiny_checkpoint
+
+    kwargs = {"device": str(device), "dtype": dtype}
+    if attn:
+        kwargs["attn_implementation"] = attn
+    return model_class().from_pretrained(str(ensure_tiny_checkpoint()), **kwargs)
+
+
+def compare(name: str, got: list, want: list, floor: float, failures: list) -> dict:
+    pooled = min(cos(a, b) for a, b in zip(got[0], want[0], strict=True))
+    import torch
+
+    multi = min(float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean())
+                for a, b in zip(got[1], want[1], strict=True))
+    ok = pooled >= floor and multi >= floor
+    print(f"  {name}: min pooled cosine {pooled:.5f}, min mean multi-vector cosine {multi:.5f} "
+          f"(floor {floor}) {'ok' if ok else 'FAIL'}")
+    if not ok:
+        failures.append(f"{name}: cosine {min(pooled, multi):.4f} < {floor}")
+    return {"pooled_min_cos": pooled, "multi_min_mean_cos": multi}
+
+
+def both(model, items, batch_size):
+    return (model.encode(items, batch_size=batch_size),
+            model.encode(items, batch_size=batch_size, return_multivector=True))
+
+
+# ---- 1. parity -------------------------------------------------------------------------------------------
+
+
+def parity(device, args, rounds, failures) -> dict:
+    import torch
+
+    print("1. bf16 vs fp32 on the tiny checkpoint (mixed batch, three adapters + base)")
+    items = mixed_items()
+    fp32 = load_tiny(device, torch.float32, "sdpa")
+    bf16 = load_tiny(device, torch.bfloat16)
+    print(f"  bf16 attention: {bf16.config._attn_implementation}")
+    out = {"load_bf16": compare("loaded in bf16", both(bf16, items, len(items)), both(fp32, items, len(items)),
+                                0.98, failures)}
+    moved = load_tiny(device, torch.float32, "sdpa").to(torch.bfloat16)
+    moved.unload_adapter("code")
+    moved.load_adapter("code", str(pathlib.Path(moved.lora.adapters["retrieval"].path).parent / "code"))
+    out["moved_bf16"] = compare("fp32 moved to bf16, adapter loaded after", both(moved, items, len(items)),
+                                both(fp32, items, len(items)), 0.98, failures)
+    return out
+
+
+# ---- 2. sdpa with padding --------------------------------------------------------------------------------
+
+
+def sdpa_padding(device, args, rounds, failures) -> dict:
+    import torch
+
+    print("2. padded mixed batches vs each row alone (bf16)")
+    items = mixed_items()
+    out = {}
+    sdpa = load_tiny(device, torch.bfloat16, "sdpa")
+    alone = ([sdpa.encode([i])[0] for i in items], [sdpa.encode([i], return_multivector=True)[0] for i in items])
+    out["sdpa"] = compare("sdpa, batch vs alone", both(sdpa, items, len(items)), alone, 0.99, failures)
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn"):
+        flash = load_tiny(device, torch.bfloat16, "flash_attention_2")
+        out["flash_attention_2"] = compare("flash-attention 2 vs sdpa", both(flash, items, len(items)),
+                                           both(sdpa, items, len(items)), 0.99, failures)
+    return out
+
+
+# ---- 3. throughput ---------------------------------------------------------------------------------------
+
+
+def random_model(device, size: str):
+    """The shape's model with random bf16 weights made on the device (no host copy), three random adapters."""
+    import torch
+
+    from nova.repo import model_class
+    from nova.tiny import JINA_TARGET_MODULES, ensure_tiny_checkpoint, tiny_config_dict
+
+    config_cls = model_class("NovaEmbeddingsV1Config")
+    if size == "full":
+        config = config_cls.from_pretrained(str(REPO))
+    else:
+        config = config_cls.from_dict(tiny_config_dict(size))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = model_class()._from_config(config, dtype=dtype)
+    model.eval()
+    processor_cls = model_class("NovaEmbeddingsV1Processor")
+    model.attach_processor(processor_cls.from_pretrained(str(ensure_tiny_checkpoint()), config=config))
+    import re
+
+    pattern = re.compile(JINA_TARGET_MODULES)
+    rank = 32
+    generator = torch.Generator(device=device).manual_seed(1)
+    for task in ("retrieval", "text-matching", "code"):
+        pairs = {}
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name) and not name.startswith("visual."):
+                a = torch.randn(rank, module.in_features, generator=generator, device=device, dtype=dtype) * 0.01
+                b = torch.randn(module.out_features, rank, generator=generator, device=device, dtype=dtype) * 0.01
+                pairs[name] = (a, b)
+        model.lora.add([model.lora.build(task, {"r": rank, "lora_alpha": rank}, pairs)])
+    model.record_absent_task_adapters(log=False)
+    return model
+
+
+def timed(fn, device, rounds: int, warmup: int = 2) -> list[float]:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rounds):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def throughput(device, args, rounds, failures) -> dict:
+    import torch
+
+    size = args.size
+    print(f"3. throughput, {size} shape, random {'bf16' if device.type == 'cuda' else 'fp32'} weights on {device}")
+    started = time.perf_counter()
+    model = random_model(device, size)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"  built {n_params / 1e9:.2f} B parameters on the device in {time.perf_counter() - started:.1f}s")
+    queries = [{"task": "retrieval.query", "text": QUERIES[i % len(QUERIES)]} for i in range(32)]
+    tokens = [model.processor.prepare_item(q).num_tokens for q in queries]
+    instruction_tokens = len(model.processor.instruction_ids(INSTRUCTION))
+    print(f"  queries: {statistics.mean(tokens):.1f} tokens on average; instruction: {instruction_tokens} tokens")
+    images = [{"image": image(448, 448, seed), "task": "retrieval.passage"} for seed in range(8)]
+    adapters = ["retrieval", "text-matching", "code"]
+    mixed = [dict(queries[i], adapter=adapters[i % 3]) for i in range(16)]
+    instructed = [dict(q, instructions=INSTRUCTION) for q in queries]
+    cases = [
+        ("text bs=1", queries[:1]),
+        ("text bs=32", queries),
+        ("images bs=8", images),
+        ("three adapters bs=16", mixed),
+        ("text bs=32 + 40-token instruction", instructed),
+    ]
+    results = {}
+    for label, batch in cases:
+        times = timed(lambda batch=batch, model=model: model.encode(batch, batch_size=len(batch)), device, rounds)
+        p50 = statistics.median(times)
+        results[label] = {"p50_ms": p50 * 1e3, "items_per_s": len(batch) / p50, "batch": len(batch)}
+        print(f"  {label:36s} P50 {p50 * 1e3:8.1f} ms   {len(batch) / p50:8.1f} items/s")
+    base, instr = results["text bs=32"]["items_per_s"], results["text bs=32 + 40-token instruction"]["items_per_s"]
+    print(f"  instruction / no instruction throughput: {instr / base:.2f}x")
+    print("  model card (A100): text bs=1 P50 15 ms; text bs=32 400 req/s")
+    here = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"  here ({here}, {size} shape): text bs=1 P50 {results['text bs=1']['p50_ms']:.1f} ms; text bs=32 "
+          f"{results['text bs=32']['items_per_s']:.0f} req/s")
+    results["model_card_a100"] = MODEL_CARD_A100
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The work on rows, the same in one process and on Ray: load items, then embed them with the model.
+
+`load_items` (CPU, no model): applies the command-line defaults and reads and decodes images, so that an
+unreadable image becomes an error record early. `ModelWorker` holds the model: it renders and tokenizes
+items with the processor's `prepare_item`, packs them by token budget (rows x longest row <=
+`max_batch_tokens`, as the server's batcher does) and runs each pack through `embed_prepared`, the path the
+server's batches take (and so the instruction prefix cache). A pack that fails is retried row by row, so a
+bad row costs only itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DEFAULT_MAX_BATCH_TOKENS = 16_384
+DEFAULT_MAX_BATCH_SIZE = 64
+
+
+@dataclass(frozen=True)
+class ItemDefaults:
+    """Command-line defaults for fields a row does not set (a row's own value wins)."""
+
+    task: str | None = None
+    adapter: str | None = None  # "none" = the base model
+    instructions: str | None = None
+
+    def apply(self, item: dict) -> dict:
+        out = dict(item)
+        for key in ("task", "adapter", "instructions"):
+            value = getattr(self, key)
+            if value is not None and key not in out:
+                out[key] = value
+        return out
+
+
+def load_items(records: list[dict], defaults: ItemDefaults, max_image_pixels: int) -> list[dict]:
+    """Defaults applied, images read and decoded (to RGB PIL images); failures become error records."""
+    from nova.repo import model_class
+
+    decode_image = model_class("decode_image")
+    out = []
+    for record in records:
+        if "error" in record:
+            out.append(record)
+            continue
+        item = defaults.apply(record["item"])
+        if item.get("image") is not None:
+            try:
+                item["image"] = decode_image(item["image"], index=record["position"], allow_paths=True,
+                                             max_image_pixels=max_image_pixels)
+            except ValueError as exc:
+                out.append({**_strip(record), "error": str(exc)})
+                continue
+        out.append({**record, "item": item})
+    return out
+
+
+def _strip(record: dict) -> dict:
+    return {"position": record["position"], "id": record["id"]}
+
+
+def pack_by_token_budget(rows: list, max_batch_tokens: int, max_batch_size: int) -> list[list]:
+    """Length-sorted packs where rows x longest row <= max_batch_tokens and rows <= max_batch_size (a row
+    longer than the budget runs alone)."""
+    packs: list[list] = []
+    current: list = []
+    for row in sorted(rows, key=lambda r: r.num_tokens):
+        if current and (row.num_tokens * (len(current) + 1) > max_batch_tokens or len(current) >= max_batch_size):
+            packs.append(current)
+            current = []
+        current.append(row)
+    if current:
+        packs.append(current)
+    return packs
+
+
+@dataclass
+class EmbedOptions:
+    """Everything that decides a vector (recorded in the output's settings manifest)."""
+
+    multivector: bool = False
+    dimensions: int | None = None
+    max_pixels: int | None = None
+    max_length: int | None = None
+    prompt_set: str | None = None
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    load_lora: list[tuple[str, str]] = field(default_factory=list)
+
+
+class ModelWorker:
+    """The model stage: one model, records in, result records (`vector` or `error`) out."""
+
+    def __init__(self, model_ref: str | None, options: EmbedOptions, device: str | None = None,
+                 dtype: str | None = None, trust_remote_code: bool = False, model=None):
+        self.options = options
+        if model is None:
+            from nova.loading import load_model
+
+            model = load_model(model_ref, device=device, dtype=_torch_dtype(dtype),
+                               trust_remote_code=True if model_ref is None else trust_remote_code)
+            for name, path in options.load_lora:
+                model.load_adapter(name, path)
+        self.model = model
+        model.check_dimensions(options.dimensions, options.multivector)
+
+    def embed(self, records: list[dict]) -> list[dict]:
+        o = self.options
+        results: dict[int, dict] = {}
+        prepared = []
+        for record in records:
+            if "error" in record:
+                results[record["position"]] = record
+                continue
+            try:
+                row = self.model.processor.prepare_item(
+                    record["item"], index=record["position"], max_pixels=o.max_pixels, max_length=o.max_length,
+                    prompt_set=o.prompt_set,
+                )
+            except ValueError as exc:
+                results[record["position"]] = {**_strip(record), "error": str(exc)}
+                continue
+            prepared.append(row)
+        ids = {record["position"]: record["id"] for record in records}
+        for pack in pack_by_token_budget(prepared, o.max_batch_tokens, o.max_batch_size):
+            for row, outcome in zip(pack, self._run(pack), strict=True):
+                position = row.index
+                if isinstance(outcome, Exception):
+                    results[position] = {"position": position, "id": ids[position],
+                                         "error": f"item {position}: {type(outcome).__name__}: {outcome}"}
+                else:
+                    results[position] = {"position": position, "id": ids[position], "vector": outcome}
+        return [results[record["position"]] for record in records]
+
+    def _run(self, pack: list) -> list:
+        try:
+            return self._vectors(pack)
+        except Exception as exc:  # noqa: BLE001 - retried row by row below; one bad row costs only itself
+            if len(pack) == 1:
+                return [exc]
+        outcomes: list = []
+        for row in pack:
+            try:
+                outcomes.extend(self._vectors([row]))
+            except Exception as exc:  # noqa: BLE001
+                outcomes.append(exc)
+        return outcomes
+
+    def _vectors(self, pack: list) -> list:
+        o = self.options
+        out = []
+        for vector in self.model.embed_prepared(pack, o.multivector):
+            if not o.multivector and o.dimensions is not None:
+                vector = self.model.truncate(vector, o.dimensions)
+            array = vector.detach().to("cpu").float().numpy()
+            out.append(array if np.isfinite(array).all() else ValueError("the embedding has non-finite values"))
+        return out
+
+
+def _torch_dtype(name: str | None):
+    if name in (None, "auto"):
+        return None
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+

@@ -1,0 +1,116 @@
+"""`nova embed` in one process (--no-ray, or Ray not installed): same output format, resume, settings guard."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+
+
+def test_one_process_equals_encode_and_reports_bad_rows(run_cli, embed_corpus, embed_reference, check_embed_output,
+                                                        tmp_path):
+    path, _, bad = embed_corpus
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli("embed", path, out, "--no-ray", "--shard-rows", "300", "--no-progress")
+    assert code == 0, stderr
+    check_embed_output(out, embed_reference, bad)
+    assert "1000 rows embedded, 5 in error" in stdout and "rows/s" in stdout
+    metadata = json.loads(pq.read_schema(out / "part-00000.parquet").metadata[b"nova.embed"])
+    assert metadata["model"]["random_weights"] is True and metadata["options"]["multivector"] is False
+
+
+def test_without_ray_installed_runs_in_one_process_and_says_how_to_get_ray(run_cli, embed_corpus, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(line + "\n" for line in embed_corpus[0].read_text().splitlines()[:30]))
+    code, stdout, stderr = run_cli("embed", small, tmp_path / "out", "--no-progress")
+    assert code == 0, stderr
+    assert "pip install 'nova-embeddings[ray]'" in stderr and "one process" in stdout
+    assert pq.read_table(tmp_path / "out").num_rows > 0
+
+
+def test_resume_skips_committed_parts_and_other_settings_refuse(run_cli, embed_corpus, embed_reference,
+                                                                check_embed_output, tmp_path):
+    path, _, bad = embed_corpus
+    out = tmp_path / "out"
+    assert run_cli("embed", path, out, "--no-ray", "--shard-rows", "250", "--no-progress")[0] == 0
+    # an interrupted run: parts 1 and 3 never committed (a temporary file is left behind, as after a crash)
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    for name in ("part-00001.parquet", "part-00003.parquet"):
+        shutil.move(out / name, out / f".{name}.tmp")
+        kept.pop(name)
+    code, stdout, stderr = run_cli("embed", path, out, "--no-ray", "--shard-rows", "250", "--no-progress")
+    assert code == 0, stderr
+    assert "resuming: 3 of 5" in stderr and "this run: 500 rows" in stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name in kept} == kept
+    check_embed_output(out, embed_reference, bad)
+
+    code, _, stderr = run_cli("embed", path, out, "--no-ray", "--shard-rows", "250", "--dimensions", "32")
+    assert code == 2 and "other settings" in stderr and "options.dimensions" in stderr
+    code, _, stderr = run_cli("embed", path, out, "--no-ray", "--shard-rows", "250", "--instructions", "x")
+    assert code == 2 and "defaults.instructions" in stderr
+
+
+def test_multivector_output_equals_encode(run_cli, tiny_model, embed_corpus, tmp_path):
+    path, good, _ = embed_corpus
+    small = tmp_path / "small.jsonl"
+    lines = [line for line in path.read_text().splitlines()[:60] if '"id": "doc-' in line]
+    small.write_text("\n".join(lines) + "\n")
+    for k in range(3):
+        shutil.copy(path.parent / f"img{k}.png", tmp_path / f"img{k}.png")
+    code, _, stderr = run_cli("embed", small, tmp_path / "out", "--no-ray", "--multivector", "--no-progress")
+    assert code == 0, stderr
+    table = pq.read_table(tmp_path / "out")
+    assert str(table.schema.field("multivector").type) == "list<element: fixed_size_list<element: float>[128]>"
+    ids = table.column("id").to_pylist()
+    expected = tiny_model.encode([good[i] for i in ids], return_multivector=True, return_numpy=True)
+    for got, want in zip(table.column("multivector").to_pylist(), expected, strict=True):
+        got = np.asarray(got, dtype=np.float32)
+        assert got.shape == want.shape
+        assert ((got * want).sum(1)).min() >= 0.9999
+
+
+def test_parquet_with_image_bytes_and_beir_folder(run_cli, tiny_model, image, tmp_path):
+    import io
+
+    import pyarrow as pa
+
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    rows = [{"id": "t", "text": "plain text", "image": None, "task": "retrieval.passage"},
+            {"id": "i", "text": None, "image": png.getvalue(), "task": None},
+            {"id": "junk", "text": None, "image": b"not an image", "task": None}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    code, _, stderr = run_cli("embed", tmp_path / "in.parquet", tmp_path / "out", "--no-ray", "--no-progress",
+                              "--instructions", "Find the picture.")
+    assert code == 0, stderr
+    table = pq.read_table(tmp_path / "out")
+    got = dict(zip(table.column("id").to_pylist(), np.asarray(table.column("embedding").to_pylist()), strict=True))
+    want = tiny_model.encode([{"text": "plain text", "task": "retrieval.passage"}, {"image": image}],
+                             instructions="Find the picture.", return_numpy=True)
+    assert set(got) == {"t", "i"}
+    for key, vector in zip(("t", "i"), want, strict=True):
+        assert float(got[key] @ vector) >= 0.9999
+    errors = (tmp_path / "out" / "_errors.jsonl").read_text()
+    assert '"id": "junk"' in errors and "image could not be decoded" in errors
+
+    beir = tmp_path / "beir"
+    beir.mkdir()
+    (beir / "corpus.jsonl").write_text(json.dumps({"_id": "d1", "title": "Title", "text": "body text"}) + "\n")
+    code, _, stderr = run_cli("embed", beir, tmp_path / "beir-out", "--no-ray", "--task", "retrieval.passage")
+    assert code == 0, stderr
+    table = pq.read_table(tmp_path / "beir-out")
+    want = tiny_model.encode([{"text": "Title body text", "task": "retrieval.passage"}], return_numpy=True)[0]
+    assert table.column("id").to_pylist() == ["d1"]
+    assert float(np.asarray(table.column("embedding").to_pylist()[0]) @ want) >= 0.9999
+
+
+def test_embed_worker_flags_without_ray_are_refused(run_cli, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": "a", "text": "x"}\n')
+    code, _, stderr = run_cli("embed", corpus, tmp_path / "out", "--no-ray", "--workers", "2")
+    assert code == 2 and "need Ray" in stderr
