@@ -232,17 +232,28 @@ def main() -> int:
                         help="server --max-wait-ms (default: the server's own default)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="intra-op threads for the model on both sides (in-process and the server, through "
+                             "OMP_NUM_THREADS); 1 keeps a busy shared machine from spin-waiting (default: torch's own)")
     parser.add_argument("--mode", choices=["items", "sentences"], default="items",
                         help="items: Nova items, --per-request per request; sentences: one sentence per request, "
                              "plain OpenAI form (default: %(default)s)")
     args = parser.parse_args()
 
+    if args.torch_threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # the server process inherits it
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     from nova.loading import load_model
     from nova.tiny import ensure_tiny_checkpoint
 
     model_dir = args.model or str(ensure_tiny_checkpoint(size="small"))
     device = None if args.device == "auto" else args.device
     model = load_model(model_dir, device=device)
+    import torch
+
+    print(f"torch threads: {torch.get_num_threads()}  CPUs: {os.cpu_count()}")
     print(f"model: {model_dir}  device: {model.device}  dtype: {model.dtype}  "
           f"hidden: {model.config.text_config.hidden_size}  layers: {model.config.text_config.num_hidden_layers}")
 
