@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .processing_nova_embeddings_v1 import NO_ADAPTER
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 NO_ROUTE = -1
@@ -191,7 +193,7 @@ class LoraRegistry(nn.Module):
     def build(self, name: str, config: dict, pairs: dict, path: str = "") -> tuple[LoraAdapter, dict]:
         """Validate one adapter against the model (shapes, rank, targets) without changing anything. Returns
         the adapter and its matrices, already in each target's dtype and on its device."""
-        if not name or not isinstance(name, str) or name.lower() in ("none", "base"):
+        if not name or not isinstance(name, str) or name.lower() in NO_ADAPTER:
             raise ValueError(f"invalid adapter name {name!r}")
         modules = dict(self.model.named_modules())
         rank = int(config.get("r", 0)) or next(iter(pairs.values()))[0].shape[0]

@@ -215,7 +215,8 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
                 features = self._image_features(batch)
                 mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
                 inputs_embeds = inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
-            position_ids = self.rope_positions(batch).to(device)
+            position_ids = batch["position_ids"] if "position_ids" in batch else self.rope_positions(batch)
+            position_ids = position_ids.to(device)
             if prefix_kv is None:
                 out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                  position_ids=position_ids, use_cache=False)
@@ -249,13 +250,16 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         positions = torch.zeros(3, batch_size, length, dtype=torch.long)
         merge = self.config.vision_config.spatial_merge_size
         grids = iter(batch["image_grid_thw"].tolist() if batch["image_grid_thw"] is not None else [])
-        image_rows = set(batch["image_rows"])
-        offsets = batch.get("prefix_lens") or [0] * batch_size  # a dropped (cached) prefix: text, p positions
-        for row in range(batch_size):
-            n, p = int(attention_mask[row].sum()), offsets[row]
-            if row not in image_rows:
-                positions[:, row, :n] = torch.arange(p, p + n)
-                continue
+        image_rows = batch["image_rows"]
+        # a dropped (cached) instruction prefix of p tokens: the row's positions continue at p
+        offsets = torch.tensor(batch.get("prefix_lens") or [0] * batch_size, dtype=torch.long)
+        text_rows = torch.ones(batch_size, dtype=torch.bool)
+        text_rows[image_rows] = False
+        # text rows: p..p+n-1 on all three axes, vectorized (padding stays 0)
+        steps = torch.arange(length).unsqueeze(0) + offsets[text_rows].unsqueeze(1)
+        positions[:, text_rows] = (steps * attention_mask[text_rows]).unsqueeze(0)
+        for row in image_rows:
+            n, p = int(attention_mask[row].sum()), int(offsets[row])
             t, h, w = next(grids)
             h, w = h // merge, w // merge
             ids = input_ids[row, :n]
@@ -271,9 +275,9 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
     # ---- instruction prefix cache (caching_nova_embeddings_v1.py) --------------------------------------
 
     def _prefix_cache_applies(self, rows: list[PreparedItem]) -> bool:
-        """Inference with sdpa/eager attention (their additive masks express per-row prefixes; flash-attention
-        2 would need varlen key lengths), and some row has a prefix to share."""
-        return (self.prefix_cache.enabled and not torch.is_grad_enabled()
+        """sdpa/eager attention (their additive masks express per-row prefixes; flash-attention 2 would need
+        varlen key lengths), and some row has a prefix to share. (Inference only: see `collate_rows`.)"""
+        return (self.prefix_cache.enabled
                 and self.model.config._attn_implementation in ("sdpa", "eager")
                 and any(row.prefix_len for row in rows))
 
@@ -345,6 +349,25 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
 
     # ---- embeddings ----------------------------------------------------------------------------------
 
+    def collate_rows(self, rows: list[PreparedItem], adapters: list[str | None] | None = None, *,
+                     for_training: bool = False) -> dict:
+        """The host-side half of `forward_rows`: rows grouped by adapter (LoRA works on contiguous slices; rows
+        are independent, so their order inside a batch changes nothing) and collated into padded tensors. No
+        lock and no device work, so a server can collate the next batch while the current one runs.
+
+        For inference (the default) rows whose instruction prefix the prefix cache serves are collated without
+        it (`drop_prefix`); `for_training=True` keeps every token, since gradients must flow through them."""
+        adapters = [r.adapter for r in rows] if adapters is None else list(adapters)
+        order = sorted(range(len(rows)), key=lambda i: (adapters[i] is not None, adapters[i] or ""))
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        ordered = [rows[i] for i in order]
+        drop_prefix = not for_training and self._prefix_cache_applies(ordered)
+        batch = self.processor.collate(ordered, drop_prefix=drop_prefix)
+        batch["position_ids"] = self.rope_positions(batch)
+        return {"batch": batch, "adapters": [adapters[i] for i in order], "inverse": inverse, "rows": ordered,
+                "drop_prefix": drop_prefix}
+
     def forward_rows(
         self,
         rows: list[PreparedItem],
@@ -352,30 +375,32 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         pooled: bool = True,
         multivector: bool = False,
         adapters: list[str | None] | None = None,
+        collated: dict | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Differentiable embeddings of prepared rows: the one place pooling is defined (training uses it
         with gradients, `embed_prepared` without).
 
         Returns (pooled [N, H] L2-normalized, tokens [N, T, 128] L2-normalized per token, token_mask [N, T]
-        marking each row's multi-vector rows: attended tokens outside the instruction turn). `adapters`
-        overrides the rows' own adapters (None entries: the base model).
+        marking each row's multi-vector rows: attended tokens outside the instruction turn), in the rows'
+        order. `adapters` overrides the rows' own adapters (None entries: the base model); `collated` is
+        `collate_rows(rows, adapters)` done beforehand.
         """
-        adapters = [r.adapter for r in rows] if adapters is None else list(adapters)
-        # Rows sharing an adapter are made contiguous so LoRA works on slices (rows are independent, so
-        # the order inside a batch changes nothing); outputs are put back in the caller's order.
-        order = sorted(range(len(rows)), key=lambda i: (adapters[i] is not None, adapters[i] or ""))
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        if collated is None:
+            collated = self.collate_rows(rows, adapters, for_training=torch.is_grad_enabled())
+        elif collated["drop_prefix"] and torch.is_grad_enabled():
+            raise ValueError("these rows were collated for inference (cached instruction prefixes left out); "
+                             "collate them with collate_rows(..., for_training=True) to compute gradients")
+        batch, ordered_adapters = dict(collated["batch"]), collated["adapters"]
         with self.lora.lock:
-            missing = [(r, a) for r, a in zip(rows, adapters, strict=True) if a is not None and a not in self.lora.adapters]
+            missing = [(r, a) for r, a in zip(collated["rows"], ordered_adapters, strict=True)
+                       if a is not None and a not in self.lora.adapters]
             if missing:
                 raise ValueError(f"item {missing[0][0].index}: adapter {missing[0][1]!r} is not loaded")
-            ordered, routed = [rows[i] for i in order], [adapters[i] for i in order]
-            prefix_kv = self.prefix_states(ordered, routed) if self._prefix_cache_applies(ordered) else None
-            batch = self.processor.collate(ordered, drop_prefix=prefix_kv is not None)
+            rows_in_order = collated["rows"]
+            prefix_kv = self.prefix_states(rows_in_order, ordered_adapters) if collated["drop_prefix"] else None
             batch["want_multi"] = multivector
-            hidden, projected = self.forward_hidden(batch, routed, prefix_kv)
-        inverse = inverse.to(hidden.device)
+            hidden, projected = self.forward_hidden(batch, ordered_adapters, prefix_kv)
+        inverse = collated["inverse"].to(hidden.device)
         pooled_out = tokens = token_mask = None
         if pooled:
             mask = batch["pool_mask"].to(hidden.device).unsqueeze(-1)
@@ -386,14 +411,20 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         return pooled_out, tokens, token_mask
 
     @torch.inference_mode()
-    def embed_prepared(self, rows: list[PreparedItem], return_multivector: bool | list[bool] = False) -> list[torch.Tensor]:
+    def embed_prepared(self, rows: list[PreparedItem], return_multivector: bool | list[bool] = False,
+                       collated: dict | None = None) -> list[torch.Tensor]:
         """One forward pass over prepared rows. Returns, per row, the full-size L2-normalized pooled vector
-        or the [n_tokens, 128] multi-vector (instruction turn excluded), as float32 CPU tensors."""
+        or the [n_tokens, 128] multi-vector (instruction turn excluded), as float32 CPU tensors (one
+        device-to-host copy per output kind, not one per row)."""
         if not rows:
             return []
         wants = list(return_multivector) if isinstance(return_multivector, (list, tuple)) else [bool(return_multivector)] * len(rows)
-        pooled, tokens, token_mask = self.forward_rows(rows, pooled=not all(wants), multivector=any(wants))
-        return [(tokens[i][token_mask[i]] if want else pooled[i]).cpu() for i, want in enumerate(wants)]
+        pooled, tokens, token_mask = self.forward_rows(rows, pooled=not all(wants), multivector=any(wants),
+                                                       collated=collated)
+        pooled = pooled.cpu() if pooled is not None else None
+        if tokens is not None:
+            tokens, token_mask = tokens.cpu(), token_mask.cpu()
+        return [tokens[i][token_mask[i]] if want else pooled[i] for i, want in enumerate(wants)]
 
     def check_dimensions(self, dimensions: int | None, return_multivector: bool = False) -> None:
         if dimensions is None:

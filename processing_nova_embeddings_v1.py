@@ -496,6 +496,7 @@ class NovaEmbeddingsV1Processor:
 
     def collate(self, rows: list[PreparedItem], *, drop_prefix: bool = False) -> dict:
         """Right-padded batch tensors (right padding keeps every row's positions independent of the batch).
+        Vectorized: one tensor per field from the rows' concatenated lists, scattered through a length mask.
 
         `drop_prefix`: leave out each row's shareable prefix (its first `prefix_len` tokens, whose key/values
         come from the prefix cache); `prefix_lens` then says where each row's positions continue."""
@@ -503,18 +504,17 @@ class NovaEmbeddingsV1Processor:
         # Tokens after a row's last pooled or returned one (an instructed text's closing `<|im_end|>\n`) are
         # never output and, attention being causal, change nothing before them: they are not computed.
         ends = [row.content_end for row in rows]
-        length = max(end - start for end, start in zip(ends, starts, strict=True))
-        batch = len(rows)
-        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, length), dtype=torch.long)
-        pool_mask = torch.zeros((batch, length), dtype=torch.bool)
-        multi_mask = torch.zeros((batch, length), dtype=torch.bool)
-        for i, (row, start, end) in enumerate(zip(rows, starts, ends, strict=True)):
-            n = end - start
-            input_ids[i, :n] = torch.tensor(row.input_ids[start:end])
-            attention_mask[i, :n] = 1
-            pool_mask[i, :n] = torch.tensor(row.pool_mask[start:end])
-            multi_mask[i, :n] = torch.tensor(row.multi_mask[start:end])
+        lengths = torch.tensor([end - start for start, end in zip(starts, ends, strict=True)], dtype=torch.long)
+        positions = torch.arange(int(lengths.max())).unsqueeze(0)
+        attended = positions < lengths.unsqueeze(1)
+        spans = list(zip(rows, starts, ends, strict=True))
+        input_ids = torch.full(attended.shape, self.pad_token_id, dtype=torch.long)
+        input_ids[attended] = torch.tensor([t for row, a, b in spans for t in row.input_ids[a:b]], dtype=torch.long)
+        pool_mask = torch.zeros(attended.shape, dtype=torch.bool)
+        pool_mask[attended] = torch.tensor([m for row, a, b in spans for m in row.pool_mask[a:b]], dtype=torch.bool)
+        multi_mask = torch.zeros(attended.shape, dtype=torch.bool)
+        multi_mask[attended] = torch.tensor([m for row, a, b in spans for m in row.multi_mask[a:b]], dtype=torch.bool)
+        attention_mask = attended.long()
         pixel_rows = [row for row in rows if row.pixel_values is not None]
         grids = [row.image_grid_thw for row in rows if row.has_image]
         return {

@@ -45,7 +45,14 @@ def model_class(name: str = "NovaEmbeddingsV1Model"):
         "NovaEmbeddingsV1Config": "configuration_nova_embeddings_v1",
         "NovaEmbeddingsV1Processor": "processing_nova_embeddings_v1",
         "read_peft_folder": "lora_nova_embeddings_v1",
+        "NO_ADAPTER": "processing_nova_embeddings_v1",
         "decode_image": "processing_nova_embeddings_v1",
     }[name]
     repo_file(f"{module}.py")
     return get_class_from_dynamic_module(f"{module}.{name}", str(REPO_ROOT))
+
+
+def is_base_model_name(adapter: str | None) -> bool:
+    """Whether an adapter name means "no adapter" (`none`/`base`), by the model's own list (the remote code's
+    `NO_ADAPTER`), so that the tooling keeps no copy of it."""
+    return isinstance(adapter, str) and adapter.lower() in model_class("NO_ADAPTER")

@@ -1,24 +1,23 @@
-"""Dynamic batching: rows from many requests -> token-budget batches -> one model worker thread.
+"""The queue and batch forming: rows from many requests -> token-budget batches -> the backend (backend.py).
 
-- Rows wait in one queue (FIFO for fairness). A batch always contains the oldest row (so nothing
-  starves) plus the rows closest to it in length, packed while `rows x longest row <= max_batch_tokens`
-  and `rows <= max_batch_size`; rows of any adapter, task, instruction and modality share a batch
-  (the model routes adapters per row).
-- Wait is bounded: a batch leaves when the budget is full or `max_wait_ms` after its oldest row arrived,
-  whichever comes first (a row that already waited behind a running batch does not wait again). Rows of
-  requests that are already received and being tokenized (`preparing`) are worth waiting for a little
-  longer: up to a quarter of the measured batch time (at most 50 ms), so that clients answered together
-  do not split into alternating small and large batches.
-- Padding is paid for: when the rows at hand differ a lot in length (few clients, so little to sort),
-  the candidate batch is split into length-sorted groups where that is cheaper under a cost model
-  `seconds = a + b x padded_tokens` fitted online to the measured batches (`BatchCostModel`); the group
-  holding the oldest row runs now, the rest runs next. On hardware where a forward has a high fixed cost
-  (GPUs) the fit keeps batches whole; on CPUs, where cost follows padded tokens, it avoids padding.
-- The forward runs in a single worker thread, never on the event loop.
-- Admission is bounded in queued tokens: over `max_queue_tokens` the request is refused with 429 and a
+- Rows wait in one queue (FIFO for fairness). A batch always contains the oldest row (so nothing starves)
+  plus the rows closest to it in length, packed while `rows x longest row <= max_batch_tokens` and
+  `rows <= max_batch_size`; rows of any adapter, task, instruction and modality share a batch (the model
+  routes adapters per row). A row's length counts its image's vision-tower patches too (routes.batch_cost).
+- No fixed wait (TEI's way): when the model is idle a batch leaves at once. `--max-wait-ms` (default 0) is only
+  how long a row may wait for company while the model is idle; rows of requests that are received and still
+  being tokenized (`preparing`) are worth a short grace (a quarter of the measured batch time, at most 50 ms),
+  so that clients answered together do not split into alternating small and large batches.
+- While the model is busy, rows gather; the next batch is taken shortly before the running one is predicted to
+  end (the prediction is the cost model's, the lead the measured collation time), so that it is collated
+  while the current one runs and the model never waits for the host.
+- Padding is paid for: when the rows at hand differ a lot in length, the candidate batch is split into
+  length-sorted groups where that is cheaper under a cost model `seconds = a + b x padded_tokens (+ c x
+  adapters)` fitted online to the measured batches (`BatchCostModel`); the group holding the oldest row runs
+  now, the rest later. Where a forward has a high fixed cost (GPUs) the fit keeps batches whole.
+- Admission is bounded in queued tokens: over `max_queue_tokens` a request is refused with 429 and a
   `Retry-After` estimated from the measured token throughput.
 - A client that goes away cancels its queued rows; they are dropped before they reach the model.
-- If a batch fails, its rows are retried one by one, so one bad row never fails another client's rows.
 """
 
 from __future__ import annotations
@@ -26,10 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,6 +96,12 @@ class BatchCostModel:
         self.a, self.b = max(float(coef[0]), 0.0), float(coef[1])
         self.c = max(float(coef[2]), 0.0) if len(coef) > 2 else 0.0
 
+    def predict(self, padded_tokens: int, adapters: int = 1) -> float | None:
+        """Predicted seconds of one forward (None until the fit has data)."""
+        if self.a is None or self.b is None:
+            return None
+        return self.a + self.b * padded_tokens + self.c * adapters
+
     def split(self, batch: list[Row], anchor: Row) -> list[Row]:
         if self.a is None or self.b is None or len(batch) < 2:
             return batch
@@ -129,7 +132,7 @@ class BatchCostModel:
 class Batcher:
     def __init__(
         self,
-        model,
+        backend,
         *,
         max_batch_tokens: int,
         max_batch_size: int,
@@ -138,7 +141,7 @@ class Batcher:
         metrics: Metrics,
         on_row_done: Callable[[Row], None] | None = None,
     ):
-        self.model = model
+        self.backend = backend
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
@@ -150,14 +153,12 @@ class Batcher:
         self.queued_rows = 0
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nova-model")
         self._tokens_per_s = 0.0
         self._batch_seconds = 0.0
         self.cost = BatchCostModel()
         self.preparing = 0  # rows of admitted requests still being decoded/tokenized
         self._stopping = False
-        self.batches_run = 0
-        self.model_thread_ids: set[int] = set()
+        backend.on_batch_done = self._batch_done
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -177,7 +178,6 @@ class Batcher:
             if row.state == "queued":
                 self._fail(row, ApiError(503, "server is shutting down", code="shutting_down"))
         self._pending.clear()
-        self._executor.shutdown(wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------------ admission
 
@@ -214,8 +214,7 @@ class Batcher:
         self.queued_tokens += tokens
         self.queued_rows += len(rows_spec)
         self._update_gauges()
-        assert self._wakeup is not None
-        self._wakeup.set()
+        self._wake()
         return ticket
 
     def cancel(self, ticket: Ticket) -> int:
@@ -241,18 +240,21 @@ class Batcher:
         self.metrics.queue_rows.set(self.queued_rows)
         self.metrics.queue_tokens.set(self.queued_tokens)
 
-    # ------------------------------------------------------------------ batching
-
-    def _budget_full(self) -> bool:
-        return self.queued_rows >= self.max_batch_size or self.queued_tokens >= self.max_batch_tokens
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     def preparing_started(self, rows: int) -> None:
         self.preparing += rows
 
     def preparing_done(self, rows: int) -> None:
         self.preparing -= rows
-        if self._wakeup is not None:
-            self._wakeup.set()
+        self._wake()
+
+    # ------------------------------------------------------------------ batch forming
+
+    def _budget_full(self) -> bool:
+        return self.queued_rows >= self.max_batch_size or self.queued_tokens >= self.max_batch_tokens
 
     def _take_batch(self) -> list[Row]:
         pending = [r for r in self._pending if r.state == "queued"]
@@ -282,90 +284,74 @@ class Batcher:
         batch.sort(key=lambda r: r.tokens)
         return batch
 
+    def _take_at(self) -> float:
+        """When the next batch should leave (monotonic seconds; 0 = now), given the backend's state."""
+        oldest = next(r for r in self._pending if r.state == "queued")
+        if self.backend.idle():
+            # nothing to wait behind: leave at once, or after a bounded wait for company
+            deadline = oldest.enqueued + self.max_wait
+            if self.preparing > 0:
+                deadline = max(deadline, oldest.enqueued + min(0.05, 0.25 * self._batch_seconds))
+            return deadline
+        if not self.backend.has_room():
+            return math.inf  # a batch is already collated and waiting: gather until the model takes it
+        # one batch running: take the next so that it is collated just before the model frees up
+        return self.backend.expected_free_at() - self.backend.collate_lead()
+
     async def _loop(self) -> None:
         assert self._wakeup is not None
-        loop = asyncio.get_running_loop()
         while True:
             if not any(r.state == "queued" for r in self._pending):
                 self._pending = []
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            oldest = next(r for r in self._pending if r.state == "queued")
-            deadline = oldest.enqueued + self.max_wait
-            grace_deadline = deadline + min(0.05, 0.25 * self._batch_seconds)
-            while not self._budget_full():
+            while not (self._budget_full() and self.backend.has_room()):
+                take_at = self._take_at()
                 now = time.monotonic()
-                if now >= deadline and (self.preparing <= 0 or now >= grace_deadline):
+                if now >= take_at:
                     break
-                remaining = (deadline if now < deadline else grace_deadline) - now
                 self._wakeup.clear()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+                    timeout = None if math.isinf(take_at) else take_at - now
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
                 except asyncio.TimeoutError:
-                    pass  # re-check: past the deadline, rows still being prepared get a short grace
+                    pass
+                if not any(r.state == "queued" for r in self._pending):
+                    break
             batch = self._take_batch()
             if not batch:
                 continue
             started = time.monotonic()
             for row in batch:
                 self.metrics.queue_wait.observe(started - row.enqueued)
-            try:
-                outcomes = await loop.run_in_executor(self._executor, self._run, batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the executor itself failed: fail these rows, keep serving
-                log.exception("model worker failed")
-                outcomes = [exc] * len(batch)
-            elapsed = max(time.monotonic() - started, 1e-6)
-            tokens = sum(r.tokens for r in batch)
-            rate = tokens / elapsed
-            self._tokens_per_s = rate if not self._tokens_per_s else 0.8 * self._tokens_per_s + 0.2 * rate
-            self._batch_seconds = elapsed if not self._batch_seconds else 0.8 * self._batch_seconds + 0.2 * elapsed
-            self.batches_run += 1
-            self.metrics.batch_rows.observe(len(batch))
-            self.metrics.batch_tokens.observe(tokens)
-            padded = len(batch) * max(r.tokens for r in batch)
-            self.cost.observe(padded, elapsed, len({r.adapter for r in batch}))
-            self.metrics.batch_padded_tokens.observe(padded)
-            self.metrics.batch_requests.observe(len({id(r.ticket) for r in batch}))
-            self.metrics.batch_latency.observe(elapsed)
-            self.metrics.tokens.inc(tokens)
-            for row, outcome in zip(batch, outcomes, strict=True):
-                self.metrics.adapter_rows.labels(row.adapter or "none").inc()
-                if isinstance(outcome, BaseException):
-                    self._fail(row, outcome)
-                else:
-                    self._deliver(row, outcome)
+            predicted = self.cost.predict(len(batch) * batch[-1].tokens, len({r.adapter for r in batch}))
+            self.backend.submit(batch, predicted if predicted is not None else self._batch_seconds)
 
-    # ------------------------------------------------------------------ worker thread
+    # ------------------------------------------------------------------ results (called by the backend)
 
-    def _run(self, batch: list[Row]) -> list:
-        self.model_thread_ids.add(threading.get_ident())
-        try:
-            return self._embed(batch)
-        except Exception as exc:
-            if len(batch) == 1:
-                return [exc]
-            log.warning("batch of %d rows failed (%s); retrying rows one by one", len(batch), exc)
-        outcomes = []
-        for row in batch:
-            try:
-                outcomes.extend(self._embed([row]))
-            except Exception as exc:  # noqa: BLE001 - isolated to this row
-                outcomes.append(exc)
-        return outcomes
-
-    def _embed(self, batch: list[Row]) -> list[np.ndarray]:
-        vectors = self.model.embed_prepared([r.prepared for r in batch], [r.multivector for r in batch])
-        out = []
-        for row, vector in zip(batch, vectors, strict=True):
-            if not row.multivector and row.dimensions is not None:
-                vector = self.model.truncate(vector, row.dimensions)
-            out.append(vector.detach().to("cpu").float().numpy())
-        return out
-
-    # ------------------------------------------------------------------ results
+    def _batch_done(self, batch: list[Row], outcomes: list, elapsed: float) -> None:
+        elapsed = max(elapsed, 1e-6)
+        tokens = sum(r.tokens for r in batch)
+        rate = tokens / elapsed
+        self._tokens_per_s = rate if not self._tokens_per_s else 0.8 * self._tokens_per_s + 0.2 * rate
+        self._batch_seconds = elapsed if not self._batch_seconds else 0.8 * self._batch_seconds + 0.2 * elapsed
+        padded = len(batch) * max(r.tokens for r in batch)
+        self.cost.observe(padded, elapsed, len({r.adapter for r in batch}))
+        m = self.metrics
+        m.batch_rows.observe(len(batch))
+        m.batch_tokens.observe(tokens)
+        m.batch_padded_tokens.observe(padded)
+        m.batch_requests.observe(len({id(r.ticket) for r in batch}))
+        m.batch_latency.observe(elapsed)
+        m.tokens.inc(tokens)
+        for row, outcome in zip(batch, outcomes, strict=True):
+            m.adapter_rows.labels(row.adapter or "none").inc()
+            if isinstance(outcome, BaseException):
+                self._fail(row, outcome)
+            else:
+                self._deliver(row, outcome)
+        self._wake()
 
     def _deliver(self, row: Row, value) -> None:
         row.state = "done"

@@ -96,7 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-size", type=_positive_int, default=d.max_batch_size,
                    help="rows per forward pass (default: %(default)s)")
     g.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
-                   help="longest a row waits for its batch to fill (default: %(default)s)")
+                   help="longest a row waits for company while the model is idle; while it is busy rows gather "
+                        "anyway (default: %(default)s = start at once)")
     g.add_argument("--max-queue-tokens", type=_positive_int, default=d.max_queue_tokens,
                    help="queued tokens before new requests get 429 + Retry-After (default: %(default)s)")
     g.add_argument("--max-concurrent-requests", type=_positive_int, default=d.max_concurrent_requests,
@@ -190,7 +191,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def setup_logging(level: str) -> None:
-    from .app import RequestIdFilter
+    from .routes import RequestIdFilter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIdFilter())

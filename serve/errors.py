@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import re
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -65,22 +64,16 @@ def bad_request(message: str, *, param: str | None = None, code: str | None = "i
     return ApiError(400, message, param=param, code=code)
 
 
-_ITEM_RE = re.compile(r"^item (\d+): ")
-
-
-def from_value_error(exc: ValueError, *, param_prefix: str = "input") -> ApiError:
-    """Map the model's `ValueError("item {i}: ...")` to a 400 naming the item (404 for an adapter that is
-    not loaded). Typed item errors carry their index, code and field; plain ones are read from the message."""
-    message = str(exc) or exc.__class__.__name__
-    code = getattr(exc, "code", None)
-    index = getattr(exc, "index", None)
-    if code is not None and index is not None:
-        field = getattr(exc, "field", None)
-        param = f"{param_prefix}[{index}]" + (f".{field}" if field else "")
-        return ApiError(404 if code == "adapter_not_found" else 400, message, param=param, code=code)
-    match = _ITEM_RE.match(message)
-    param = f"{param_prefix}[{match.group(1)}]" if match else None
-    return ApiError(400, message, param=param, code="invalid_input")
+def from_item_error(exc: Exception, *, position: int | None = None, param_prefix: str = "input") -> ApiError:
+    """The one mapping of the model's typed item errors (`ItemError`: `.index`, `.code`, `.field`) to OpenAI's
+    shape: 404 for an adapter that is not loaded, 400 otherwise, `param` naming the item (`input[3].image`).
+    `position` overrides the index (a row retried alone). A plain ValueError is a 400 without a param."""
+    index = getattr(exc, "index", None) if position is None else position
+    code = getattr(exc, "code", None) or "invalid_input"
+    field = getattr(exc, "field", None)
+    param = None if index is None else f"{param_prefix}[{index}]" + (f".{field}" if field else "")
+    return ApiError(404 if code == "adapter_not_found" else 400, str(exc) or type(exc).__name__, param=param,
+                    code=code)
 
 
 # ---- Starlette exception handlers (framework-level errors in the same shape) ----

@@ -13,7 +13,6 @@ import hashlib
 import json
 import mimetypes
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -128,19 +127,15 @@ class InProcessEmbedder(Embedder):
                         return_numpy=True, max_length=self.max_length,
                     )
                 except ValueError as exc:
-                    raise UserInputError(_shift_item_index(str(exc), start)) from None
+                    index = getattr(exc, "index", None)
+                    if index is None:
+                        raise UserInputError(str(exc)) from None
+                    lead = f"item {index}: "
+                    message = str(exc)[len(lead):] if str(exc).startswith(lead) else str(exc)
+                    raise UserInputError(f"item {index + start}: {message}") from None
                 out.extend(np.asarray(v, dtype=np.float32) for v in vectors)
                 bar.update(len(part))
         return out
-
-
-def _shift_item_index(message: str, offset: int) -> str:
-    """``item 3: ...`` from a chunk -> ``item 3+offset: ...`` in the caller's numbering."""
-    if message.startswith("item "):
-        head, _, rest = message[5:].partition(":")
-        if head.isdigit():
-            return f"item {int(head) + offset}:{rest}"
-    return message
 
 
 def _image_data_url(path: str) -> str:
@@ -157,39 +152,29 @@ class EndpointEmbedder(Embedder):
 
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None, batch_size: int = 32,
                  timeout: float = 120.0, show_progress: bool = True, api_format: str = "nova", retries: int = 5):
-        import httpx
+        from nova.client import EmbeddingsClient
 
-        base = url.rstrip("/")
-        for suffix in ("/embeddings", "/v1"):
-            if base.endswith(suffix):
-                base = base[: -len(suffix)]
-        self.base = base
-        self.url = f"{base}/v1/embeddings"
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(timeout=timeout, headers=headers)
+        self.client = EmbeddingsClient(url, api_key=api_key, timeout=timeout, retries=retries)
+        self.base = self.client.base
+        self.url = f"{self.base}/v1/embeddings"
         self.batch_size = batch_size
         self.show_progress = show_progress
         self.api_format = api_format
-        self.retries = retries
         self.model = model or self._first_model()
         self.identity = {"kind": "endpoint", "url": self.url, "model": self.model, "format": api_format}
 
     def _first_model(self) -> str | None:
-        import httpx
+        from nova.client import ClientError
 
         try:
-            response = self.client.get(f"{self.base}/v1/models")
-        except httpx.HTTPError as exc:
-            raise UserInputError(f"cannot reach {self.base}/v1/models: {exc}") from None
-        if response.status_code != 200:
-            return None
-        try:
-            data = response.json().get("data") or []
-        except ValueError:
+            data = self.client.models().get("data") or []
+        except ClientError as exc:
+            if exc.status is None:
+                raise UserInputError(f"cannot reach {self.base}/v1/models: {exc}") from None
             return None
         return data[0].get("id") if data else None
 
-    def _payload(self, items: list[dict], multivector: bool) -> dict:
+    def _inputs(self, items: list[dict], multivector: bool) -> list:
         if self.api_format == "openai":
             inputs = []
             for item in items:
@@ -200,83 +185,34 @@ class EndpointEmbedder(Embedder):
                         f"{', '.join(extra) or 'multivector'}"
                     )
                 inputs.append(item["text"])
-            payload: dict = {"input": inputs, "encoding_format": "float"}
-        else:
-            inputs = []
-            for item in items:
-                obj = {k: v for k, v in item.items() if v is not None}
-                if "image" in obj:
-                    obj["image"] = _image_data_url(obj["image"])
-                inputs.append(obj)
-            payload = {"input": inputs, "encoding_format": "float"}
-            if multivector:
-                payload["return_multivector"] = True
-        if self.model:
-            payload["model"] = self.model
-        return payload
-
-    def _post(self, payload: dict) -> dict:
-        import httpx
-
-        delay = 1.0
-        for attempt in range(self.retries + 1):
-            try:
-                response = self.client.post(self.url, json=payload)
-            except httpx.HTTPError as exc:
-                if attempt < self.retries:
-                    time.sleep(delay)
-                    delay = min(delay * 2, 30)
-                    continue
-                raise UserInputError(f"request to {self.url} failed: {exc}") from None
-            if response.status_code in (429, 502, 503, 504) and attempt < self.retries:
-                retry_after = response.headers.get("Retry-After")
-                try:
-                    wait = float(retry_after) if retry_after else delay
-                except ValueError:
-                    wait = delay
-                time.sleep(min(wait, 60))
-                delay = min(delay * 2, 30)
-                continue
-            if response.status_code != 200:
-                try:
-                    message = response.json()["error"]["message"]
-                except (ValueError, KeyError, TypeError):
-                    message = response.text[:300]
-                raise UserInputError(f"{self.url} answered {response.status_code}: {message}")
-            try:
-                return response.json()
-            except ValueError:
-                raise UserInputError(f"{self.url} answered with invalid JSON") from None
-        raise UserInputError(f"{self.url}: gave up after {self.retries} retries")  # pragma: no cover
+            return inputs
+        inputs = []
+        for item in items:
+            obj = {k: v for k, v in item.items() if v is not None}
+            if "image" in obj:
+                obj["image"] = _image_data_url(obj["image"])
+            inputs.append(obj)
+        return inputs
 
     def embed(self, items: list[dict], multivector: bool, desc: str = "Embedding") -> list[np.ndarray]:
+        from nova.client import ClientError
+
         out: list[np.ndarray] = []
         with _progress(len(items), desc, self.show_progress) as bar:
             for start in range(0, len(items), self.batch_size):
                 part = items[start : start + self.batch_size]
                 try:
-                    body = self._post(self._payload(part, multivector))
-                except UserInputError as exc:
-                    raise UserInputError(_shift_item_index(str(exc), start)) from None
-                data = sorted(body.get("data") or [], key=lambda d: d.get("index", 0))
-                if len(data) != len(part):
-                    raise UserInputError(f"{self.url} returned {len(data)} embeddings for {len(part)} inputs")
-                for entry in data:
-                    out.append(_decode_embedding(entry))
+                    out.extend(self.client.embed(self._inputs(part, multivector), model=self.model,
+                                                 multivector=multivector))
+                except ClientError as exc:
+                    index = exc.item_index
+                    where = f"item {index + start}: " if index is not None else ""
+                    raise UserInputError(f"{where}{self.url}: {exc.message}") from None
                 bar.update(len(part))
         return out
 
     def close(self) -> None:
         self.client.close()
-
-
-def _decode_embedding(entry: dict) -> np.ndarray:
-    embedding = entry.get("embedding")
-    if isinstance(embedding, str):  # base64 little-endian float32, optional shape
-        array = np.frombuffer(base64.b64decode(embedding), dtype="<f4").astype(np.float32)
-        shape = entry.get("shape")
-        return array.reshape(shape) if shape else array
-    return np.asarray(embedding, dtype=np.float32)
 
 
 def api_key_from_env() -> str | None:

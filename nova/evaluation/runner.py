@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nova.maxsim import maxsim_scores as summed_maxsim
+from nova.maxsim import padded
+
 from . import metrics as metrics_mod
 from .cache import EmbeddingCache, corpus_fingerprint
 from .dataset import BeirDataset
@@ -71,28 +74,14 @@ def cosine_scores(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
 
 def maxsim_scores(queries: list[np.ndarray], docs: list[np.ndarray], doc_chunk: int = 256,
                   query_chunk: int = 16) -> np.ndarray:
-    """ColBERT late interaction: sum over query tokens of the best-matching document token's dot product."""
+    """MaxSim (nova.maxsim) of every query against every document, in chunks to bound memory."""
     scores = np.zeros((len(queries), len(docs)), dtype=np.float32)
-
-    def pad(arrays: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        length = max(len(a) for a in arrays)
-        dim = arrays[0].shape[1]
-        out = torch.zeros(len(arrays), length, dim)
-        mask = torch.zeros(len(arrays), length, dtype=torch.bool)
-        for i, a in enumerate(arrays):
-            out[i, : len(a)] = torch.from_numpy(np.ascontiguousarray(a))
-            mask[i, : len(a)] = True
-        return out, mask
-
     with torch.inference_mode():
         for d0 in range(0, len(docs), doc_chunk):
-            d, dmask = pad(docs[d0 : d0 + doc_chunk])
+            d, dmask = padded(docs[d0 : d0 + doc_chunk])
             for q0 in range(0, len(queries), query_chunk):
-                q, qmask = pad(queries[q0 : q0 + query_chunk])
-                sim = torch.einsum("aqh,blh->abql", q, d)
-                sim = sim.masked_fill(~dmask[None, :, None, :], float("-inf")).amax(-1)
-                sim = (sim * qmask[:, None, :]).sum(-1)
-                scores[q0 : q0 + len(q), d0 : d0 + len(d)] = sim.numpy()
+                q, qmask = padded(queries[q0 : q0 + query_chunk])
+                scores[q0 : q0 + len(q), d0 : d0 + len(d)] = summed_maxsim(q, qmask, d, dmask).float().numpy()
     return scores
 
 

@@ -31,6 +31,8 @@ import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from nova.repo import is_base_model_name
+
 from .errors import UserInputError
 
 # tasks with distinct query / passage prompts; others (text-matching) are symmetric
@@ -266,7 +268,7 @@ def check_against_model(variants: list[Variant], *, adapters, tasks, dimensions)
             task, adapter = getattr(v, f"{side}_task"), getattr(v, f"{side}_adapter")
             if task not in tasks:
                 raise UserInputError(f"variant {v.name!r}: unknown {side} task {task!r}; known: {', '.join(sorted(tasks))}")
-            if adapter is not None and adapter.lower() not in ("none", "base") and adapter not in adapters:
+            if adapter is not None and not is_base_model_name(adapter) and adapter not in adapters:
                 raise UserInputError(f"variant {v.name!r}: unknown {side} adapter {adapter!r}; "
                                      f"loaded: {', '.join(sorted(adapters)) or 'none'}")
         if v.dimensions is not None and v.dimensions not in dimensions:

@@ -23,6 +23,21 @@ class PlaygroundError(Exception):
     """A problem the user can act on; its message is shown in the UI as is."""
 
 
+class PlaygroundItemError(PlaygroundError):
+    """A bad item, named by its position in the batch the backend was given (typed, never read from text)."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(f"item {index}: {message}")
+        self.index = index
+        self.message = message
+
+
+def _item_message(exc: Exception, index: int) -> str:
+    """The model's ItemError message without its `item N: ` lead (the index travels as a number)."""
+    text, lead = str(exc), f"item {index}: "
+    return text[len(lead):] if text.startswith(lead) else text
+
+
 def _to_numpy(vector: Any) -> np.ndarray:
     if hasattr(vector, "detach"):
         vector = vector.detach().to("cpu").float().numpy()
@@ -145,6 +160,9 @@ class InProcessBackend(Backend):
                     show_progress=False,
                 )
         except ValueError as exc:
+            index = getattr(exc, "index", None)
+            if index is not None:
+                raise PlaygroundItemError(index, _item_message(exc, index)) from exc
             raise PlaygroundError(str(exc)) from exc
         return [_to_numpy(v) for v in out]
 
@@ -158,8 +176,8 @@ class InProcessBackend(Backend):
     def load_adapter(self, name, path):
         """Only from under `--adapter-root`, with the server's own confinement rule (symlinks resolved; the
         weights file of a PEFT folder names the folder)."""
+        from serve.adapters import check_lora_name, resolve_lora_path
         from serve.errors import ApiError
-        from serve.lora_admin import check_lora_name, resolve_lora_path
 
         if self.adapter_root is None:
             raise PlaygroundError("Loading adapters at run time is off: start the playground with "
@@ -234,13 +252,12 @@ class ServerBackend(Backend):
 
     def __init__(self, url: str, api_key: str | None = None, admin_api_key: str | None = None,
                  model: str | None = None, timeout: float = 120.0):
-        import httpx
+        from nova.client import EmbeddingsClient
 
         self.url = url.rstrip("/")
         self.api_key = api_key
-        self.admin_api_key = admin_api_key or api_key
+        self._client = EmbeddingsClient(self.url, api_key=api_key, admin_api_key=admin_api_key, timeout=timeout)
         self._admin_key_given = bool(admin_api_key)
-        self._client = httpx.Client(timeout=timeout)
         self.loaded_here: set[str] = set()
         self._model = model
         self._full_dim = None
@@ -254,33 +271,14 @@ class ServerBackend(Backend):
         except PlaygroundError:
             pass  # reported on first use; the UI still comes up
 
-    # -- HTTP -----------------------------------------------------------------------------------
-    def _headers(self, admin: bool = False) -> dict[str, str]:
-        key = self.admin_api_key if admin else self.api_key
-        return {"Authorization": f"Bearer {key}"} if key else {}
-
-    def _request(self, method: str, path: str, admin: bool = False, **kwargs) -> Any:
-        import httpx
+    # -- HTTP (nova.client: the one client of this API) ------------------------------------------
+    def _request(self, method: str, path: str, admin: bool = False, json: Any = None) -> Any:
+        from nova.client import ClientError
 
         try:
-            response = self._client.request(method, self.url + path, headers=self._headers(admin), **kwargs)
-        except httpx.TimeoutException as exc:
-            raise PlaygroundError(f"The server at {self.url} did not answer in time ({exc}).") from exc
-        except httpx.HTTPError as exc:
-            raise PlaygroundError(
-                f"Cannot reach the embedding server at {self.url} ({type(exc).__name__}: {exc}). "
-                "Is `nova serve` running there?"
-            ) from exc
-        if response.status_code >= 400:
-            try:
-                message = response.json()["error"]["message"]
-            except Exception:  # noqa: BLE001 - not the OpenAI error shape
-                message = response.text[:300]
-            raise PlaygroundError(f"The server answered {response.status_code}: {message}")
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise PlaygroundError(f"The server at {self.url} did not answer JSON on {path}.") from exc
+            return self._client.request(method, path, admin=admin, json=json)
+        except ClientError as exc:
+            raise _playground_error(exc) from None
 
     def _discover(self) -> None:
         info = self._request("GET", "/v1/models")
@@ -310,21 +308,17 @@ class ServerBackend(Backend):
         return None
 
     def encode(self, items, *, multivector, dimensions):
+        from nova.client import ClientError
+
         if self._model is None:
             self._discover()
-        payload: dict[str, Any] = {
-            "model": self._model,
-            "input": [self._wire_item(item) for item in items],
-            "encoding_format": "float",
-            "return_multivector": bool(multivector),
-        }
-        if dimensions and not multivector:
-            payload["dimensions"] = int(dimensions)
-        body = self._request("POST", "/v1/embeddings", json=payload)
-        data = sorted(body.get("data") or [], key=lambda row: row.get("index", 0))
-        if len(data) != len(items):
-            raise PlaygroundError(f"The server returned {len(data)} embeddings for {len(items)} inputs.")
-        return [_to_numpy(row["embedding"]) for row in data]
+        try:
+            return self._client.embed([self._wire_item(item) for item in items], model=self._model,
+                                      multivector=bool(multivector), dimensions=dimensions)
+        except ClientError as exc:
+            if exc.item_index is not None:
+                raise PlaygroundItemError(exc.item_index, exc.message) from None
+            raise _playground_error(exc) from None
 
     @staticmethod
     def _wire_item(item: Any) -> Any:
@@ -384,6 +378,13 @@ class ServerBackend(Backend):
             except Exception:  # noqa: BLE001 - no tokenizer, no token labels
                 self._tok = False
         return self._tok or None
+
+
+def _playground_error(exc) -> PlaygroundError:
+    message = exc.message[:1].upper() + exc.message[1:]
+    if exc.status is None and message.startswith("Cannot reach"):
+        message += ". Is `nova serve` running there?"
+    return PlaygroundError(message)
 
 
 def _adapter_names(body: Any) -> list[str]:

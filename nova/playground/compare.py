@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends import Backend, PlaygroundError
+from .backends import Backend, PlaygroundError, PlaygroundItemError
 from .scoring import rank_movement, ranks, score
 
 AUTO = "auto (task routing)"
@@ -177,14 +177,13 @@ class CachedEncoder:
         if missing:
             try:
                 vectors = self.backend.encode(list(missing.values()), multivector=multivector, dimensions=dimensions)
-            except PlaygroundError as exc:
-                # The model names the failing item by its index in the batch; map it back to ours.
-                match = re.match(r"item (\d+): (.*)", str(exc), re.DOTALL)
-                if match and int(match.group(1)) < len(missing):
-                    key = list(missing)[int(match.group(1))]
-                    position = next(i for i, (k, _) in enumerate(keyed_items) if k == key)
-                    raise ItemError(position, match.group(2)) from exc
-                raise
+            except PlaygroundItemError as exc:
+                # The backend names the failing item by its index in the batch; map it back to ours.
+                if exc.index >= len(missing):
+                    raise
+                key = list(missing)[exc.index]
+                position = next(i for i, (k, _) in enumerate(keyed_items) if k == key)
+                raise ItemError(position, exc.message) from exc
             found.update(zip(missing, vectors, strict=True))
             with self._lock:
                 for key, vector in zip(missing, vectors, strict=True):

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nova.maxsim import maxsim as _maxsim
+
 
 def _unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
@@ -28,8 +30,8 @@ def token_similarities(query: np.ndarray, candidate: np.ndarray) -> np.ndarray:
 
 
 def maxsim(query: np.ndarray, candidate: np.ndarray) -> float:
-    """Late-interaction score (ColBERT / Jina V4): sum over query tokens of the best candidate token."""
-    return float(token_similarities(query, candidate).max(axis=1).sum())
+    """Late-interaction score (nova.maxsim: the one definition) of two multi-vector embeddings."""
+    return _maxsim(np.asarray(query, dtype=np.float64), np.asarray(candidate, dtype=np.float64))
 
 
 def score(query: np.ndarray, candidate: np.ndarray, multivector: bool) -> float:

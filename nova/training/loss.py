@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nova.maxsim import maxsim_scores as summed_maxsim
+
 
 def info_nce(scores: torch.Tensor, temperature: float, ignore: torch.Tensor | None = None) -> torch.Tensor:
     """``scores`` [B, P] (P >= B, column i is row i's positive); ``ignore`` [B, P] bool: columns to drop."""
@@ -36,12 +38,9 @@ def cosine_scores(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tens
 
 def maxsim_scores(queries: torch.Tensor, query_mask: torch.Tensor, candidates: torch.Tensor,
                   candidate_mask: torch.Tensor) -> torch.Tensor:
-    """Late interaction: [B, Lq, d] x [P, Lp, d] (masks [B, Lq], [P, Lp]) -> [B, P], normalized by the
-    number of query tokens so the temperature means the same as for cosine scores."""
-    sim = torch.einsum("bqd,pld->bpql", queries, candidates)
-    sim = sim.masked_fill(~candidate_mask[None, :, None, :], float("-inf")).amax(-1)
-    sim = (sim * query_mask[:, None, :]).sum(-1)
-    return sim / query_mask.sum(-1, keepdim=True).clamp(min=1)
+    """Late interaction (nova.maxsim) normalized by the number of query tokens, so that the temperature means
+    the same as for cosine scores: [B, Lq, d] x [P, Lp, d] -> [B, P]."""
+    return summed_maxsim(queries, query_mask, candidates, candidate_mask) / query_mask.sum(-1, keepdim=True).clamp(min=1)
 
 
 def duplicate_mask(positive_keys: list, candidate_keys: list) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from nova.evaluation.errors import UserInputError
+from nova.repo import is_base_model_name
 
 from .data import Triplet, item_key, load_triplets
 from .loss import cosine_scores, duplicate_mask, info_nce, maxsim_scores
@@ -268,7 +269,7 @@ class Trainer:
         resident_before = {name: model.adapter_state(name)[1] for name in model.list_adapters()}
 
         init_config, init_pairs = (None, None)
-        if cfg.init_adapter and cfg.init_adapter.lower() not in ("none", "base"):
+        if cfg.init_adapter and not is_base_model_name(cfg.init_adapter):
             init_config, init_pairs = _init_weights(model, cfg.init_adapter)
         if init_pairs is not None:
             rank = int(init_config.get("r") or next(iter(init_pairs.values()))[0].shape[0])
@@ -507,7 +508,7 @@ class Trainer:
         cfg = self.cfg
         dataset = load_beir(cfg.eval_dataset, cfg.eval_split)
         start = "none"
-        if cfg.init_adapter and cfg.init_adapter.lower() not in ("none", "base"):
+        if cfg.init_adapter and not is_base_model_name(cfg.init_adapter):
             if cfg.init_adapter in model.list_adapters():
                 start = cfg.init_adapter
             else:  # a folder: load it to measure the starting point

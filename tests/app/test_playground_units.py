@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nova.playground.backends import Backend, PlaygroundError, ServerBackend
+from nova.playground.backends import Backend, PlaygroundError, PlaygroundItemError, ServerBackend
 from nova.playground.compare import (
     NO_ADAPTER,
     CachedEncoder,
@@ -32,7 +32,7 @@ class FakeBackend(Backend):
         out = []
         for i, item in enumerate(items):
             if item.get("text") == "BROKEN":
-                raise PlaygroundError(f"item {i}: text is broken")
+                raise PlaygroundItemError(i, "text is broken")
             key = repr((item.get("text"), item.get("instructions"), item.get("adapter"), item.get("image")))
             rng = np.random.default_rng(int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))
             v = rng.standard_normal((3, 8) if multivector else 8)

@@ -37,3 +37,41 @@ def test_expensive_forwards_keep_the_batch_whole():
         model.observe(padded, 5.0 + padded * 1e-6)  # large fixed cost (a GPU): never split
     rows = _rows([10, 200, 15, 190, 12])
     assert sorted(r.tokens for r in model.split(rows, rows[2])) == [10, 12, 15, 190, 200]
+
+
+def _batcher(max_wait_ms=0.0):
+    import asyncio
+
+    from serve.backend import Backend
+    from serve.batcher import Batcher
+    from serve.metrics import Metrics
+
+    async def make():
+        batcher = Batcher(Backend(), max_batch_tokens=10_000, max_batch_size=64, max_wait_ms=max_wait_ms,
+                          max_queue_tokens=100_000, metrics=Metrics())
+        batcher.submit([{"prepared": None, "tokens": 12, "adapter": None, "multivector": False, "dimensions": None}])
+        return batcher
+
+    return asyncio.run(make())
+
+
+def test_an_idle_model_takes_a_lone_row_at_once_and_a_busy_one_paces_on_its_prediction():
+    """Pacing (pure logic, no clock asserted): no fixed wait when the backend is idle; `--max-wait-ms` only
+    bounds a wait for company; while one batch runs, the next is due one collation lead before its predicted
+    end; with a batch already waiting, nothing is taken until the model frees a slot."""
+    import math
+    import time
+
+    batcher = _batcher()
+    oldest = batcher._pending[0]
+    assert batcher.backend.idle() and batcher._take_at() <= time.monotonic()
+    waiting = _batcher(max_wait_ms=200)
+    assert waiting._take_at() == waiting._pending[0].enqueued + 0.2
+    backend = batcher.backend
+    backend._collate_seconds = 0.01
+    backend._in_backend, backend._busy_until = 1, time.monotonic() + 0.5  # one batch in, predicted to take 0.5 s
+    assert batcher._take_at() == backend._busy_until - 0.011
+    assert batcher._take_at() > oldest.enqueued
+    backend._in_backend = 2
+    assert math.isinf(batcher._take_at())
+

@@ -285,12 +285,12 @@ def test_a_failing_batch_is_retried_row_by_row(start_server, server_model_factor
         ids = [int(i) for i in row.input_ids]
         return any(ids[i:i + len(poison)] == poison for i in range(len(ids) - len(poison) + 1))
 
-    def embed_prepared(rows, return_multivector=False):
+    def embed_prepared(rows, return_multivector=False, **kwargs):
         bad = any(has_poison(r) for r in rows)
         batches.append((len(rows), bad))
         if bad:
             raise RuntimeError("the forward pass failed on one row (fault injected by the test)")
-        return real_embed(rows, return_multivector)
+        return real_embed(rows, return_multivector, **kwargs)
 
     model.embed_prepared = embed_prepared
     slow = start_server(model=model, max_wait_ms=400, max_batch_tokens=100_000, max_batch_size=1000)

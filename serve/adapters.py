@@ -1,4 +1,5 @@
-"""Adapters at run time: the admission gate (drain on unload) and the admin routes.
+"""Adapters at run time: the admin routes and the `--lora-root` confinement rule (the gate that drains an
+adapter before it leaves is in admission.py).
 
 - `POST /v1/internal/lora/load {lora_name, lora_path}`, `POST /v1/internal/lora/unload {lora_name}`,
   `GET /v1/internal/lora`.
@@ -15,7 +16,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
@@ -24,72 +24,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from nova.repo import is_base_model_name
+
+from .admission import adapter_not_found
 from .errors import ApiError, bad_request
 
 log = logging.getLogger("serve.lora")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class AdapterGate:
-    """Which adapters admit rows, and how many admitted rows each still has in flight."""
-
-    def __init__(self, names: list[str] | None = None):
-        self.state: dict[str, str] = {name: "ready" for name in names or []}
-        self.in_flight: dict[str, int] = {}
-        self._idle: dict[str, asyncio.Event] = {}
-
-    def ready(self, name: str) -> bool:
-        return self.state.get(name) == "ready"
-
-    def ready_names(self) -> list[str]:
-        return sorted(n for n, s in self.state.items() if s == "ready")
-
-    def acquire(self, names: list[str | None]) -> None:
-        """Admit rows using `names` (None = base model), all or none; 404 for an adapter not ready."""
-        for name in names:
-            if name is not None and not self.ready(name):
-                raise adapter_not_found(name, self.ready_names())
-        for name in names:
-            if name is not None:
-                self.in_flight[name] = self.in_flight.get(name, 0) + 1
-                event = self._idle.get(name)
-                if event is not None:
-                    event.clear()
-
-    def release(self, name: str | None) -> None:
-        if name is None:
-            return
-        count = self.in_flight.get(name, 0) - 1
-        if count <= 0:
-            self.in_flight.pop(name, None)
-            event = self._idle.get(name)
-            if event is not None:
-                event.set()
-        else:
-            self.in_flight[name] = count
-
-    async def drain(self, name: str, timeout: float) -> bool:
-        """Stop admitting `name` and wait until its admitted rows are done. False on timeout."""
-        self.state[name] = "draining"
-        if not self.in_flight.get(name):
-            return True
-        event = self._idle.setdefault(name, asyncio.Event())
-        event.clear()
-        try:
-            await asyncio.wait_for(event.wait(), timeout=timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
-        finally:
-            self._idle.pop(name, None)
-
-
-def adapter_not_found(name: str, loaded: list[str], param: str | None = None) -> ApiError:
-    return ApiError(
-        404, f"adapter {name!r} is not loaded; loaded adapters: {', '.join(loaded) or 'none'}",
-        code="adapter_not_found", param=param,
-    )
 
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -126,32 +68,25 @@ def resolve_lora_path(root: str | None, given: object, *, root_flag: str = "--lo
 
 def check_lora_name(name: object) -> str:
     """A name an adapter may be loaded under (ApiError otherwise): short, plain, and not a base-model alias."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or name.lower() in ("none", "base"):
+    if not isinstance(name, str) or not NAME_RE.match(name) or is_base_model_name(name):
         raise bad_request("'lora_name' must match [A-Za-z0-9][A-Za-z0-9._-]{0,63} and not be none/base",
                           param="lora_name")
     return name
 
 
-def lora_routes(server) -> list[Route]:
-    """`server` is the app's ServerState (settings, model, gate, metrics, auth helpers)."""
+def lora_routes(server, *, require_admin, read_json) -> list[Route]:
+    """The admin routes. `server` is the app's `Server` (settings, model, gate, metrics); `require_admin(request)`
+    and `read_json(request) -> dict` are the HTTP layer's key check and body reader (serve/routes.py)."""
     lock = asyncio.Lock()
 
     async def _guard(request: Request) -> None:
         if not server.settings.enable_lora:
             raise ApiError(404, "adapter management is disabled (start the server with --enable-lora)",
                            code="lora_disabled")
-        server.require_admin(request)
+        require_admin(request)
         server.require_ready()
 
-    async def _json(request: Request) -> dict:
-        body = await server.read_body(request)
-        try:
-            payload = json.loads(body)
-        except (ValueError, RecursionError):
-            raise bad_request("request body is not valid JSON", code="invalid_json") from None
-        if not isinstance(payload, dict):
-            raise bad_request("request body must be a JSON object", code="invalid_json")
-        return payload
+    _json = read_json
 
     def _name(payload: dict) -> str:
         return check_lora_name(payload.get("lora_name"))

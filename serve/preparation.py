@@ -1,0 +1,88 @@
+"""A parsed request -> prepared rows: adapters routed by the model's one resolver, image URLs fetched under the
+server's policy (async, on the event loop), then images decoded and items tokenized in a worker pool (never on
+the event loop, never on the model thread)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from .admission import adapter_not_found
+from .config import Settings
+from .errors import ApiError, from_item_error
+from .images import ImageError, ImageFetcher, classify_source, decode_image
+from .schemas import EmbeddingRequest
+
+
+class Preparer:
+    def __init__(self, settings: Settings, fetcher: ImageFetcher):
+        self.settings = settings
+        self.fetcher = fetcher
+        workers = settings.preprocess_workers or min(4, os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nova-prep")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def route_adapters(self, model, req: EmbeddingRequest, model_adapter: str | None, gate) -> None:
+        """Check every item's adapter against the gate before any work: the `model` field may name an adapter
+        (OpenAI clients), items may name their own, and tasks route by the model's own rule."""
+        for i, item in enumerate(req.items):
+            if model_adapter is not None and "adapter" not in item:
+                item["adapter"] = model_adapter
+            try:
+                name = model.processor.resolve_item(item, index=i).adapter
+            except ValueError as exc:
+                raise from_item_error(exc) from None
+            if name is not None and not gate.ready(name):
+                where = f"input[{i}].adapter" if "adapter" in item else f"input[{i}].task"
+                raise adapter_not_found(name, gate.ready_names(), param=where)
+
+    async def fetch_images(self, req: EmbeddingRequest) -> dict[int, bytes]:
+        images: dict[int, bytes] = {}
+        for i, item in enumerate(req.items):
+            if "image" not in item:
+                continue
+            try:
+                kind, value = classify_source(item["image"])
+                images[i] = await self.fetcher.fetch(value) if kind == "url" else value
+            except ImageError as exc:
+                raise ApiError(exc.status, f"item {i}: {exc}", param=f"input[{i}].image", code=exc.code) from None
+        return images
+
+    async def prepare(self, model, req: EmbeddingRequest, images: dict[int, bytes]) -> list:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, self._prepare_all, model, req, images)
+
+    def _prepare_all(self, model, req: EmbeddingRequest, images: dict[int, bytes]) -> list:
+        """Worker thread: decode images and tokenize every item."""
+        s = self.settings
+        processor = model.processor
+        truncate = s.auto_truncate if req.truncate is None else req.truncate
+        rows = []
+        for i, item in enumerate(req.items):
+            item = dict(item)
+            if i in images:
+                try:
+                    item["image"] = decode_image(images[i], max_pixels=s.max_image_pixels,
+                                                 max_bytes=s.max_image_bytes)
+                except ImageError as exc:
+                    raise ApiError(exc.status, f"item {i}: {exc}", param=f"input[{i}].image", code=exc.code) \
+                        from None
+            kwargs = dict(index=i, instructions=req.instructions, max_pixels=s.resize_max_pixels,
+                          allow_paths=False, prompt_set=req.prompt_set)
+            try:
+                row = processor.prepare_item(item, max_length=None, truncate=False, **kwargs)
+                if row.num_tokens > s.max_input_tokens:
+                    if not truncate:
+                        raise ApiError(
+                            413, f"item {i}: {row.num_tokens} tokens, over the limit of {s.max_input_tokens} "
+                            "(--max-input-tokens; send \"truncate\": true or start with --auto-truncate)",
+                            param=f"input[{i}]", code="input_too_long",
+                        )
+                    row = processor.prepare_item(item, max_length=s.max_input_tokens, truncate=True, **kwargs)
+            except ValueError as exc:
+                raise from_item_error(exc) from None
+            rows.append(row)
+        return rows

@@ -1,0 +1,341 @@
+"""HTTP: the routes, API-key checks, body reading and JSON parsing, response rendering, request ids.
+
+`POST /v1/embeddings` reads here top-down: keys and readiness, a request slot, the body (bounded), JSON (parsed
+off the event loop when large), the request forms (schemas.py), adapters and images (preparation.py), the
+queue (batcher.py), then the vectors rendered to JSON or base64 in the worker pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import time
+import uuid
+
+import numpy as np
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import openapi
+from .adapters import lora_routes
+from .admission import wait_for_disconnect
+from .errors import ApiError, bad_request, request_id_var
+from .schemas import EmbeddingRequest, parse_embedding_request
+from .server import Server
+
+log = logging.getLogger("serve")
+access_log = logging.getLogger("serve.access")
+
+ROUTES = (
+    "/v1/embeddings", "/embeddings", "/v1/models", "/health", "/metrics", "/openapi.json",
+    "/v1/internal/lora", "/v1/internal/lora/load", "/v1/internal/lora/unload",
+)
+PARSE_IN_POOL_BYTES = 64_000  # bodies larger than this are parsed in the worker pool, not on the event loop
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds `request_id` to every log record (the id of the request being handled, or '-')."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+# ---------------------------------------------------------------------- keys
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header is None:
+        return request.headers.get("x-api-key")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def _matches(token: str | None, keys: list[str]) -> bool:
+    supplied = (token or "").encode()
+    ok = False
+    for key in keys:  # compare against every key, in constant time each
+        ok |= hmac.compare_digest(supplied, key.encode())
+    return ok and token is not None
+
+
+def require_api_key(server: Server, request: Request) -> None:
+    keys = list(server.settings.api_keys)
+    if not keys:
+        return
+    if server.settings.admin_api_key:
+        keys.append(server.settings.admin_api_key)
+    if not _matches(_bearer(request), keys):
+        server.metrics.rejected.labels("unauthorized").inc()
+        raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+
+
+def require_admin(server: Server, request: Request) -> None:
+    key = server.settings.admin_api_key
+    if not key:
+        raise ApiError(403, "admin routes need the server to be started with --admin-api-key", code="admin_disabled")
+    if not _matches(_bearer(request), [key]):
+        server.metrics.rejected.labels("unauthorized").inc()
+        raise ApiError(401, "invalid or missing admin API key", code="invalid_api_key")
+
+
+# ---------------------------------------------------------------------- bodies
+
+
+async def read_body(server: Server, request: Request) -> bytes:
+    limit = server.settings.payload_limit
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        server.metrics.rejected.labels("payload_too_large").inc()
+        raise ApiError(413, f"payload of {length} bytes is over the limit of {limit} bytes (--payload-limit)",
+                       code="payload_too_large")
+    chunks, total = [], 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                server.metrics.rejected.labels("payload_too_large").inc()
+                raise ApiError(413, f"payload is over the limit of {limit} bytes (--payload-limit)",
+                               code="payload_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        server.metrics.rejected.labels("client_disconnected").inc()
+        raise ApiError(400, "the client disconnected while sending the body", code="client_disconnected") from None
+    return b"".join(chunks)
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_json(body: bytes):
+    try:
+        return json.loads(body, parse_constant=_no_constants)
+    except (ValueError, RecursionError):
+        raise bad_request("request body is not valid JSON", code="invalid_json") from None
+
+
+async def read_json(server: Server, request: Request):
+    body = await read_body(server, request)
+    try:
+        if len(body) > PARSE_IN_POOL_BYTES and server.preparer is not None:
+            return await asyncio.get_running_loop().run_in_executor(server.preparer.pool, _parse_json, body)
+        return _parse_json(body)
+    except ApiError:  # (only invalid JSON: the body limits were checked above)
+        server.metrics.rejected.labels("invalid_json").inc()
+        raise
+
+
+async def read_json_object(server: Server, request: Request) -> dict:
+    payload = await read_json(server, request)
+    if not isinstance(payload, dict):
+        raise bad_request("request body must be a JSON object", code="invalid_json")
+    return payload
+
+
+# ---------------------------------------------------------------------- embeddings
+
+
+async def embeddings(server: Server, request: Request) -> Response:
+    require_api_key(server, request)
+    server.require_ready()
+    with server.slots.hold(server.batcher.retry_after):
+        return await _embeddings(server, request)
+
+
+async def _embeddings(server: Server, request: Request) -> Response:
+    s, model = server.settings, server.model
+    payload = await read_json(server, request)
+    try:
+        req = parse_embedding_request(
+            payload, default_task=server.default_task, default_multivector=s.is_multi_vector_embeddings,
+            max_items=s.max_client_batch_size, known_tasks=server.known_tasks,
+        )
+        model_adapter = server.resolve_model_name(req.model)
+        req.model_label = req.model or s.primary_model_name
+        try:
+            model.check_dimensions(req.dimensions, req.return_multivector)
+        except ValueError as exc:
+            raise bad_request(str(exc), param="dimensions") from None
+        if req.prompt_set is not None and req.prompt_set not in model.config.prompt_sets:
+            raise bad_request(f"unknown prompt_set {req.prompt_set!r}; known: {sorted(model.config.prompt_sets)}",
+                              param="prompt_set")
+        server.preparer.route_adapters(model, req, model_adapter, server.gate)
+        images = await server.preparer.fetch_images(req)
+        server.batcher.preparing_started(len(req.items))
+        try:
+            rows = await server.preparer.prepare(model, req, images)
+        finally:
+            server.batcher.preparing_done(len(req.items))
+    except ApiError as exc:
+        server.metrics.rejected.labels(exc.code or str(exc.status)).inc()
+        raise
+
+    # admission: adapters (drain-aware) then queue budget, atomically on the event loop
+    adapters = [row.adapter for row in rows]
+    try:
+        server.gate.acquire(adapters)
+    except ApiError as exc:
+        server.metrics.rejected.labels(exc.code).inc()
+        raise
+    try:
+        ticket = server.batcher.submit([
+            {"prepared": row, "tokens": batch_cost(row), "adapter": row.adapter, "multivector": req.return_multivector,
+             "dimensions": None if req.return_multivector else req.dimensions}
+            for row in rows
+        ])
+    except ApiError:
+        for name in adapters:
+            server.gate.release(name)
+        raise
+    for item in req.items:
+        server.metrics.items.labels("+".join(k for k in ("text", "image", "image_embeds") if k in item)).inc()
+
+    disconnect = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({ticket.future, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        if ticket.future not in done:
+            dropped = server.batcher.cancel(ticket)
+            log.info("client went away; dropped %d queued row(s)", dropped)
+            server.metrics.rejected.labels("client_disconnected").inc()
+            return Response(status_code=499)
+        vectors = ticket.future.result()  # an ApiError of a row, or a bug (500), is raised here
+    finally:
+        disconnect.cancel()
+    body = await asyncio.get_running_loop().run_in_executor(server.preparer.pool, render_embeddings, req, vectors,
+                                                             rows)
+    return Response(body, media_type="application/json")
+
+
+def batch_cost(row) -> int:
+    """A row's weight in the token budgets: its tokens, plus its image's patches before the 2x2 merge (the vision
+    tower runs on those, so an image costs more than its merged tokens say)."""
+    if row.pixel_values is None or row.image_grid_thw is None:
+        return row.num_tokens
+    return row.num_tokens + int(row.image_grid_thw.prod())
+
+
+def render_embeddings(req: EmbeddingRequest, vectors: list[np.ndarray], rows: list) -> bytes:
+    data = []
+    for i, vector in enumerate(vectors):
+        entry: dict = {"object": "embedding", "index": i}
+        if req.encoding_format == "base64":
+            entry["embedding"] = base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode()
+            if vector.ndim == 2:
+                entry["shape"] = list(vector.shape)
+        else:
+            entry["embedding"] = vector.tolist()
+        if getattr(rows[i], "truncated", False):
+            entry["truncated"] = True
+        data.append(entry)
+    tokens = sum(row.num_tokens for row in rows)
+    return json.dumps({
+        "object": "list",
+        "data": data,
+        "model": req.model_label,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }, separators=(",", ":"), allow_nan=False).encode()  # a last guard: a 500 with a request id, never NaN in JSON
+
+
+# ---------------------------------------------------------------------- the other routes
+
+
+def build_routes(server: Server) -> list[Route]:
+    settings = server.settings
+
+    async def embeddings_route(request: Request) -> Response:
+        return await embeddings(server, request)
+
+    async def models(request: Request) -> JSONResponse:
+        require_api_key(server, request)
+        primary = settings.primary_model_name
+        # Nova extension fields on the served model: what a client needs to pick `dimensions` and parse rows.
+        config = server.model.config if server.ready else None
+        shape = ({"matryoshka_dims": list(config.matryoshka_dims), "multi_vector_dim": config.multi_vector_projector_dim,
+                  "task_routing": config.task_routing} if config is not None else {})
+        data = [{"id": name, "object": "model", "created": server.created, "owned_by": "nova",
+                 "root": primary, "parent": None, **shape} for name in settings.model_names()]
+        if server.ready:
+            for name in server.gate.ready_names():
+                if name not in settings.model_names():
+                    data.append({"id": name, "object": "model", "created": server.created, "owned_by": "nova",
+                                 "root": name, "parent": primary})
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(request: Request) -> JSONResponse:
+        server.require_ready()
+        return JSONResponse({"status": "ok", "model": settings.primary_model_name,
+                             "random_weights": bool(getattr(server.model.config, "nova_random_weights", False))})
+
+    async def metrics(request: Request) -> Response:
+        return Response(server.metrics.render(), media_type=server.metrics.content_type)
+
+    async def openapi_doc(request: Request) -> JSONResponse:
+        return JSONResponse(openapi.document(settings))
+
+    return [
+        Route("/v1/embeddings", embeddings_route, methods=["POST"]),
+        Route("/embeddings", embeddings_route, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_doc, methods=["GET"]),
+        *lora_routes(server, require_admin=lambda request: require_admin(server, request),
+                     read_json=lambda request: read_json_object(server, request)),
+    ]
+
+
+class RequestContextMiddleware:
+    """Pure ASGI: request id (X-Request-Id in and out), access log, per-route metrics."""
+
+    def __init__(self, app, server: Server):
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = None
+        for key, value in scope.get("headers", []):
+            if key == b"x-request-id":
+                incoming = value.decode("latin-1")
+                break
+        if not incoming or len(incoming) > 128 or not all(c.isalnum() or c in "-_.:" for c in incoming):
+            incoming = uuid.uuid4().hex
+        # Each request runs in its own task, so the id never leaks to another request; it is left set
+        # so that the error handlers outside this middleware still log it.
+        request_id_var.set(incoming)
+        status = {"code": 500}
+        started = time.perf_counter()
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", incoming.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            elapsed = time.perf_counter() - started
+            path = scope.get("path", "")
+            route = path if path in ROUTES else "other"
+            method = scope.get("method", "")
+            metrics = self.server.metrics
+            metrics.requests.labels(route, method, str(status["code"])).inc()
+            metrics.request_latency.labels(route).observe(elapsed)
+            if route not in ("/health", "/metrics"):
+                access_log.info('%s "%s %s" %d %.1fms', _client(scope), method, path, status["code"], elapsed * 1000)
+
+
+def _client(scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "-"
