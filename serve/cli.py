@@ -7,29 +7,10 @@ import logging
 import os
 import sys
 
+from nova.argtypes import lora_spec, non_negative_int, positive_int
+
 from .config import Settings
 from .ray_serve import add_ray_arguments, ray_requested
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
-    return value
-
-
-def _lora_spec(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
-    return name, path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,11 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-lora", action="store_true",
                    help="allow --load-lora and the /v1/internal/lora routes; the checkpoint's own task "
                         "adapters are always loaded (default: off)")
-    g.add_argument("--max-loras", type=_positive_int, default=d.max_loras,
+    g.add_argument("--max-loras", type=positive_int, default=d.max_loras,
                    help="adapters resident at once, task adapters included (default: %(default)s)")
-    g.add_argument("--max-lora-rank", type=_positive_int, default=d.max_lora_rank,
+    g.add_argument("--max-lora-rank", type=positive_int, default=d.max_lora_rank,
                    help="largest LoRA rank accepted (default: %(default)s)")
-    g.add_argument("--load-lora", action="append", type=_lora_spec, default=[], metavar="NAME=PATH",
+    g.add_argument("--load-lora", action="append", type=lora_spec, default=[], metavar="NAME=PATH",
                    help="load a PEFT adapter folder (or its adapter_model.safetensors) at start-up; repeatable; "
                         "needs --enable-lora (default: none)")
     g.add_argument("--lora-root", default=None, metavar="DIR",
@@ -89,38 +70,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="(default: %(default)s)")
 
     g = parser.add_argument_group("batching")
-    g.add_argument("--max-batch-tokens", "--max-num-batched-tokens", dest="max_batch_tokens", type=_positive_int,
+    g.add_argument("--max-batch-tokens", "--max-num-batched-tokens", dest="max_batch_tokens", type=positive_int,
                    default=d.max_batch_tokens,
                    help="padded tokens (rows x longest row) per forward pass; --max-num-batched-tokens is vLLM's "
                         "name for it (default: %(default)s)")
-    g.add_argument("--max-batch-size", type=_positive_int, default=d.max_batch_size,
+    g.add_argument("--max-batch-size", type=positive_int, default=d.max_batch_size,
                    help="rows per forward pass (default: %(default)s)")
     g.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help="longest a row waits for company while the model is idle; while it is busy rows gather "
                         "anyway (default: %(default)s = start at once)")
-    g.add_argument("--max-queue-tokens", type=_positive_int, default=d.max_queue_tokens,
+    g.add_argument("--max-queue-tokens", type=positive_int, default=d.max_queue_tokens,
                    help="queued tokens before new requests get 429 + Retry-After (default: %(default)s)")
-    g.add_argument("--max-concurrent-requests", type=_positive_int, default=d.max_concurrent_requests,
+    g.add_argument("--max-concurrent-requests", type=positive_int, default=d.max_concurrent_requests,
                    help="embedding requests handled at once before 429 (default: %(default)s)")
     g.add_argument("--preprocess-workers", type=int, default=d.preprocess_workers,
                    help="threads decoding images and tokenizing; 0 = min(4, CPUs) (default: %(default)s)")
-    g.add_argument("--prefix-cache-mb", type=_non_negative_int, default=d.prefix_cache_mb, metavar="MB",
+    g.add_argument("--prefix-cache-mb", type=non_negative_int, default=d.prefix_cache_mb, metavar="MB",
                    help="memory for cached instruction-prefix key/values (LRU); 0 disables (default: %(default)s)")
 
     g = parser.add_argument_group("limits")
-    g.add_argument("--max-client-batch-size", type=_positive_int, default=d.max_client_batch_size,
+    g.add_argument("--max-client-batch-size", type=positive_int, default=d.max_client_batch_size,
                    help="items per request; more answers 413 (default: %(default)s)")
-    g.add_argument("--payload-limit", type=_positive_int, default=d.payload_limit,
+    g.add_argument("--payload-limit", type=positive_int, default=d.payload_limit,
                    help="request body bytes; more answers 413 (default: %(default)s = 2 MB)")
-    g.add_argument("--max-input-tokens", type=_positive_int, default=d.max_input_tokens,
+    g.add_argument("--max-input-tokens", type=positive_int, default=d.max_input_tokens,
                    help="tokens per item (instructions and image tokens included); more answers 413 unless "
                         "truncated (default: %(default)s)")
     g.add_argument("--auto-truncate", action="store_true",
                    help="truncate the text of items over --max-input-tokens instead of refusing them; a request "
                         "may override with \"truncate\" (default: off)")
-    g.add_argument("--max-image-pixels", type=_positive_int, default=d.max_image_pixels,
+    g.add_argument("--max-image-pixels", type=positive_int, default=d.max_image_pixels,
                    help="largest source image (width x height), checked before decoding (default: %(default)s)")
-    g.add_argument("--resize-max-pixels", type=_positive_int, default=None,
+    g.add_argument("--resize-max-pixels", type=positive_int, default=None,
                    help="images are resized to at most this many pixels before the vision tower (default: the "
                         "image processor's max_pixels)")
 
@@ -136,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--image-url-allowlist", action="append", default=[], metavar="HOST",
                    help="host allowed for image URLs: exact, '*.example.com' or '*' (any public host); "
                         "repeatable (default: none)")
-    g.add_argument("--max-image-bytes", type=_positive_int, default=d.max_image_bytes,
+    g.add_argument("--max-image-bytes", type=positive_int, default=d.max_image_bytes,
                    help="largest image body fetched or decoded, in bytes (default: %(default)s)")
     g.add_argument("--image-url-timeout", type=float, default=d.image_url_timeout, metavar="SECONDS",
                    help="total time for one image URL fetch (default: %(default)s)")

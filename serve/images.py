@@ -16,7 +16,6 @@ import asyncio
 import base64
 import binascii
 import io
-import ipaddress
 import socket
 import warnings
 from collections.abc import Awaitable, Callable
@@ -25,6 +24,10 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 from PIL import Image
+
+# One definition of "a public address" for the server and the in-process API (a standard-library-only module
+# of the model's remote code).
+from fetching_nova_embeddings_v1 import address_is_public as ip_is_public
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 MAX_REDIRECTS = 3
@@ -144,24 +147,6 @@ def host_allowed(host: str, allowlist: list[str]) -> bool:
         if host == pattern:
             return True
     return False
-
-
-def ip_is_public(address: str) -> bool:
-    """True only for globally routable unicast addresses."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if embedded is None and ip in ipaddress.ip_network("64:ff9b::/96"):
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None and not ip_is_public(str(embedded)):
-            return False
-    return bool(
-        ip.is_global and not ip.is_multicast and not ip.is_private and not ip.is_loopback
-        and not ip.is_link_local and not ip.is_reserved and not ip.is_unspecified
-    )
 
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]

@@ -8,26 +8,14 @@ import logging
 import sys
 import time
 
+from nova.argtypes import lora_spec, positive_int
+
 from .inputs import InputError, plan_input
 from .job import Job
 from .output import OutputFolder, SettingsMismatch, model_identity
 from .stages import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, EmbedOptions, ItemDefaults
 
 INSTALL_RAY = "pip install 'nova-embeddings[ray]'"
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _lora_spec(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
-    return name, path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when the worker has one)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="(default: %(default)s = float32 on CPU, bfloat16 on CUDA)")
-    g.add_argument("--load-lora", action="append", type=_lora_spec, default=[], metavar="NAME=PATH",
+    g.add_argument("--load-lora", action="append", type=lora_spec, default=[], metavar="NAME=PATH",
                    help="load a PEFT adapter folder into every worker; repeatable")
     g = parser.add_argument_group("items (a row's own field wins over these)")
     g.add_argument("--task", default=None, help="task of rows that name none (default: the model's default task)")
@@ -54,13 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--instructions", default=None, help="instructions for rows that have none")
     g.add_argument("--dimensions", type=int, default=None, help="Matryoshka size of pooled vectors")
     g.add_argument("--multivector", action="store_true", help="write per-token 128-d rows (`multivector`)")
-    g.add_argument("--max-pixels", type=_positive_int, default=None, help="resize images to at most this many pixels")
-    g.add_argument("--max-length", type=_positive_int, default=8192,
+    g.add_argument("--max-pixels", type=positive_int, default=None, help="resize images to at most this many pixels")
+    g.add_argument("--max-length", type=positive_int, default=8192,
                    help="tokens per item; longer text is truncated (default: %(default)s)")
     g.add_argument("--prompt-set", default=None, help="alternative prompt set of the model's config")
     g.add_argument("--id-field", default=None, help="id column (default: 'id', or '_id' when there is no 'id')")
     g = parser.add_argument_group("execution")
-    g.add_argument("--workers", type=_positive_int, default=None,
+    g.add_argument("--workers", type=positive_int, default=None,
                    help="model actors (default: one per GPU of the cluster, else 1)")
     g.add_argument("--gpus-per-worker", type=float, default=None,
                    help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0)")
@@ -69,11 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--ray-address", default=None,
                        help="join a Ray cluster (e.g. auto, ray://head:10001) (default: start a local Ray)")
     where.add_argument("--no-ray", action="store_true", help="run in this process, without Ray")
-    g.add_argument("--shard-rows", type=_positive_int, default=2000,
+    g.add_argument("--shard-rows", type=positive_int, default=2000,
                    help="rows per output part: the unit of commit and resume (default: %(default)s)")
-    g.add_argument("--max-batch-tokens", type=_positive_int, default=DEFAULT_MAX_BATCH_TOKENS,
+    g.add_argument("--max-batch-tokens", type=positive_int, default=DEFAULT_MAX_BATCH_TOKENS,
                    help="padded tokens per forward pass (default: %(default)s)")
-    g.add_argument("--max-batch-size", type=_positive_int, default=DEFAULT_MAX_BATCH_SIZE,
+    g.add_argument("--max-batch-size", type=positive_int, default=DEFAULT_MAX_BATCH_SIZE,
                    help="rows per forward pass (default: %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
