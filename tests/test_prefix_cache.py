@@ -136,7 +136,7 @@ def test_training_forward_bypasses_the_cache(model):
     rows = [model.processor.prepare_item({"text": "q", "instructions": "Find code"})]
     with torch.enable_grad():
         pooled, _, _ = model.forward_rows(rows)
-    assert pooled.requires_grad is False or pooled.grad_fn is not None
+    assert pooled.grad_fn is not None  # the full sequence ran with autograd, not the cached inference path
     assert model.prefix_cache.stats()["misses"] == 0
 
 

@@ -30,7 +30,8 @@ def test_remote_code_imports_only_each_other_and_allowed_libraries():
                 modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
                 for module in modules:
                     top = module.split(".")[0]
-                    assert top in stdlib or top in ALLOWED_IMPORTS | EXTRA_IMPORTS.get(name, set()), (name, module)
+                    allowed = stdlib | ALLOWED_IMPORTS | EXTRA_IMPORTS.get(name, set())
+                    assert top in allowed, (name, module)
 
 
 def test_automodel_from_a_plain_copy_of_the_repo(tiny_dir, tmp_path):
