@@ -7,6 +7,7 @@ text/image batches correct), per-row LoRA routing in one forward pass, and `enco
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import os
@@ -342,9 +343,10 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         return self.model(inputs_embeds=inputs_embeds, attention_mask={"full_attention": bias, "sliding_attention": bias},
                           position_ids=position_ids, use_cache=False, **{self._cache_argument: PrefixKV(prefix_kv)})
 
-    @property
+    @functools.cached_property
     def _cache_argument(self) -> str:
-        """The backbone's name for its cache argument (`cache` in newer transformers, `past_key_values` before)."""
+        """The backbone's name for its cache argument (`cache` in newer transformers, `past_key_values` before);
+        read once, not on every batch."""
         return "cache" if "cache" in inspect.signature(type(self.model).forward).parameters else "past_key_values"
 
     # ---- embeddings ----------------------------------------------------------------------------------
