@@ -28,7 +28,7 @@ from transformers.utils import logging
 from .caching_nova_embeddings_v1 import PrefixCache, PrefixKV, attention_bias
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
 from .lora_nova_embeddings_v1 import LoraRegistry, read_peft_folder
-from .processing_nova_embeddings_v1 import NovaEmbeddingsV1Processor, PreparedItem
+from .processing_nova_embeddings_v1 import NovaEmbeddingsV1Processor, PreparedItem, check_dimensions
 
 logger = logging.get_logger(__name__)
 
@@ -429,14 +429,7 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         return [tokens[i][token_mask[i]] if want else pooled[i] for i, want in enumerate(wants)]
 
     def check_dimensions(self, dimensions: int | None, return_multivector: bool = False) -> None:
-        if dimensions is None:
-            return
-        if return_multivector:
-            raise ValueError("'dimensions' applies to pooled vectors only; multi-vector rows are always "
-                             f"{self.config.multi_vector_projector_dim}-d")
-        allowed = self.config.matryoshka_dims
-        if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions not in allowed:
-            raise ValueError(f"dimensions must be one of {allowed}, got {dimensions!r}")
+        check_dimensions(self.config, dimensions, return_multivector)
 
     def truncate(self, vector: torch.Tensor, dimensions: int | None) -> torch.Tensor:
         """Matryoshka: keep the first `dimensions` values and re-normalize."""

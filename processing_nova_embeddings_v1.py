@@ -92,6 +92,10 @@ class ItemError(ValueError):
         self.index = index
         self.code = code
         self.field = field
+        self._message = message
+
+    def __reduce__(self):  # crosses process boundaries whole (a server's model process, Ray workers)
+        return type(self), (self.index, self._message, self.code, self.field)
 
 
 def item_error(index: int | None, message: str, code: str = "invalid_input", field: str | None = None) -> ItemError:
@@ -127,6 +131,18 @@ def _named_adapter(adapter, index: int | None) -> str | None:
     if not isinstance(adapter, str):
         raise item_error(index, f"'adapter' must be a string or null, not {type(adapter).__name__}", field="adapter")
     return adapter
+
+
+def check_dimensions(config, dimensions: int | None, return_multivector: bool = False) -> None:
+    """Matryoshka sizes: one of `config.matryoshka_dims`, pooled vectors only (ValueError otherwise)."""
+    if dimensions is None:
+        return
+    if return_multivector:
+        raise ValueError("'dimensions' applies to pooled vectors only; multi-vector rows are always "
+                         f"{config.multi_vector_projector_dim}-d")
+    allowed = config.matryoshka_dims
+    if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions not in allowed:
+        raise ValueError(f"dimensions must be one of {allowed}, got {dimensions!r}")
 
 
 def _private_copy(backend, *, plain: bool):
@@ -254,6 +270,16 @@ class NovaEmbeddingsV1Processor:
         templates = load_chat_templates(chat_template or os.path.join(path, CHAT_TEMPLATE_FILE))
         return cls(tokenizer, image_processor, templates, config)
 
+    def __getstate__(self) -> dict:
+        """Pickles (for a server's model process, Ray workers) as what it was built from; routing state
+        travels too, the model hook does not (a processor on its own checks no adapter names)."""
+        return {"tokenizer": self.tokenizer, "image_processor": self.image_processor, "templates": self.templates,
+                "config": self.config, "absent_task_adapters": self.absent_task_adapters}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["tokenizer"], state["image_processor"], state["templates"], state["config"])
+        self.absent_task_adapters = state["absent_task_adapters"]
+
     @classmethod
     def register_for_auto_class(cls, auto_class: str = "AutoProcessor") -> None:
         """Called by `AutoProcessor` on remote-code classes; the repository's auto_map already records it."""
@@ -314,6 +340,9 @@ class NovaEmbeddingsV1Processor:
     def resolve_item(self, item: dict, *, index: int | None = None, prompt_set: str | None = None) -> Route:
         """`resolve` for an item dict: a missing 'adapter' key inherits the task's adapter."""
         return self.resolve(item.get("task"), item.get("adapter", INHERIT), index=index, prompt_set=prompt_set)
+
+    def check_dimensions(self, dimensions: int | None, return_multivector: bool = False) -> None:
+        check_dimensions(self.config, dimensions, return_multivector)
 
     # ---- one item ------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ __all__ = ["create_app", "RequestIdFilter", "Server"]
 
 def create_app(settings: Settings, model=None) -> Starlette:
     settings.validate()
+    settings.engine_kind(model_given=model is not None)  # a model object cannot run in another process
     server = Server(settings, model)
 
     @contextlib.asynccontextmanager

@@ -1,24 +1,24 @@
-"""The model side of the server: collate a batch on one host thread, run its forward on the model thread.
+"""The batch path's last stop: hand a batch to the engine (engine.py: the model's own process, or threads of
+this one) and its results back to the batcher.
 
-Two batches at most are in the backend at once: one running in the model thread and the next one being
-collated (or collated and waiting), so that the forward never waits for host-side work. The forward returns
-host tensors with one device-to-host copy per batch; matryoshka truncation and the conversion to numpy happen
-here, response encoding happens in the HTTP layer's worker pool.
+Two batches at most are in the backend at once: one running and the next one being collated (or collated and
+waiting), so that the forward never waits for host-side work. The engine returns float32 numpy vectors,
+matryoshka-truncated, with one device-to-host copy per batch; response encoding happens in the HTTP layer's
+worker pool.
 
-If a batch fails, its rows are retried one by one, so that one bad row never fails another client's rows;
-a row's item error is mapped to OpenAI's shape here (`errors.from_item_error`), naming the row's position in
-its own request.
+If a batch fails, the engine retries its rows one by one, so that one bad row never fails another client's
+rows; a row's item error is mapped to OpenAI's shape here (`errors.from_item_error`), naming the row's position
+in its own request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
+from .engine import Job
 from .errors import from_item_error
 
 log = logging.getLogger("serve.backend")
@@ -27,16 +27,13 @@ DEPTH = 2  # batches in the backend at once: one running, one collated ahead
 
 
 class Backend:
-    def __init__(self, model=None):
-        self.model = model
+    def __init__(self, engine=None):
+        self.engine = engine  # set once the model is loaded (server.py)
         self.on_batch_done: Callable[[list, list, float], None] = lambda batch, outcomes, elapsed: None
-        self._collate_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nova-collate")
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nova-model")
         self._in_backend = 0  # batches collating, waiting or running
-        self._busy_until = 0.0  # predicted end of the last batch handed to the model thread (monotonic)
+        self._busy_until = 0.0  # predicted end of the last batch handed to the engine (monotonic)
         self._collate_seconds = 0.0
         self._tasks: set[asyncio.Task] = set()
-        self.model_thread_ids: set[int] = set()
 
     # ------------------------------------------------------------------ state the batcher paces on
 
@@ -66,19 +63,17 @@ class Backend:
         task.add_done_callback(self._tasks.discard)
 
     async def _process(self, batch: list) -> None:
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
-            try:
-                collated = await loop.run_in_executor(self._collate_thread, self._collate, batch)
-            except Exception:  # noqa: BLE001 - the model thread retries the rows one by one
-                collated = None
-            self._collate_seconds = 0.8 * self._collate_seconds + 0.2 * (time.monotonic() - started)
-            outcomes, elapsed = await loop.run_in_executor(self._model_thread, self._run, batch, collated)
+            jobs = [Job(row.prepared, row.multivector, row.dimensions) for row in batch]
+            outcomes, collate_seconds, elapsed = await self.engine.embed(jobs)
+            self._collate_seconds = 0.8 * self._collate_seconds + 0.2 * collate_seconds
+            outcomes = [_row_error(row, o) if isinstance(o, Exception) else o
+                        for row, o in zip(batch, outcomes, strict=True)]
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the executor itself failed: fail these rows, keep serving
-            log.exception("model worker failed")
+        except Exception as exc:  # the engine itself failed (or is gone): fail these rows, keep serving
+            log.exception("the model engine failed a batch")
             outcomes, elapsed = [exc] * len(batch), time.monotonic() - started
         finally:
             self._in_backend -= 1
@@ -86,43 +81,11 @@ class Backend:
                 self._busy_until = time.monotonic()
         self.on_batch_done(batch, outcomes, elapsed)
 
-    def _collate(self, batch: list):
-        return self.model.collate_rows([row.prepared for row in batch])
-
-    def _run(self, batch: list, collated) -> tuple[list, float]:
-        """Model thread: one forward (or, if it fails, one per row). Returns (outcomes, forward seconds)."""
-        self.model_thread_ids.add(threading.get_ident())
-        started = time.perf_counter()
-        try:
-            if collated is not None:  # (a batch that failed to collate goes straight to the rows one by one)
-                return self._embed(batch, collated), time.perf_counter() - started
-        except Exception as exc:
-            if len(batch) == 1:
-                return [_row_error(batch[0], exc)], time.perf_counter() - started
-            log.warning("batch of %d rows failed (%s); retrying rows one by one", len(batch), exc)
-        outcomes = []
-        for row in batch:
-            try:
-                outcomes.extend(self._embed([row], None))
-            except Exception as exc:  # noqa: BLE001 - isolated to this row
-                outcomes.append(_row_error(row, exc))
-        return outcomes, time.perf_counter() - started
-
-    def _embed(self, batch: list, collated) -> list:
-        vectors = self.model.embed_prepared([r.prepared for r in batch], [r.multivector for r in batch],
-                                            collated=collated)
-        out = []
-        for row, vector in zip(batch, vectors, strict=True):
-            if not row.multivector and row.dimensions is not None:
-                vector = self.model.truncate(vector, row.dimensions)
-            out.append(vector.float().numpy())
-        return out
-
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        self._collate_thread.shutdown(wait=False, cancel_futures=True)
-        self._model_thread.shutdown(wait=True, cancel_futures=True)
+        if self.engine is not None:
+            await self.engine.stop()
 
 
 def _row_error(row, exc: Exception) -> Exception:

@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--default-task", default=None,
                    help="task of items that name none (plain OpenAI strings) (default: the model's "
                         "default_task, 'retrieval' = retrieval query)")
+    g.add_argument("--engine", default=d.engine, choices=["auto", "process", "thread"],
+                   help="where the model runs: process = a process of its own, so that HTTP parsing, tokenizing "
+                        "and response encoding never hold up the forward on Python's GIL; thread = inside the "
+                        "server process; auto = process (default: %(default)s)")
 
     g = parser.add_argument_group("adapters")
     g.add_argument("--enable-lora", action="store_true",
@@ -139,6 +143,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         chat_template=args.chat_template,
         is_multi_vector_embeddings=args.is_multi_vector_embeddings,
         default_task=args.default_task,
+        engine=args.engine,
         enable_lora=args.enable_lora,
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
@@ -228,6 +233,6 @@ def run(args: argparse.Namespace) -> int:
              ", ".join(settings.model_names()))
     server.run()
     if failed:
-        print(f"nova serve: the model failed to load: {failed[0]}", file=sys.stderr)
+        print(f"nova serve: {failed[0]}", file=sys.stderr)
         return 1
     return 0

@@ -23,6 +23,9 @@ DEFAULT_IMAGE_URL_TIMEOUT = 10.0
 DEFAULT_GRACEFUL_SHUTDOWN = 30
 
 
+ENGINES = ("auto", "process", "thread")
+
+
 @dataclass
 class Settings:
     # model
@@ -34,6 +37,7 @@ class Settings:
     chat_template: str | None = None
     is_multi_vector_embeddings: bool = False  # default of `return_multivector`
     default_task: str | None = None  # None -> the model's config.default_task
+    engine: str = "auto"  # process | thread | auto: process when the server loads the model, thread when handed one
     # adapters
     enable_lora: bool = False
     max_loras: int = 8
@@ -88,6 +92,8 @@ class Settings:
         for name, value in positive.items():
             if int(value) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.max_wait_ms < 0:
             raise ValueError("--max-wait-ms must be >= 0")
         if self.allow_image_urls and not self.image_url_allowlist:
@@ -103,6 +109,16 @@ class Settings:
                 raise ValueError("--api-key must not be empty")
         if self.admin_api_key is not None and not self.admin_api_key:
             raise ValueError("--admin-api-key must not be empty")
+
+    def engine_kind(self, *, model_given: bool) -> str:
+        """Where the model runs: "process" (its own, the default of `nova serve`) or "thread" (this process:
+        the only choice for a model object handed to `create_app`, which cannot move to another process)."""
+        if self.engine == "process" and model_given:
+            raise ValueError("--engine process loads the model in its own process; create_app(model=...) hands "
+                             "over an object that lives in this one (use engine='thread' or 'auto')")
+        if self.engine == "auto":
+            return "thread" if model_given else "process"
+        return self.engine
 
     @property
     def primary_model_name(self) -> str:

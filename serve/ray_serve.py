@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -65,6 +66,9 @@ def ray_requested(args: argparse.Namespace) -> bool:
                                           ("--replica-gpus", args.replica_gpus)) if value is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only apply with --ray")
+    elif getattr(args, "engine", "auto") == "process":
+        raise ValueError("--engine process does not apply with --ray: each replica is a Ray actor process of "
+                         "its own and runs its model on its threads (--engine thread)")
     return bool(args.ray)
 
 
@@ -194,7 +198,8 @@ class NovaReplica:
 
         self.settings = settings
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.app = create_app(settings)
+        # A replica is an actor process of its own: its model runs on its threads, not in a further child.
+        self.app = create_app(dataclasses.replace(settings, engine="thread"))
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://replica",

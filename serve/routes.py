@@ -35,6 +35,7 @@ ROUTES = (
     "/v1/internal/lora", "/v1/internal/lora/load", "/v1/internal/lora/unload",
 )
 PARSE_IN_POOL_BYTES = 64_000  # bodies larger than this are parsed in the worker pool, not on the event loop
+RENDER_INLINE_VALUES = 4096  # responses with up to this many values (two 2048-d vectors) render on the event loop
 
 
 class RequestIdFilter(logging.Filter):
@@ -207,8 +208,11 @@ async def _embeddings(server: Server, request: Request) -> Response:
         vectors = ticket.future.result()  # an ApiError of a row, or a bug (500), is raised here
     finally:
         disconnect.cancel()
-    body = await asyncio.get_running_loop().run_in_executor(server.preparer.pool, render_embeddings, req, vectors,
-                                                             rows)
+    if sum(vector.size for vector in vectors) <= RENDER_INLINE_VALUES:  # cheaper than a hop to the pool
+        body = render_embeddings(req, vectors, rows)
+    else:
+        body = await asyncio.get_running_loop().run_in_executor(server.preparer.pool, render_embeddings, req,
+                                                                 vectors, rows)
     return Response(body, media_type="application/json")
 
 

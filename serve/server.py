@@ -3,30 +3,27 @@
 
 A request's path, top-down: routes.py (auth, body, parse, render) -> schemas.py (three request forms -> items)
 -> preparation.py (adapters routed, images fetched, items tokenized in a pool) -> admission.py (slots, adapter
-gate) -> batcher.py (queue, batch forming) -> backend.py (collate, forward on the model thread).
+gate) -> batcher.py (queue, batch forming) -> backend.py -> engine.py (collate, forward: in the model's own
+process, or on threads of this one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
-from .adapters import peft_folder
 from .admission import AdapterGate, RequestSlots
 from .backend import Backend
 from .batcher import Batcher
 from .config import Settings
+from .engine import ProcessEngine, ThreadEngine, load_model_for, prepare_for_serving
 from .errors import ApiError
 from .images import ImageFetcher, ImagePolicy
 from .metrics import Metrics
 from .preparation import Preparer
 
 log = logging.getLogger("serve")
-
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
 
 
 class Server:
@@ -38,6 +35,9 @@ class Server:
         self.metrics = Metrics()
         self.ready = False
         self.load_error: str | None = None
+        self.failure_code = "model_load_failed"
+        self._starting_engine: ProcessEngine | None = None
+        self._shutting_down = False
         self.gate = AdapterGate()
         self.slots = RequestSlots(settings.max_concurrent_requests, self.metrics)
         self.fetcher = ImageFetcher(ImagePolicy(
@@ -65,39 +65,17 @@ class Server:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _load_model_sync(self):
-        from nova.loading import load_model
-
-        s = self.settings
-        device = None if s.device == "auto" else s.device
-        dtype = None
-        if s.dtype != "auto":
-            import torch
-
-            dtype = getattr(torch, DTYPES[s.dtype])
-        trust = True if s.model is None else s.trust_remote_code
-        return load_model(s.model, device=device, dtype=dtype, chat_template=s.chat_template,
-                          max_loras=s.max_loras, max_lora_rank=s.max_lora_rank, trust_remote_code=trust)
-
     def _finish_setup_sync(self) -> None:
-        """Worker thread, once a model object exists: the prefix cache size, --load-lora adapters and a warm-up
-        forward."""
-        model = self.model
-        model.prefix_cache.configure(self.settings.prefix_cache_mb << 20)
-        self.metrics.watch_prefix_cache(model.prefix_cache.stats)
-        for name, path in self.settings.load_lora:
-            folder = os.path.realpath(peft_folder(path))
-            resident = model.list_adapters().get(name)
-            if resident is not None:  # e.g. the model card's --load-lora retrieval=<the checkpoint's own folder>
-                if os.path.realpath(str(resident.get("path"))) != folder:
-                    raise ValueError(f"--load-lora {name}={path}: an adapter {name!r} is already loaded from "
-                                     f"{resident.get('path')}; load this one under another name")
-                log.info("adapter %r: already loaded from %s", name, folder)
-                continue
-            model.load_adapter(name, folder)
-            log.info("adapter %r loaded from %s", name, path)
-        row = model.processor.prepare_item("warm-up", index=0, allow_paths=False)
-        model.embed_prepared([row], False, collated=model.collate_rows([row]))
+        """Worker thread, for a model object in this process: prefix cache, --load-lora adapters, warm-up."""
+        prepare_for_serving(self.model, self.settings)
+
+    def _load_in_process_sync(self):
+        """Worker thread: the model object this process runs (loaded here unless one was handed over)."""
+        if self.model is None:
+            log.info("loading model %s", self.settings.model or "(bundled tiny checkpoint)")
+            self.model = load_model_for(self.settings)
+        self._finish_setup_sync()
+        return self.model
 
     async def startup(self) -> None:
         s = self.settings
@@ -110,23 +88,32 @@ class Server:
         self.batcher.start()
         self._load_task = asyncio.create_task(self._load())
 
-    def _failed(self, message: str) -> None:
-        self.load_error = message
+    def _failed(self, message: str, code: str = "model_load_failed") -> None:
+        """The server cannot serve any more: /health and every request answer 503, and the CLI exits."""
+        self.load_error = message if code != "model_load_failed" else f"the model failed to load: {message}"
+        self.failure_code = code
         if self.on_load_failed is not None:
-            self.on_load_failed(message)
+            self.on_load_failed(self.load_error)
 
     async def _load(self) -> None:
         try:
-            if self.model is None:
-                log.info("loading model %s", self.settings.model or "(bundled tiny checkpoint)")
-                self.model = await asyncio.to_thread(self._load_model_sync)
-            await asyncio.to_thread(self._finish_setup_sync)
+            if self.settings.engine_kind(model_given=self.model is not None) == "process":
+                log.info("loading model %s in its own process", self.settings.model or "(bundled tiny checkpoint)")
+                engine = self._starting_engine = ProcessEngine(self.settings)
+                engine.on_exit = lambda message: self._failed(message, code="model_process_exited")
+                model = await engine.start()
+            else:
+                model = await asyncio.to_thread(self._load_in_process_sync)
+                engine = ThreadEngine(model)
         except Exception as exc:
+            if self._shutting_down:
+                return
             log.exception("model failed to load")
             self._failed(f"{exc.__class__.__name__}: {exc}")
             return
-        model = self.model
-        self.backend.model = model
+        self.model = model
+        self.backend.engine = engine
+        self.metrics.watch_prefix_cache(engine.prefix_cache_stats)
         self.gate = AdapterGate(list(model.list_adapters()))
         self.known_tasks = frozenset(model.config.task_routing)
         if self.default_task is None:
@@ -146,6 +133,9 @@ class Server:
                  ", ".join(self.settings.model_names()), ", ".join(model.list_adapters()) or "none")
 
     async def shutdown(self) -> None:
+        self._shutting_down = True
+        if self.backend.engine is None and self._starting_engine is not None:
+            await self._starting_engine.stop()  # still loading: nothing to drain
         if hasattr(self, "_load_task") and not self._load_task.done():
             self._load_task.cancel()
         if self.batcher is not None:
@@ -159,7 +149,7 @@ class Server:
 
     def require_ready(self) -> None:
         if self.load_error is not None:
-            raise ApiError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
+            raise ApiError(503, self.load_error, code=self.failure_code)
         if not self.ready:
             raise ApiError(503, "the model is loading; retry shortly", code="model_loading",
                            headers={"Retry-After": "2"})

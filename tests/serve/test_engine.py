@@ -1,0 +1,215 @@
+"""The model in a process of its own (`nova serve --engine process`, the default): the same vectors as
+`encode()`, run-time adapters and item errors across the pipe, prefix-cache metrics, and a model process that
+dies takes the server down loudly, never outliving it. (The in-thread engine is what the other server tests
+run: they hand `create_app` a model object.)"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+from serve_helpers import assert_close, assert_error, b64_png, decode_embedding, reference
+
+from nova.loading import load_model
+from serve.app import create_app
+from serve.config import Settings
+
+ADMIN = {"Authorization": "Bearer admin-test-key"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as fh:
+            found += [int(k) for k in fh.read().split()]
+    return found
+
+
+def engine_pid(pid: int) -> int:
+    """The child running `serve.engine.engine_main` (multiprocessing also starts a resource tracker)."""
+    for kid in children(pid):
+        with open(f"/proc/{kid}/cmdline", "rb") as fh:
+            if b"spawn_main" in fh.read():
+                return kid
+    raise AssertionError(f"no engine process under {pid}: {children(pid)}")
+
+
+def gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":  # exited, not yet reaped
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(scope="module")
+def lora_root(tmp_path_factory, tiny_dir):
+    root = tmp_path_factory.mktemp("engine-lora-root")
+    shutil.copytree(tiny_dir / "adapters" / "code", root / "mine")
+    (root / "broken").mkdir()
+    (root / "broken" / "adapter_config.json").write_text("{}")
+    (root / "broken" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine_server(serve_process, tiny_dir, lora_root):
+    server = serve_process(tiny_dir, lora_root, extra=["--engine", "process"])
+    yield server
+    server.stop()
+
+
+def post(server, payload: dict) -> httpx.Response:
+    return httpx.post(server.url + "/v1/embeddings", json=payload, timeout=60)
+
+
+def test_the_model_runs_in_its_own_process_with_the_same_vectors(engine_server, tiny_model):
+    pid = engine_pid(engine_server.proc.pid)
+    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        assert b"multiprocessing" in fh.read()
+    image = b64_png(seed=3)
+    items = [{"text": "A cat sat on the mat.", "task": "retrieval.passage"},
+             {"image": image, "task": "retrieval"},
+             {"text": "def add(a, b): return a + b", "task": "code.query", "instructions": "Find the function"}]
+    response = post(engine_server, {"input": items, "encoding_format": "base64"})
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert_close(decode_embedding(data[0]), reference(tiny_model, items[0]))
+    assert_close(decode_embedding(data[1]), reference(tiny_model, items[1]))
+    want = reference(tiny_model, {k: v for k, v in items[2].items() if k != "instructions"},
+                     instructions="Find the function")
+    assert_close(decode_embedding(data[2]), want)
+    dims = tiny_model.config.matryoshka_dims[0]
+    short = post(engine_server, {"input": [items[0]], "dimensions": dims, "encoding_format": "base64"})
+    assert_close(decode_embedding(short.json()["data"][0]), reference(tiny_model, items[0], dimensions=dims))
+    multi = post(engine_server, {"input": [items[0]], "return_multivector": True, "encoding_format": "base64"})
+    assert_close(decode_embedding(multi.json()["data"][0]), reference(tiny_model, items[0], multivector=True))
+
+
+def test_prefix_cache_metrics_come_back_from_the_model_process(engine_server):
+    def hits() -> float:
+        text = httpx.get(engine_server.url + "/metrics", timeout=10).text
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("nova_prefix_cache_hits_total"))
+
+    before = hits()
+    for text in ("first query", "second query"):  # the same instruction twice: the second reuses its prefix
+        response = post(engine_server, {"input": [{"text": text, "instructions": "Find passages about cats"}]})
+        assert response.status_code == 200, response.text
+    assert hits() > before
+
+
+def test_adapters_load_route_and_unload_through_the_model_process(engine_server, tiny_model):
+    item = {"text": "def add(a, b): return a + b", "task": "code.passage"}
+    assert_error(post(engine_server, {"input": [{**item, "adapter": "mine"}]}), 404, "adapter_not_found",
+                 "input[0].adapter")
+    assert engine_server.load_lora("mine", Path("mine")).status_code == 200
+    response = post(engine_server, {"input": [{**item, "adapter": "mine"}], "encoding_format": "base64"})
+    assert response.status_code == 200, response.text
+    assert_close(decode_embedding(response.json()["data"][0]), reference(tiny_model, {**item, "adapter": "code"}))
+    listed = httpx.get(engine_server.url + "/v1/internal/lora", headers=ADMIN, timeout=30).json()["data"]
+    assert "mine" in [a["lora_name"] for a in listed]
+    # a folder the model refuses: an error from the model process, nothing changes
+    assert_error(engine_server.load_lora("bad", Path("broken")), 400, "invalid_adapter")
+    unload = httpx.post(engine_server.url + "/v1/internal/lora/unload", json={"lora_name": "mine"}, headers=ADMIN,
+                        timeout=60)
+    assert unload.status_code == 200, unload.text
+    assert_error(post(engine_server, {"input": [{**item, "adapter": "mine"}]}), 404, "adapter_not_found")
+    listed = httpx.get(engine_server.url + "/v1/internal/lora", headers=ADMIN, timeout=30).json()["data"]
+    assert [a["lora_name"] for a in listed if a["lora_name"] in ("mine", "bad")] == []
+
+
+def test_item_errors_name_the_item(engine_server, tiny_model):
+    hidden = tiny_model.config.text_config.hidden_size
+    err = assert_error(post(engine_server, {"input": ["fine", {"image_embeds": [[1e300] * hidden],
+                                                               "image_grid_thw": [1, 2, 2]}]}), 400)
+    assert err["message"].startswith("item 1:"), err
+    assert_error(post(engine_server, {"input": [{"text": "x", "task": "nope"}]}), 400, None, "input[0].task")
+    assert post(engine_server, {"input": ["still answering"]}).status_code == 200
+
+
+def test_a_dead_model_process_stops_the_server_loudly(serve_process, tiny_dir, tmp_path):
+    server = serve_process(tiny_dir, tmp_path)
+    try:
+        os.kill(engine_pid(server.proc.pid), signal.SIGKILL)
+        assert server.proc.wait(timeout=60) == 1  # exits (a supervisor restarts it), not a zombie server
+        server.log.flush()
+        assert "the model process exited" in Path(server.log.name).read_text()
+    finally:
+        server.stop()
+
+
+def test_a_killed_server_leaves_no_model_process(serve_process, tiny_dir, tmp_path):
+    """SIGKILL gives the server no chance to stop its model process: the closed pipe ends a serving one, and a
+    watchdog ends one still loading (a large model can take minutes to load)."""
+    loading = subprocess.Popen([sys.executable, "-m", "nova.cli", "serve", str(tiny_dir), "--port",
+                                str(free_port())], env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                engine = engine_pid(loading.pid)
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline, "no model process started"
+                time.sleep(0.05)
+        loading.kill()
+        loading.wait()
+        assert gone(engine, 15), "a model process still loading outlived its server"
+        server = serve_process(tiny_dir, tmp_path)
+        engine = engine_pid(server.proc.pid)
+        server.proc.kill()
+        server.proc.wait()
+        assert gone(engine, 15), "a serving model process outlived its server"
+    finally:
+        loading.kill()
+        if server is not None:
+            server.stop()
+
+
+def test_a_model_object_cannot_be_sent_to_another_process(tiny_dir):
+    model = load_model(tiny_dir)
+    with pytest.raises(ValueError, match="engine process"):
+        create_app(Settings(engine="process"), model=model)
+    assert create_app(Settings(engine="auto"), model=model).state.nova.settings.engine_kind(model_given=True) \
+        == "thread"
+
+
+def test_rows_and_item_errors_cross_processes_whole(tiny_model):
+    image = Image.open(io.BytesIO(base64.b64decode(b64_png()))).convert("RGB")
+    row = tiny_model.processor.prepare_item({"text": "hello", "image": image}, index=0)
+    copy = pickle.loads(pickle.dumps(row))
+    assert copy.input_ids == row.input_ids and bool((copy.pixel_values == row.pixel_values).all())
+    processor = pickle.loads(pickle.dumps(tiny_model.processor))
+    for item in ("plain <|im_end|> text", {"text": "q", "instructions": "Find <|im_start|>x", "task": "code.query"}):
+        assert processor.prepare_item(item, index=0).input_ids == tiny_model.processor.prepare_item(item, index=0).input_ids
+    with pytest.raises(ValueError) as caught:
+        tiny_model.processor.resolve("nope", index=4)
+    error = pickle.loads(pickle.dumps(caught.value))
+    assert (type(error), str(error), error.index, error.code, error.field) == \
+        (type(caught.value), str(caught.value), 4, "invalid_input", "task")
