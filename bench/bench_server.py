@@ -266,6 +266,9 @@ def main() -> int:
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="intra-op threads for the model on both sides (in-process and the server, through "
                              "OMP_NUM_THREADS); 1 keeps a busy shared machine from spin-waiting (default: torch's own)")
+    parser.add_argument("--server-torch-threads", type=int, default=None,
+                        help="server --torch-threads only (the in-process side keeps --torch-threads or torch's "
+                             "default) (default: the same as the in-process side)")
     parser.add_argument("--engine", choices=["auto", "process", "thread"], default="auto",
                         help="server --engine: the model in its own process or on the server's threads "
                              "(default: %(default)s, the server's own default)")
@@ -305,8 +308,9 @@ def main() -> int:
            *(["--max-wait-ms", str(args.max_wait_ms)] if args.max_wait_ms is not None else []),
            "--max-batch-size", str(args.batch_size),
            "--max-client-batch-size", str(max(32, args.per_request)), "--log-level", "warning",
-           "--device", args.device, "--engine", args.engine]
-    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           "--device", args.device, "--engine", args.engine,
+           *(["--torch-threads", str(args.server_torch_threads)] if args.server_torch_threads else [])]
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=None, text=True)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:

@@ -18,8 +18,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from .engine import Job
-from .errors import from_item_error
+from .engine import EngineExited, Job
+from .errors import ApiError, from_item_error
 
 log = logging.getLogger("serve.backend")
 
@@ -72,7 +72,10 @@ class Backend:
                         for row, o in zip(batch, outcomes, strict=True)]
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the engine itself failed (or is gone): fail these rows, keep serving
+        except EngineExited as exc:  # logged once by the engine; the server is going down
+            outcomes = [ApiError(503, str(exc), code="model_process_exited")] * len(batch)
+            elapsed = time.monotonic() - started
+        except Exception as exc:  # the engine itself failed: fail these rows, keep serving
             log.exception("the model engine failed a batch")
             outcomes, elapsed = [exc] * len(batch), time.monotonic() - started
         finally:

@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--default-task", default=None,
                    help="task of items that name none (plain OpenAI strings) (default: the model's "
                         "default_task, 'retrieval' = retrieval query)")
+    g.add_argument("--torch-threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads of one forward (torch.set_num_threads) in the model's process; on a small CPU "
+                        "machine, leaving a core to the HTTP side (parsing, tokenizing) can be faster "
+                        "(default: torch's own, one per core)")
     g.add_argument("--engine", default=d.engine, choices=["auto", "process", "thread"],
                    help="where the model runs: process = a process of its own, so that HTTP parsing, tokenizing "
                         "and response encoding never hold up the forward on Python's GIL; thread = inside the "
@@ -144,6 +148,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         is_multi_vector_embeddings=args.is_multi_vector_embeddings,
         default_task=args.default_task,
         engine=args.engine,
+        torch_threads=args.torch_threads,
         enable_lora=args.enable_lora,
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,

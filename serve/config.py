@@ -37,6 +37,7 @@ class Settings:
     chat_template: str | None = None
     is_multi_vector_embeddings: bool = False  # default of `return_multivector`
     default_task: str | None = None  # None -> the model's config.default_task
+    torch_threads: int | None = None  # intra-op CPU threads of the forward; None -> torch's default
     engine: str = "auto"  # process | thread | auto: process when the server loads the model, thread when handed one
     # adapters
     enable_lora: bool = False

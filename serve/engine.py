@@ -22,6 +22,7 @@ import os
 import pickle
 import queue
 import signal
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -46,14 +47,14 @@ class Job:
 
 def load_model_for(settings):
     """The model a server with these settings serves (device, dtype, chat template, adapter limits)."""
+    import torch
+
     from nova.loading import load_model
 
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     device = None if settings.device == "auto" else settings.device
-    dtype = None
-    if settings.dtype != "auto":
-        import torch
-
-        dtype = getattr(torch, DTYPES[settings.dtype])
+    dtype = getattr(torch, DTYPES[settings.dtype]) if settings.dtype != "auto" else None
     trust = True if settings.model is None else settings.trust_remote_code
     return load_model(settings.model, device=device, dtype=dtype, chat_template=settings.chat_template,
                       max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank, trust_remote_code=trust)
@@ -193,8 +194,10 @@ class RemoteModel:
 
 
 class ProcessEngine:
-    """The runner in a child process (spawned, so CUDA initializes there and only there). One pipe each way
-    carries ("embed", id, jobs) and ("call", id, method, args); replies carry (id, ok, value, extra).
+    """The runner in a child process (spawned, so CUDA initializes there and only there). Two one-way pipes:
+    requests ("embed", id, jobs) and ("call", id, method, args) go down one (blocking writes, so a large image
+    batch never meets a full non-blocking pipe), replies (id, ok, value, prefix-cache stats) come up the other
+    as length-prefixed pickles, read without blocking on the event loop as they arrive.
     The child ignores SIGINT/SIGTERM: the server drains in-flight requests first and then closes the pipe,
     which ends the child; if the server dies, the closed pipe ends it too."""
 
@@ -202,7 +205,9 @@ class ProcessEngine:
         self.settings = settings
         self.model: RemoteModel | None = None
         self.process = None
-        self._conn = None
+        self._conn = None  # requests, down
+        self._replies = None  # replies, up (a Connection used only for its file descriptor)
+        self._frames = FrameReader()
         self._ids = itertools.count()
         self._pending: dict[int, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
@@ -219,7 +224,8 @@ class ProcessEngine:
         are read on the event loop as they arrive (no reader thread to hand them over)."""
         model = await asyncio.to_thread(self._spawn)
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._conn.fileno(), self._read_replies)
+        os.set_blocking(self._replies.fileno(), False)
+        self._loop.add_reader(self._replies.fileno(), self._read_replies)
         return model
 
     def _spawn(self) -> RemoteModel:
@@ -227,18 +233,22 @@ class ProcessEngine:
 
         init_hf_modules()  # the processor arrives pickled; its class is the model's remote code, a dynamic module
         context = multiprocessing.get_context("spawn")
-        parent, child = context.Pipe()
-        self.process = context.Process(target=engine_main, args=(child, self.settings, os.getpid()),
-                                       name="nova-engine", daemon=True)
+        requests_in, requests_out = context.Pipe(duplex=False)
+        replies_in, replies_out = context.Pipe(duplex=False)
+        self.process = context.Process(target=engine_main, args=(requests_in, replies_out, self.settings,
+                                                                 os.getpid()), name="nova-engine", daemon=True)
         self.process.start()
-        child.close()
-        self._conn = parent
-        try:
-            kind, payload = parent.recv()
-        except EOFError:
-            self.process.join(timeout=5)
-            raise EngineExited(f"the model process exited while loading (exit code {self.process.exitcode})") \
-                from None
+        requests_in.close()
+        replies_out.close()
+        self._conn, self._replies = requests_out, replies_in
+        message = None
+        while message is None:
+            chunk = os.read(replies_in.fileno(), 1 << 20)
+            if not chunk:
+                self.process.join(timeout=5)
+                raise EngineExited(f"the model process exited while loading (exit code {self.process.exitcode})")
+            message = next(self._frames.feed(chunk), None)
+        kind, payload = message
         if kind == "failed":
             self.process.join(timeout=10)
             raise RuntimeError(payload)
@@ -249,8 +259,8 @@ class ProcessEngine:
     async def stop(self) -> None:
         """Close the pipe (the child finishes its batch and exits); a child still loading is killed."""
         self._stopping = True
-        if self._loop is not None and self._conn is not None:
-            self._loop.remove_reader(self._conn.fileno())
+        if self._loop is not None and self._replies is not None:
+            self._loop.remove_reader(self._replies.fileno())
         if self.model is None and self.process is not None and self.process.is_alive():
             self.process.kill()
         elif self._conn is not None:
@@ -264,6 +274,9 @@ class ProcessEngine:
             await asyncio.to_thread(self.process.join, 30)
             if self.process.is_alive():
                 self.process.kill()
+        for connection in (self._conn, self._replies):
+            if connection is not None:
+                connection.close()
         self._fail_pending(EngineExited("the server is shutting down"))
 
     # ---- requests
@@ -306,10 +319,18 @@ class ProcessEngine:
         return dict(self._stats or {})
 
     def _read_replies(self) -> None:
-        """Event loop, when the pipe is readable: resolve every reply that has arrived."""
-        try:
-            while self._conn.poll():
-                request_id, ok, value, stats = self._conn.recv()
+        """Event loop, when the reply pipe is readable: read what has arrived, resolve every whole reply."""
+        while True:
+            try:
+                chunk = os.read(self._replies.fileno(), 1 << 20)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._exited()
+                return
+            for request_id, ok, value, stats in self._frames.feed(chunk):
                 if stats is not None:
                     self._stats = stats
                 future = self._pending.pop(request_id, None)
@@ -319,20 +340,49 @@ class ProcessEngine:
                     future.set_result(value)
                 else:
                     future.set_exception(value)
-        except (EOFError, OSError):
-            self._loop.remove_reader(self._conn.fileno())
-            code = self.process.exitcode if self.process is not None else None
-            error = EngineExited(f"the model process exited (exit code {code})")
-            self._fail_pending(error)
-            if not self._stopping:
-                log.error("%s: the server cannot answer embeddings any more", error)
-                self.on_exit(str(error))
+
+    def _exited(self) -> None:
+        self._loop.remove_reader(self._replies.fileno())
+        self.process.join(timeout=1)
+        error = EngineExited(f"the model process exited (exit code {self.process.exitcode})")
+        self._fail_pending(error)
+        if not self._stopping:
+            log.error("%s: the server cannot answer embeddings any more", error)
+            self.on_exit(str(error))
 
     def _fail_pending(self, error: Exception) -> None:
         for future in list(self._pending.values()):
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()
+
+
+class FrameReader:
+    """Length-prefixed frames (8-byte big-endian length, then a pickle) out of a byte stream read in chunks."""
+
+    HEADER = struct.Struct("!Q")
+
+    def __init__(self):
+        self._buffer = bytearray()
+
+    def feed(self, chunk: bytes):
+        """Add `chunk`; yield every message now complete."""
+        self._buffer += chunk
+        while len(self._buffer) >= self.HEADER.size:
+            (size,) = self.HEADER.unpack_from(self._buffer)
+            end = self.HEADER.size + size
+            if len(self._buffer) < end:
+                return
+            payload = bytes(self._buffer[self.HEADER.size:end])
+            del self._buffer[:end]
+            yield pickle.loads(payload)
+
+
+def write_frame(fd: int, payload: bytes) -> None:
+    """One length-prefixed frame, written whole (the caller serializes writers)."""
+    view = memoryview(FrameReader.HEADER.pack(len(payload)) + payload)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _carries_image(prepared) -> bool:
@@ -342,7 +392,7 @@ def _carries_image(prepared) -> bool:
 # ------------------------------------------------------------------------------------------------ child
 
 
-def engine_main(conn, settings, server_pid: int) -> None:
+def engine_main(requests, replies, settings, server_pid: int) -> None:
     """The engine process: load the model, then collate on this thread and run forwards on another, so that
     the next batch is collated while the current one runs."""
     _exit_with_server(server_pid)
@@ -351,30 +401,35 @@ def engine_main(conn, settings, server_pid: int) -> None:
     from .cli import setup_logging
 
     setup_logging(settings.log_level)
+    send_lock = threading.Lock()
+
+    def send(message: tuple) -> None:
+        try:
+            payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # noqa: BLE001 - an exception that does not pickle still reaches the server
+            request_id, _, value, stats = message
+            payload = pickle.dumps((request_id, False, RuntimeError(f"{value.__class__.__name__}: {value}"), stats))
+        try:
+            with send_lock:
+                write_frame(replies.fileno(), payload)
+        except OSError:  # the server is gone; the request pipe's end of file stops this process
+            pass
+
     try:
         model = load_model_for(settings)
         prepare_for_serving(model, settings)
     except Exception as exc:  # noqa: BLE001 - reported to the server, which exits with it
         log.exception("model failed to load")
-        conn.send(("failed", f"{exc.__class__.__name__}: {exc}"))
+        send(("failed", f"{exc.__class__.__name__}: {exc}"))
         return
     runner = ModelRunner(model)
-    send_lock = threading.Lock()
 
     def reply(request_id, ok, value, stats=None) -> None:
-        try:
-            payload = pickle.dumps((request_id, ok, value, stats), protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:  # noqa: BLE001 - an exception that does not pickle still reaches the server
-            payload = pickle.dumps((request_id, False, RuntimeError(f"{value.__class__.__name__}: {value}"), stats))
-        with send_lock:
-            conn.send_bytes(payload)
+        send((request_id, ok, value, stats))
 
-    try:
-        conn.send(("ready", {"processor": model.processor, "adapters": model.list_adapters(),
-                             "max_loras": model.max_loras, "max_lora_rank": model.max_lora_rank,
-                             "prefix_cache": model.prefix_cache.stats()}))
-    except (BrokenPipeError, OSError):  # the server stopped while the model was loading
-        return
+    send(("ready", {"processor": model.processor, "adapters": model.list_adapters(),
+                    "max_loras": model.max_loras, "max_lora_rank": model.max_lora_rank,
+                    "prefix_cache": model.prefix_cache.stats()}))
     batches: queue.Queue = queue.Queue(maxsize=2)
 
     def run_batches() -> None:
@@ -399,8 +454,8 @@ def engine_main(conn, settings, server_pid: int) -> None:
     forward_thread.start()
     while True:
         try:
-            message = conn.recv()
-        except (EOFError, OSError):
+            message = requests.recv()
+        except (EOFError, OSError):  # the server closed the pipe, or is gone
             break
         if message[0] == "stop":
             break
