@@ -28,7 +28,12 @@ from transformers.utils import logging
 from .caching_nova_embeddings_v1 import PrefixCache, PrefixKV, attention_bias
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
 from .lora_nova_embeddings_v1 import LoraRegistry, read_peft_folder
-from .processing_nova_embeddings_v1 import NovaEmbeddingsV1Processor, PreparedItem, check_dimensions
+from .processing_nova_embeddings_v1 import (
+    NovaEmbeddingsV1Processor,
+    PreparedItem,
+    check_dimensions,
+    matryoshka_truncate,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -434,9 +439,7 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
     def truncate(self, vector: torch.Tensor, dimensions: int | None) -> torch.Tensor:
         """Matryoshka: keep the first `dimensions` values and re-normalize."""
         self.check_dimensions(dimensions)
-        if dimensions is None or dimensions >= vector.shape[-1]:
-            return vector
-        return F.normalize(vector[..., :dimensions], dim=-1)
+        return matryoshka_truncate(vector, dimensions)
 
     def encode(
         self,

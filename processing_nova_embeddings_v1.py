@@ -145,6 +145,14 @@ def check_dimensions(config, dimensions: int | None, return_multivector: bool = 
         raise ValueError(f"dimensions must be one of {allowed}, got {dimensions!r}")
 
 
+def matryoshka_truncate(vectors: torch.Tensor, dimensions: int | None) -> torch.Tensor:
+    """Matryoshka: the first `dimensions` values of each vector (last axis), re-normalized. The one
+    implementation: the model, the server and `nova eval` (on its cached full-size vectors) all call it."""
+    if dimensions is None or dimensions >= vectors.shape[-1]:
+        return vectors
+    return torch.nn.functional.normalize(vectors[..., :dimensions], dim=-1)
+
+
 def _private_copy(backend, *, plain: bool):
     """An independent copy of a `tokenizers.Tokenizer` without padding or truncation. `plain`: special tokens
     in the input are tokenized as ordinary text."""

@@ -47,6 +47,7 @@ def model_class(name: str = "NovaEmbeddingsV1Model"):
         "read_peft_folder": "lora_nova_embeddings_v1",
         "NO_ADAPTER": "processing_nova_embeddings_v1",
         "decode_image": "processing_nova_embeddings_v1",
+        "matryoshka_truncate": "processing_nova_embeddings_v1",
     }[name]
     repo_file(f"{module}.py")
     return get_class_from_dynamic_module(f"{module}.{name}", str(REPO_ROOT))

@@ -75,4 +75,9 @@ def test_root_config_is_the_full_size_jina_v4_shape():
             vision.window_size, list(vision.fullatt_block_indexes)) == (32, 1280, 16, 3420, 2048, 112, [7, 15, 23, 31])
     assert config.matryoshka_dims == [128, 256, 512, 1024, 2048] and config.multi_vector_projector_dim == 128
     assert config.task_routing["retrieval.passage"] == {"adapter": "retrieval", "prompt": "Passage: "}
+    # one source for the prompts: the shipped config.json holds exactly the configuration class's defaults
+    # (and config_sentence_transformers.json holds the routing's, tests/test_sentence_transformers.py)
+    module = sys.modules[type(config).__module__]
+    assert config.task_routing == module.DEFAULT_TASK_ROUTING
+    assert config.prompt_sets == {"descriptive": module.DESCRIPTIVE_PROMPTS}
     assert not config.nova_random_weights

@@ -11,6 +11,7 @@ import torch
 
 from nova.maxsim import maxsim_scores as summed_maxsim
 from nova.maxsim import padded
+from nova.repo import model_class
 
 from . import metrics as metrics_mod
 from .cache import EmbeddingCache, corpus_fingerprint
@@ -60,12 +61,10 @@ def query_items(dataset: BeirDataset, variant: Variant, ids: list[str]) -> list[
 
 
 def truncate(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
-    if dimensions is None or dimensions >= vectors.shape[1]:
-        if dimensions is not None and dimensions > vectors.shape[1]:
-            raise UserInputError(f"dimensions={dimensions} is larger than the model's {vectors.shape[1]}-d vectors")
-        return vectors
-    cut = vectors[:, :dimensions]
-    return cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)
+    """The cached full-size vectors at `dimensions`, by the model's own matryoshka rule."""
+    if dimensions is not None and dimensions > vectors.shape[1]:
+        raise UserInputError(f"dimensions={dimensions} is larger than the model's {vectors.shape[1]}-d vectors")
+    return model_class("matryoshka_truncate")(torch.from_numpy(np.ascontiguousarray(vectors)), dimensions).numpy()
 
 
 def cosine_scores(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
