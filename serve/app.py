@@ -1,8 +1,9 @@
 """The Starlette application: `create_app(settings, model=None)`, the public entry point (the CLI and the Ray
 Serve replicas build on it).
 
-With `model=None` the app answers at once and loads the model in a background thread (`/health` is 503
-until it is ready); with a model object it is ready as soon as the lifespan starts. Where each part of a
+With `model=None` the app answers at once and loads the model in the background, in a process of its own
+unless `settings.engine` is "thread" (`/health` is 503 until it is ready); a model object runs on this
+process's threads and is ready as soon as the lifespan starts. Where each part of a
 request is handled: see serve/server.py's docstring.
 """
 

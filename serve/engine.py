@@ -133,7 +133,6 @@ class ThreadEngine:
         self.runner = ModelRunner(model)
         self._collate_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nova-collate")
         self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nova-model")
-        self.model_thread_ids: set[int] = set()
 
     async def embed(self, jobs: list[Job]) -> tuple[list, float, float]:
         """-> (outcomes, collate seconds, forward seconds)."""
@@ -141,12 +140,8 @@ class ThreadEngine:
         started = time.perf_counter()
         collated = await loop.run_in_executor(self._collate_thread, self.runner.collate, jobs)
         collate_seconds = time.perf_counter() - started
-        outcomes, seconds = await loop.run_in_executor(self._model_thread, self._run, jobs, collated)
+        outcomes, seconds = await loop.run_in_executor(self._model_thread, self.runner.run, jobs, collated)
         return outcomes, collate_seconds, seconds
-
-    def _run(self, jobs, collated):
-        self.model_thread_ids.add(threading.get_ident())
-        return self.runner.run(jobs, collated)
 
     def prefix_cache_stats(self) -> dict:
         return self.model.prefix_cache.stats()
