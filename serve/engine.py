@@ -388,8 +388,8 @@ def _carries_image(prepared) -> bool:
 
 
 def engine_main(requests, replies, settings, server_pid: int) -> None:
-    """The engine process: load the model, then collate on this thread and run forwards on another, so that
-    the next batch is collated while the current one runs."""
+    """The engine process: load the model, then run forwards on this (the main) thread while a second thread
+    receives requests and collates the next batch."""
     _exit_with_server(server_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -426,17 +426,6 @@ def engine_main(requests, replies, settings, server_pid: int) -> None:
                     "max_loras": model.max_loras, "max_lora_rank": model.max_lora_rank,
                     "prefix_cache": model.prefix_cache.stats()}))
     batches: queue.Queue = queue.Queue(maxsize=2)
-
-    def run_batches() -> None:
-        while True:
-            item = batches.get()
-            if item is None:
-                return
-            request_id, jobs, collated, collate_seconds = item
-            outcomes, seconds = runner.run(jobs, collated)
-            outcomes = [_portable(o) for o in outcomes]
-            reply(request_id, True, (outcomes, collate_seconds, seconds), model.prefix_cache.stats())
-
     calls = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nova-engine-calls")
 
     def call(request_id, method, args) -> None:
@@ -445,28 +434,36 @@ def engine_main(requests, replies, settings, server_pid: int) -> None:
         except Exception as exc:  # noqa: BLE001 - the caller raises it
             reply(request_id, False, exc)
 
-    forward_thread = threading.Thread(target=run_batches, name="nova-model", daemon=True)
-    forward_thread.start()
-    while True:
-        try:
-            message = requests.recv()
-        except (EOFError, OSError):  # the server closed the pipe, or is gone
-            break
-        if message[0] == "stop":
-            break
-        if message[0] == "embed":
-            _, request_id, jobs = message
-            started = time.perf_counter()
-            collated = runner.collate(jobs)
-            batches.put((request_id, jobs, collated, time.perf_counter() - started))
-        elif message[0] == "call":
-            _, request_id, method, args = message
-            if method not in ("load_adapter", "unload_adapter", "list_adapters"):
-                reply(request_id, False, ValueError(f"unknown engine call {method!r}"))
-                continue
-            calls.submit(call, request_id, method, args)
-    batches.put(None)
-    forward_thread.join()
+    def receive() -> None:
+        """Requests in; each batch collated here, while the main thread runs the previous one."""
+        while True:
+            try:
+                message = requests.recv()
+            except (EOFError, OSError):  # the server closed the pipe, or is gone
+                break
+            if message[0] == "stop":
+                break
+            if message[0] == "embed":
+                _, request_id, jobs = message
+                started = time.perf_counter()
+                collated = runner.collate(jobs)
+                batches.put((request_id, jobs, collated, time.perf_counter() - started))
+            elif message[0] == "call":
+                _, request_id, method, args = message
+                if method not in ("load_adapter", "unload_adapter", "list_adapters"):
+                    reply(request_id, False, ValueError(f"unknown engine call {method!r}"))
+                    continue
+                calls.submit(call, request_id, method, args)
+        batches.put(None)
+
+    threading.Thread(target=receive, name="nova-engine-receive", daemon=True).start()
+    # Forwards run on the main thread: torch's CPU kernels (OpenMP, MKL) ran a forward of the bench's "small"
+    # config 15-70% slower from a secondary thread on this machine (docs/server.md, "Where the model runs").
+    while (item := batches.get()) is not None:
+        request_id, jobs, collated, collate_seconds = item
+        outcomes, seconds = runner.run(jobs, collated)
+        reply(request_id, True, ([_portable(o) for o in outcomes], collate_seconds, seconds),
+              model.prefix_cache.stats())
     calls.shutdown(wait=True)
 
 
