@@ -155,6 +155,10 @@ class EngineExited(RuntimeError):
     """The model process is gone (crashed, killed, out of memory): the server cannot answer any more."""
 
 
+class ModelLoadFailed(RuntimeError):
+    """The model process could not load the model; the message is the original error, class name first."""
+
+
 class RemoteModel:
     """The server process's view of a model that lives in the engine process: the processor (tokenizing
     happens here), the config, and adapter calls forwarded to the engine. Routing reads the adapter names
@@ -246,7 +250,7 @@ class ProcessEngine:
         kind, payload = message
         if kind == "failed":
             self.process.join(timeout=10)
-            raise RuntimeError(payload)
+            raise ModelLoadFailed(payload)
         self._stats = payload.pop("prefix_cache")
         self.model = RemoteModel(self, payload)
         return self.model

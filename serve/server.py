@@ -17,7 +17,7 @@ from .admission import AdapterGate, RequestSlots
 from .backend import Backend
 from .batcher import Batcher
 from .config import Settings
-from .engine import ProcessEngine, ThreadEngine, load_model_for, prepare_for_serving
+from .engine import ModelLoadFailed, ProcessEngine, ThreadEngine, load_model_for, prepare_for_serving
 from .errors import ApiError
 from .images import ImageFetcher, ImagePolicy
 from .metrics import Metrics
@@ -109,7 +109,7 @@ class Server:
             if self._shutting_down:
                 return
             log.exception("model failed to load")
-            self._failed(f"{exc.__class__.__name__}: {exc}")
+            self._failed(str(exc) if isinstance(exc, ModelLoadFailed) else f"{exc.__class__.__name__}: {exc}")
             return
         self.model = model
         self.backend.engine = engine
