@@ -216,7 +216,7 @@ def test_rows_and_item_errors_cross_processes_whole(tiny_model):
 
 
 def test_a_model_that_fails_to_load_in_its_process_stops_the_server_with_the_reason(tiny_dir):
-    done = subprocess.run([sys.executable, "-m", "nova.cli", "serve", str(tiny_dir), "--dtype", "float16",
+    done = subprocess.run([sys.executable, "-m", "nova.cli", "serve", str(tiny_dir), "--trust-remote-code", "--dtype", "float16",
                            "--port", str(free_port())], env=dict(os.environ, HF_HUB_OFFLINE="1"),
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 1
