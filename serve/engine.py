@@ -461,8 +461,8 @@ def engine_main(requests, replies, settings, server_pid: int) -> None:
         batches.put(None)
 
     threading.Thread(target=receive, name="nova-engine-receive", daemon=True).start()
-    # Forwards run on the main thread: torch's CPU kernels (OpenMP, MKL) ran a forward of the bench's "small"
-    # config 15-70% slower from a secondary thread on this machine (docs/server.md, "Where the model runs").
+    # Forwards run on the main thread: on a quiet 2-core machine a forward of the bench's "small" config ran
+    # 11-16 ms here against 19-31 ms from a secondary thread (OpenMP's spinning workers; docs/server.md).
     while (item := batches.get()) is not None:
         request_id, jobs, collated, collate_seconds = item
         outcomes, seconds = runner.run(jobs, collated)
