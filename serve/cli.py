@@ -44,8 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="task of items that name none (plain OpenAI strings) (default: the model's "
                         "default_task, 'retrieval' = retrieval query)")
     g.add_argument("--torch-threads", type=positive_int, default=None, metavar="N",
-                   help="CPU threads of one forward (torch.set_num_threads) in the model's process; on a small CPU "
-                        "machine, leaving a core to the HTTP side (parsing, tokenizing) can be faster "
+                   help="CPU threads of one forward (torch.set_num_threads, on the thread that runs forwards) "
                         "(default: torch's own, one per core)")
     g.add_argument("--engine", default=d.engine, choices=["auto", "process", "thread"],
                    help="where the model runs: process = a process of its own, so that HTTP parsing, tokenizing "

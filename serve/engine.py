@@ -128,11 +128,15 @@ class ModelRunner:
 class ThreadEngine:
     """The runner on this process's threads: one collates, one runs forwards (so collation overlaps them)."""
 
-    def __init__(self, model):
+    def __init__(self, model, torch_threads: int | None = None):
         self.model = model
         self.runner = ModelRunner(model)
         self._collate_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nova-collate")
         self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nova-model")
+        if torch_threads:  # OpenMP keeps the thread count per thread: set it where the forwards run
+            import torch
+
+            self._model_thread.submit(torch.set_num_threads, torch_threads).result()
 
     async def embed(self, jobs: list[Job]) -> tuple[list, float, float]:
         """-> (outcomes, collate seconds, forward seconds)."""

@@ -104,7 +104,7 @@ class Server:
                 model = await engine.start()
             else:
                 model = await asyncio.to_thread(self._load_in_process_sync)
-                engine = ThreadEngine(model)
+                engine = ThreadEngine(model, self.settings.torch_threads)
         except Exception as exc:
             if self._shutting_down:
                 return
