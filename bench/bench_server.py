@@ -310,7 +310,7 @@ def main() -> int:
            "--max-client-batch-size", str(max(32, args.per_request)), "--log-level", "warning",
            "--device", args.device, "--engine", args.engine,
            *(["--torch-threads", str(args.server_torch_threads)] if args.server_torch_threads else [])]
-    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=None, text=True)
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:

@@ -407,11 +407,7 @@ def engine_main(requests, replies, settings, server_pid: int) -> None:
     send_lock = threading.Lock()
 
     def send(message: tuple) -> None:
-        try:
-            payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:  # noqa: BLE001 - an exception that does not pickle still reaches the server
-            request_id, _, value, stats = message
-            payload = pickle.dumps((request_id, False, RuntimeError(f"{value.__class__.__name__}: {value}"), stats))
+        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)  # exceptions made _portable first
         try:
             with send_lock:
                 write_frame(replies.fileno(), payload)
@@ -440,7 +436,7 @@ def engine_main(requests, replies, settings, server_pid: int) -> None:
         try:
             reply(request_id, True, getattr(model, method)(*args))
         except Exception as exc:  # noqa: BLE001 - the caller raises it
-            reply(request_id, False, exc)
+            reply(request_id, False, _portable(exc))
 
     def receive() -> None:
         """Requests in; each batch collated here, while the main thread runs the previous one."""

@@ -1,9 +1,10 @@
-"""Helpers shared by the server tests (images, decoding, reference vectors, error-shape checks)."""
+"""Helpers shared by the server tests (images, decoding, reference vectors, error-shape checks, ports)."""
 
 from __future__ import annotations
 
 import base64
 import io
+import socket
 
 import httpcore
 import httpx
@@ -11,6 +12,12 @@ import numpy as np
 from PIL import Image
 
 COS_MIN = 0.9999
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def make_png(width: int = 64, height: int = 64, seed: int = 0, mode: str = "RGB") -> bytes:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import assert_error
+from serve_helpers import assert_error, free_port
 
 from serve import cli
 
@@ -76,14 +75,9 @@ def test_bad_flag_combinations_exit_2(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def test_process_banner_health_request_ids_and_sigterm_drain(tiny_dir):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(

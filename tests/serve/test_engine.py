@@ -11,7 +11,6 @@ import os
 import pickle
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,19 +19,13 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from serve_helpers import assert_close, assert_error, b64_png, decode_embedding, reference
+from serve_helpers import assert_close, assert_error, b64_png, decode_embedding, free_port, reference
 
 from nova.loading import load_model
 from serve.app import create_app
 from serve.config import Settings
 
 ADMIN = {"Authorization": "Bearer admin-test-key"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def children(pid: int) -> list[int]:
