@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -23,7 +24,9 @@ from serve_helpers import assert_close, assert_error, b64_png, decode_embedding,
 
 from nova.loading import load_model
 from serve.app import create_app
+from serve.backend import _row_error
 from serve.config import Settings
+from serve.engine import Job, ModelRunner, _portable
 
 ADMIN = {"Authorization": "Bearer admin-test-key"}
 
@@ -135,7 +138,7 @@ def test_adapters_load_route_and_unload_through_the_model_process(engine_server,
     assert [a["lora_name"] for a in listed if a["lora_name"] in ("mine", "bad")] == []
 
 
-def test_item_errors_name_the_item(engine_server, tiny_model):
+def test_item_errors_refused_before_the_model_name_the_item(engine_server, tiny_model):
     hidden = tiny_model.config.text_config.hidden_size
     err = assert_error(post(engine_server, {"input": ["fine", {"image_embeds": [[1e300] * hidden],
                                                                "image_grid_thw": [1, 2, 2]}]}), 400)
@@ -216,3 +219,30 @@ def test_a_model_that_fails_to_load_in_its_process_stops_the_server_with_the_rea
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("nova serve: the model failed to load: ValueError: float16 is not supported"), last
     assert "bfloat16" in last
+
+
+def test_an_item_error_raised_by_the_model_reaches_its_client_as_that_items_error(tiny_model):
+    """No valid request makes the forward raise an item error (preparation refuses bad items first), so this
+    path is checked at its joints: the runner isolates the failing row, its error crosses the pipe's pickling
+    whole, and the backend names the row's place in its own request."""
+    with pytest.raises(ValueError) as caught:
+        tiny_model.processor.resolve("nope", index=0)
+    item_error = type(caught.value)
+
+    class FailsOnRowOne:
+        def __getattr__(self, name):
+            return getattr(tiny_model, name)
+
+        def embed_prepared(self, rows, return_multivector=False, collated=None):
+            if any(row.index == 1 for row in rows):
+                raise item_error(1, "the forward refused this row", field="image_embeds")
+            return tiny_model.embed_prepared(rows, return_multivector, collated=collated)
+
+    runner = ModelRunner(FailsOnRowOne())
+    jobs = [Job(tiny_model.processor.prepare_item(text, index=i), False, None) for i, text in enumerate(["a", "b"])]
+    outcomes, _ = runner.run(jobs, runner.collate(jobs))
+    outcomes = pickle.loads(pickle.dumps([_portable(o) for o in outcomes]))
+    assert_close(outcomes[0], reference(tiny_model, "a"))
+    error = _row_error(SimpleNamespace(position=3), outcomes[1])
+    assert (error.status, error.param, error.code) == (400, "input[3].image_embeds", "invalid_input")
+    assert "the forward refused this row" in str(error)
