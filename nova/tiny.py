@@ -28,7 +28,6 @@ JINA_TARGET_MODULES = (
     r"(.*(model).*(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj|o_proj).*$"
     r"|.*(single_vector_projector|multi_vector_projector).*$)"
 )
-LORA_RANK = 4
 SIZES = {
     # text hidden <= 128, two layers, a two-block vision tower; vocab is the real one (the real tokenizer).
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, v_hidden=32, v_depth=2, v_heads=2,
@@ -37,9 +36,17 @@ SIZES = {
     "small": dict(hidden=512, layers=4, heads=8, kv_heads=2, intermediate=1376, v_hidden=256, v_depth=4,
                   v_heads=4, v_intermediate=512, mrope=[8, 12, 12], dims=[128, 256, 512]),
 }
+# "full": the shape in this repository's config.json (Jina V4's 3B), random bf16 weights, for GPU benchmarks.
+FULL = "full"
+# (rank, scale) of the random adapters: large enough on the small shapes that routing is observable; at the full
+# shape Jina's rank and a small scale, so 36 layers of random deltas stay finite in bf16.
+LORA_SHAPE = {"tiny": (4, 0.2), "small": (4, 0.2), FULL: (32, 0.01)}
 
 
 def tiny_config_dict(size: str = "tiny") -> dict:
+    if size == FULL:
+        config = json.loads(repo_file("config.json").read_text())
+        return {**config, "nova_random_weights": True}
     s = SIZES[size]
     return {
         "architectures": ["NovaEmbeddingsV1Model"],
@@ -97,27 +104,29 @@ def copy_repo_files(out: pathlib.Path, *, remote_code: bool = True) -> None:
         shutil.copyfile(repo_file(name), out / name)
 
 
-def _random_lora(model, generator: torch.Generator, task_index: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _random_lora(model, generator: torch.Generator, task_index: int, size: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Non-zero LoRA weights on Jina's targets; different per task so routing is observable."""
     import re
 
+    rank, scale = LORA_SHAPE[size]
     pattern = re.compile(JINA_TARGET_MODULES)
     pairs = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name) and not name.startswith("visual."):
-            a = torch.randn(LORA_RANK, module.in_features, generator=generator) * 0.2
-            b = torch.randn(module.out_features, LORA_RANK, generator=generator) * 0.2 * (1 + task_index)
+            like = {"generator": generator, "device": generator.device, "dtype": module.weight.dtype}
+            a = torch.randn(rank, module.in_features, **like) * scale
+            b = torch.randn(module.out_features, rank, **like) * scale * (1 + task_index)
             pairs[name] = (a, b)
     return pairs
 
 
-def _adapter_config(base: str) -> dict:
+def _adapter_config(base: str, rank: int) -> dict:
     return {
         "peft_type": "LORA",
         "task_type": "FEATURE_EXTRACTION",
         "base_model_name_or_path": base,
-        "r": LORA_RANK,
-        "lora_alpha": LORA_RANK,
+        "r": rank,
+        "lora_alpha": rank,
         "lora_dropout": 0.0,
         "bias": "none",
         "target_modules": JINA_TARGET_MODULES,
@@ -125,8 +134,10 @@ def _adapter_config(base: str) -> dict:
     }
 
 
-def write_checkpoint(out_dir, *, size: str = "tiny", layout: str = "nova", seed: int = 0) -> pathlib.Path:
-    """Write a random-weight checkpoint. Same seed, same bytes."""
+def write_checkpoint(out_dir, *, size: str = "tiny", layout: str = "nova", seed: int = 0,
+                     device: str = "cpu") -> pathlib.Path:
+    """Write a random-weight checkpoint. Same seed, same bytes (on the same device: the full shape is built on
+    a GPU when one is given, minutes faster than on a CPU)."""
     from transformers import AutoConfig, AutoModel
 
     out = pathlib.Path(out_dir)
@@ -136,17 +147,21 @@ def write_checkpoint(out_dir, *, size: str = "tiny", layout: str = "nova", seed:
     copy_repo_files(out)
     config = AutoConfig.from_pretrained(str(out), trust_remote_code=True)
     torch.manual_seed(seed)
-    model = AutoModel.from_config(config, trust_remote_code=True, dtype=torch.float32)
+    if device != "cpu":
+        torch.cuda.manual_seed_all(seed)
+    dtype = torch.bfloat16 if size == FULL else torch.float32  # 7.5 GB instead of 15 at the full shape
+    with torch.device(device):
+        model = AutoModel.from_config(config, trust_remote_code=True, dtype=dtype)
     weights = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
 
-    generator = torch.Generator().manual_seed(seed + 1)
-    adapters = {task: _random_lora(model, generator, i) for i, task in enumerate(TASKS)}
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    adapters = {task: _random_lora(model, generator, i, size) for i, task in enumerate(TASKS)}
     if layout == "nova":
         for task, pairs in adapters.items():
-            write_peft_folder(out / "adapters" / task, pairs, _adapter_config(str(out)))
+            write_peft_folder(out / "adapters" / task, pairs, _adapter_config(str(out), LORA_SHAPE[size][0]))
     elif layout == "jina":
-        _write_jina_layout(out, config_dict, adapters)
+        _write_jina_layout(out, config_dict, adapters, LORA_SHAPE[size][0])
     else:
         raise ValueError(f"unknown layout {layout!r}; use 'nova' or 'jina'")
     (out / "GENERATED.txt").write_text(
@@ -174,7 +189,7 @@ def jina_adapter_key(module: str, ab: str, task: str) -> str:
     return f"base_model.model.{module}.lora_{ab}.{task}.weight"
 
 
-def _write_jina_layout(out: pathlib.Path, config_dict: dict, adapters: dict) -> None:
+def _write_jina_layout(out: pathlib.Path, config_dict: dict, adapters: dict, rank: int) -> None:
     """Jina V4's directory: flat Qwen2.5-VL config of its own class, one combined adapter, no Nova code."""
     for name in REMOTE_CODE_FILES + ("chat_template.json",):
         (out / name).unlink(missing_ok=True)
@@ -201,7 +216,7 @@ def _write_jina_layout(out: pathlib.Path, config_dict: dict, adapters: dict) -> 
             tensors[jina_adapter_key(module, "A", task)] = a.contiguous()
             tensors[jina_adapter_key(module, "B", task)] = b.contiguous()
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (folder / "adapter_config.json").write_text(json.dumps(_adapter_config("jinaai/jina-embeddings-v4"), indent=2))
+    (folder / "adapter_config.json").write_text(json.dumps(_adapter_config("jinaai/jina-embeddings-v4", rank), indent=2))
 
 
 def _fingerprint() -> str:
@@ -232,7 +247,11 @@ def ensure_tiny_checkpoint(path=None, size: str = "tiny") -> pathlib.Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", nargs="?", help="where to write it (default: the cache folder used by `nova serve`)")
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="tiny (tests) or small (benchmarks)")
+    parser.add_argument("--size", choices=[*SIZES, FULL], default="tiny",
+                        help="tiny (tests), small (CPU benchmarks) or full (the 3B shape of config.json, random bf16 "
+                             "weights, 7.5 GB: GPU benchmarks)")
+    parser.add_argument("--device", default="cpu", help="where the random weights are drawn (cuda: much faster at "
+                                                        "the full shape) (default: %(default)s)")
     parser.add_argument("--layout", choices=["nova", "jina"], default="nova", help="directory layout to write")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -241,6 +260,7 @@ def run(args) -> int:
     if args.out_dir is None and args.layout == "nova" and args.seed == 0:
         out = ensure_tiny_checkpoint(size=args.size)
     else:
-        out = write_checkpoint(args.out_dir or default_dir(args.size), size=args.size, layout=args.layout, seed=args.seed)
+        out = write_checkpoint(args.out_dir or default_dir(args.size), size=args.size, layout=args.layout,
+                               seed=args.seed, device=args.device)
     print(f"wrote a RANDOM-WEIGHT {args.size} checkpoint to {out}")
     return 0

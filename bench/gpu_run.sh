@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Everything this project measures on a GPU, as one prepared run (about 7 minutes on one H100):
+#   1. bench/gpu_check.py: bf16 parity, padded batches, the prefix cache, full-shape (3B) throughput;
+#   2. bench/bench_server.py --device cuda, unchanged, on the "small" random config: 4 items per request,
+#      then one sentence per request;
+#   3. the same two on the full 3B shape, random bf16 weights written on the GPU (`nova tiny --size full`).
+# Each step has its own time limit, so one that hangs does not hide the others; logs go to $OUT (or
+# /tmp/nova-gpu) and the key lines are printed again at the end.
+#
+# Wheels for what the GPU machine lacks (transformers>=5.20, starlette, uvicorn, httptools, peft), when
+# present in .whl/, are installed to /tmp/site first: see docs/performance.md for the download command.
+# Smoke mode, the same steps on this CPU:
+#   DEVICE=cpu SIZE_CHECK=tiny SKIP_FULL=1 SKIP_WHEELS=1 ITEMS=64 PY=.venv/bin/python bash bench/gpu_run.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/nova-gpu}
+DEVICE=${DEVICE:-cuda}
+PY=${PY:-python3}
+ITEMS=${ITEMS:-512}
+mkdir -p "$OUT"
+if [ -z "${SKIP_WHEELS:-}" ] && compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 NOVA_HOME=${NOVA_HOME:-/tmp/nova-home}
+failed=()
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, remember a failure
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name: $* ($(date -u +%T) UTC, limit ${limit}s)"
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    grep -v -e "Loading weights" -e "^round " "$OUT/$name.log" | tail -n 40
+    echo "=== $name: exit $rc ($(date -u +%T) UTC)"
+    [ "$rc" = 0 ] || failed+=("$name (exit $rc)")
+}
+
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+  $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  nproc; } | tee "$OUT/machine.log"
+
+step check 150 "$PY" bench/gpu_check.py --device "$DEVICE" --size "${SIZE_CHECK:-full}" --json "$OUT/check.json"
+step small-items 75 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS"
+step small-sentences 75 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --mode sentences
+if [ -z "${SKIP_FULL:-}" ]; then
+    step full-write 90 "$PY" -m nova.cli tiny /tmp/nova-full --size full --device "$DEVICE"
+    step full-items 90 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --model /tmp/nova-full
+    step full-sentences 120 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --model /tmp/nova-full \
+        --mode sentences
+fi
+
+echo "=== summary"
+grep -h -e "^device:" -e " ok$" -e "FAIL" -e "P50" -e "here (" "$OUT/check.log"
+for name in small-items small-sentences full-items full-sentences; do
+    [ -f "$OUT/$name.log" ] || continue
+    echo "--- $name"
+    grep -h -e "^model:" -e "in-process encode" -e "^ \+[0-9]\+ " -e "target" -e "mixed-adapter" -e "instructions" \
+        -e "beyond" -e "HTTP errors" "$OUT/$name.log"
+done
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "FAILED: ${failed[*]}"
+    exit 1
+fi
+echo "all steps passed"
