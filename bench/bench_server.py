@@ -139,6 +139,19 @@ def server_cpu_seconds(pid: int) -> float:
     return total
 
 
+def batch_rows(url: str) -> tuple[float, float]:
+    """(rows, batches) the server has run so far, from its /metrics: rows per batch shows whether the batcher
+    forms batches at all under load (it is the first thing to look at when a ratio is low)."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith(("nova_batch_rows_sum", "nova_batch_rows_count"))}
+    return values["nova_batch_rows_sum"], values["nova_batch_rows_count"]
+
+
+def rows_per_batch(before: tuple[float, float], after: tuple[float, float]) -> float:
+    return (after[0] - before[0]) / max(after[1] - before[1], 1.0)
+
+
 def _children(pid: int) -> list[int]:
     found = []
     try:
@@ -205,9 +218,10 @@ def sentence_rounds(url: str, pid: int, model, sentences: list[str], batch_size:
         r["inproc"] = in_process(model, sentences, batch_size)
         r["inproc_cpu_ms"] = (time.process_time() - cpu) * 1000 / len(sentences)
         for c in (1, 8, 32):
-            before = server_cpu_seconds(pid)
+            before, rows_before = server_cpu_seconds(pid), batch_rows(url)
             r[f"server_c{c}"] = run_sentence_clients(url, sentences, c)
             r[f"server_c{c}"]["cpu_ms"] = (server_cpu_seconds(pid) - before) * 1000 / len(sentences)
+            r[f"server_c{c}"]["rows_per_batch"] = rows_per_batch(rows_before, batch_rows(url))
         lone = []
         for sentence in sentences[:32]:  # a lone request, then the same sentence in process
             started = time.perf_counter()
@@ -231,12 +245,14 @@ def report_sentences(rounds: list[dict]) -> int:
     base = [(r["inproc"] + r["inproc_2"]) / 2 for r in rounds]
     print(f"\nin-process encode(): {median(base):.1f} sentences/s median, {median([r['inproc_cpu_ms'] for r in rounds]):.2f} "
           "CPU ms per sentence")
-    print(f"{'clients':>8} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'CPU ms/req':>11}   ratio vs in-process (median, range)")
+    print(f"{'clients':>8} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'CPU ms/req':>11} {'rows/batch':>10}   "
+          "ratio vs in-process (median, range)")
     for c in (1, 8, 32):
         key = f"server_c{c}"
         ratios = [r[key]["items_per_s"] / b for r, b in zip(rounds, base, strict=True)]
         print(f"{c:>8} {median([r[key]['items_per_s'] for r in rounds]):9.1f} {median([r[key]['p50_ms'] for r in rounds]):9.1f} "
-              f"{median([r[key]['p99_ms'] for r in rounds]):9.1f} {median([r[key]['cpu_ms'] for r in rounds]):11.2f}   {fmt(ratios)}")
+              f"{median([r[key]['p99_ms'] for r in rounds]):9.1f} {median([r[key]['cpu_ms'] for r in rounds]):11.2f} "
+              f"{median([r[key]['rows_per_batch'] for r in rounds]):10.1f}   {fmt(ratios)}")
     beyond = [r["server_c32"]["cpu_ms"] - r["inproc_cpu_ms"] for r in rounds]
     print(f"server CPU ms per request beyond encode()'s per sentence (32 clients): {median(beyond):.2f} "
           f"(rounds {min(beyond):.2f}-{max(beyond):.2f})")
@@ -340,7 +356,9 @@ def main() -> int:
             r: dict = {}
             r["inproc_single"] = in_process(model, single, args.batch_size)
             for c in (1, 8, 32):
+                rows_before = batch_rows(url)
                 r[f"server_single_c{c}"] = asyncio.run(run_clients(url, single, c, args.per_request))
+                r[f"server_single_c{c}"]["rows_per_batch"] = rows_per_batch(rows_before, batch_rows(url))
             r["inproc_mixed"] = in_process(model, mixed, args.batch_size)
             r["server_mixed_c32"] = asyncio.run(run_clients(url, mixed, 32, args.per_request))
             r["inproc_instructed"] = in_process(model, instructed, args.batch_size)
@@ -376,11 +394,12 @@ def main() -> int:
     base = float(np.median([(ips(r["inproc_single"]) + ips(r["inproc_single_2"])) / 2 for r in rounds]))
     print(f"\nin-process encode(): {base:.1f} items/s median (single adapter, batch_size={args.batch_size}, "
           f"{args.items} items, {args.rounds} rounds)")
-    print(f"{'clients':>8} {'items/s':>9} {'p50 ms':>9} {'p99 ms':>9}   ratio vs in-process (median, range)")
+    print(f"{'clients':>8} {'items/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'rows/batch':>10}   "
+          "ratio vs in-process (median, range)")
     for c in (1, 8, 32):
         key = f"server_single_c{c}"
         med = lambda field, key=key: float(np.median([r[key][field] for r in rounds]))  # noqa: E731
-        print(f"{c:>8} {med('items_per_s'):9.1f} {med('p50_ms'):9.1f} {med('p99_ms'):9.1f}   "
+        print(f"{c:>8} {med('items_per_s'):9.1f} {med('p50_ms'):9.1f} {med('p99_ms'):9.1f} {med('rows_per_batch'):10.1f}   "
               f"{fmt(ratio(key, 'inproc_single'))}")
     print(f"\nmixed-adapter / single-adapter (32 clients): server {fmt(ratio('server_mixed_c32', 'server_single_c32'))}"
           f"   in-process {fmt(ratio('inproc_mixed', 'inproc_single'))}")
