@@ -88,11 +88,14 @@ class MultiLoraLayer(nn.Module):
             a, b = self.pair(adapter_id)
             scaling = self.scalings[adapter_id]
             if isinstance(rows, slice):  # a contiguous block of rows: views, no gather/scatter copies
-                delta = (x[rows] @ a.T @ b.T) * scaling
                 if torch.is_grad_enabled():
+                    delta = (x[rows] @ a.T @ b.T) * scaling
                     output = torch.cat([output[: rows.start], output[rows] + delta, output[rows.stop :]])
+                elif output.is_contiguous():  # two kernels (on a GPU each is a launch): x·A, then out += s·(xA)·B
+                    block = output[rows].view(-1, output.shape[-1])
+                    block.addmm_(x[rows].reshape(-1, x.shape[-1]) @ a.T, b.T, alpha=scaling)
                 else:
-                    output[rows] += delta
+                    output[rows] += (x[rows] @ a.T @ b.T) * scaling
             else:
                 rows = rows.to(x.device)
                 delta = (x.index_select(0, rows) @ a.T @ b.T) * scaling

@@ -313,15 +313,31 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
             for key, layers in zip(missing, computed, strict=True):
                 cache.put(key, layers)
                 states[key] = layers
+        return self._pad_prefix_states(keys, states)
+
+    def _pad_prefix_states(self, keys: list[tuple], states: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the rows' prefix key/values as one [B, kv_heads, P, head_dim] pair, in a few ops per
+        layer whatever the batch size (on a GPU every op is a launch): one expanded view when every row
+        shares one prefix (the common case: one instruction on every query), else one scatter per distinct
+        prefix into zeros."""
+        rows_of: dict[tuple, list[int]] = {}
+        for i, key in enumerate(keys):
+            if key[0]:
+                rows_of.setdefault(key, []).append(i)
+        layers = range(len(self.model.layers))
+        if len(rows_of) == 1 and len(next(iter(rows_of.values()))) == len(keys):
+            only = states[next(iter(rows_of))]
+            return [tuple(t.unsqueeze(0).expand(len(keys), -1, -1, -1) for t in only[layer]) for layer in layers]
         width = max(len(key[0]) for key in keys)
+        some = next(iter(states.values()))[0][0]
+        index = {key: torch.tensor(rows, device=some.device) for key, rows in rows_of.items()}
         padded = []
-        for layer in range(len(self.model.layers)):
-            some = next(iter(states.values()))[layer][0]
-            shape = (len(rows), some.shape[0], width, some.shape[2])
+        for layer in layers:
+            shape = (len(keys), some.shape[0], width, some.shape[2])
             k, v = torch.zeros(shape, dtype=some.dtype, device=some.device), torch.zeros(shape, dtype=some.dtype, device=some.device)
-            for i, key in enumerate(keys):
-                if key[0]:
-                    k[i, :, : len(key[0])], v[i, :, : len(key[0])] = states[key][layer]
+            for key, rows in index.items():
+                n = len(key[0])
+                k[rows, :, :n], v[rows, :, :n] = states[key][layer]
             padded.append((k, v))
         return padded
 

@@ -28,6 +28,27 @@ def test_load_copy_under_new_name_gives_same_vectors(fresh_model, tiny_dir, tmp_
     assert fresh_model.list_adapters()["legal"]["rank"] == 4
 
 
+def test_routed_adapters_equal_their_weights_merged_into_the_base(fresh_model, tiny_dir):
+    """The per-row LoRA delta against its textbook definition, W + (alpha/r)·B·A merged into a second copy of
+    the base weights: one mixed batch (three adapters, a base row, rows of different lengths) row by row."""
+    from nova.loading import load_model
+
+    texts = ["a short query", "a much longer passage about adapters, padding and routing in one batch", "x = 1",
+             "the cat sat on the mat"]
+    items = [{"text": text, "adapter": name} for text, name in
+             zip(texts, ["retrieval", "code", None, "text-matching"], strict=True)]
+    routed = fresh_model.encode(items, batch_size=len(items))
+    for item, got in zip(items, routed, strict=True):
+        merged = load_model(tiny_dir)
+        if item["adapter"]:
+            scaling = merged.lora.adapters[item["adapter"]].scaling
+            with torch.no_grad():
+                for module, (a, b) in merged.lora.weights(item["adapter"]).items():
+                    merged.lora.model.get_submodule(module).weight += scaling * (b @ a)
+        want = merged.encode([{"text": item["text"], "adapter": None}])[0]
+        assert torch.allclose(got, want, atol=1e-5), (item, float((got - want).abs().max()))
+
+
 def assert_unchanged(model, before, reference):
     assert set(model.list_adapters()) == before
     now = model.encode([{"text": "probe", "adapter": name} for name in sorted(before)])
