@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything this project measures on a GPU, as one prepared run (about 7 minutes on one H100):
+# Everything this project measures on a GPU, as one prepared run (at most 9 minutes; written for one H100):
 #   1. bench/gpu_check.py: bf16 parity, padded batches, the prefix cache, full-shape (3B) throughput;
 #   2. bench/bench_server.py --device cuda, unchanged, on the "small" random config: 4 items per request,
 #      then one sentence per request;
@@ -16,7 +16,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/nova-gpu}
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
-ITEMS=${ITEMS:-512}
+ITEMS=${ITEMS:-128}
+ROUNDS=${ROUNDS:-2}
 mkdir -p "$OUT"
 if [ -z "${SKIP_WHEELS:-}" ] && compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -41,13 +42,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
   $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   nproc; } | tee "$OUT/machine.log"
 
-step check 150 "$PY" bench/gpu_check.py --device "$DEVICE" --size "${SIZE_CHECK:-full}" --json "$OUT/check.json"
-step small-items 75 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS"
-step small-sentences 75 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --mode sentences
+step check 120 "$PY" bench/gpu_check.py --device "$DEVICE" --size "${SIZE_CHECK:-full}" --json "$OUT/check.json"
+step small-items 90 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS"
+step small-sentences 90 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" --mode sentences
 if [ -z "${SKIP_FULL:-}" ]; then
-    step full-write 90 "$PY" -m nova.cli tiny /tmp/nova-full --size full --device "$DEVICE"
-    step full-items 90 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --model /tmp/nova-full
-    step full-sentences 120 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --model /tmp/nova-full \
+    step full-write 60 "$PY" -m nova.cli tiny /tmp/nova-full --size full --device "$DEVICE"
+    step full-items 90 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" --model /tmp/nova-full
+    step full-sentences 100 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" --model /tmp/nova-full \
         --mode sentences
 fi
 

@@ -66,9 +66,6 @@ class Ticket:
         self.remaining = self.n_rows
 
 
-SPLIT_MARGIN = 0.1  # a split must be predicted to save a tenth of the batch's time: the fit is noisy
-
-
 class BatchCostModel:
     """`seconds ~ a + b * padded_tokens + c * adapters_in_batch`, least squares over recent batches; splits
     candidate batches into contiguous length-sorted groups when that lowers the predicted total time.
@@ -106,10 +103,9 @@ class BatchCostModel:
         return self.a + self.b * padded_tokens + self.c * adapters
 
     def split(self, batch: list[Row], anchor: Row) -> list[Row]:
-        """The group of `batch` holding `anchor`: the whole batch unless splitting it is predicted to save at
-        least SPLIT_MARGIN of its time. Ties go to fewer groups: rows of equal length can only lose by a split,
-        and a fit whose fixed cost came out 0 (a GPU's near-constant forward fitted through warm-up outliers)
-        once split every such batch into single rows, which then kept the fit from ever seeing a big batch."""
+        """The group of `batch` holding `anchor` in the cheapest split into length-sorted groups. Ties go to
+        fewer groups: with a fitted fixed cost of 0, splitting rows of equal length costs exactly what keeping
+        them together does, and the tie once went to single-row groups."""
         if self.a is None or self.b is None or len(batch) < 2:
             return batch
         rows = sorted(batch, key=lambda r: r.tokens)
@@ -126,8 +122,6 @@ class BatchCostModel:
                 cost = best[i] + a + b * (j - i) * longest + c * len(adapters)
                 if cost <= best[j]:  # on a tie the longer last group (smaller i) wins
                     best[j], cut[j] = cost, i
-        if best[n] > (1 - SPLIT_MARGIN) * (a + b * n * rows[-1].tokens + c * len(adapters)):
-            return batch
         j = n
         while j > 0:
             i = cut[j]
