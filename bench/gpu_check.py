@@ -205,8 +205,9 @@ def sdpa_padding(device, args, rounds, failures) -> dict:
 # ---- 3. throughput ---------------------------------------------------------------------------------------
 
 
-def random_model(device, size: str):
-    """The shape's model with random bf16 weights made on the device (no host copy), three random adapters."""
+def random_model(device, size: str, layers: int | None = None):
+    """The shape's model with random bf16 weights made on the device (no host copy), three random adapters;
+    `layers` overrides the text depth of the small shapes (bench_ops.py: the full depth at the tiny width)."""
     import torch
 
     from nova.repo import model_class
@@ -216,7 +217,10 @@ def random_model(device, size: str):
     if size == "full":
         config = config_cls.from_pretrained(str(REPO))
     else:
-        config = config_cls.from_dict(tiny_config_dict(size))
+        config_dict = tiny_config_dict(size)
+        if layers is not None:
+            config_dict["text_config"]["num_hidden_layers"] = layers
+        config = config_cls.from_dict(config_dict)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
