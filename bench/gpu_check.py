@@ -215,6 +215,8 @@ def random_model(device, size: str, layers: int | None = None):
 
     config_cls = model_class("NovaEmbeddingsV1Config")
     if size == "full":
+        if layers is not None:
+            raise ValueError("layers overrides the depth of the tiny and small shapes only")
         config = config_cls.from_pretrained(str(REPO))
     else:
         config_dict = tiny_config_dict(size)
