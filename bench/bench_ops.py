@@ -14,7 +14,6 @@ text layers) at the tiny width with three random rank-32 adapters and counts the
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import sys
 
@@ -26,27 +25,14 @@ VIEWS = {"slice", "select", "view", "reshape", "numpy_T", "t", "transpose", "uns
          "permute", "alias", "as_strided", "detach", "unbind", "split", "split_with_sizes", "_unsafe_view"}
 
 
-def count_ops(fn) -> collections.Counter:
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    counts: collections.Counter = collections.Counter()
-
-    class Counter(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            counts[func.__name__.split(".")[0]] += 1
-            return func(*args, **(kwargs or {}))
-
-    with Counter():
-        fn()
-    return counts
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=36, help="text layers (default: %(default)s, the 3B shape's)")
     args = parser.parse_args()
     import torch
     from gpu_check import INSTRUCTION, QUERIES, random_model
+
+    from nova.op_count import count_ops
 
     model = random_model(torch.device("cpu"), "tiny", layers=args.layers)
     queries = [{"task": "retrieval.query", "text": QUERIES[i % len(QUERIES)]} for i in range(32)]

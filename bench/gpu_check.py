@@ -211,7 +211,7 @@ def random_model(device, size: str, layers: int | None = None):
     import torch
 
     from nova.repo import model_class
-    from nova.tiny import JINA_TARGET_MODULES, ensure_tiny_checkpoint, tiny_config_dict
+    from nova.tiny import ensure_tiny_checkpoint, random_lora, tiny_config_dict
 
     config_cls = model_class("NovaEmbeddingsV1Config")
     if size == "full":
@@ -231,18 +231,10 @@ def random_model(device, size: str, layers: int | None = None):
     model.eval()
     processor_cls = model_class("NovaEmbeddingsV1Processor")
     model.attach_processor(processor_cls.from_pretrained(str(ensure_tiny_checkpoint()), config=config))
-    import re
-
-    pattern = re.compile(JINA_TARGET_MODULES)
-    rank = 32
+    rank = 32  # Jina V4's
     generator = torch.Generator(device=device).manual_seed(1)
-    for task in ("retrieval", "text-matching", "code"):
-        pairs = {}
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name) and not name.startswith("visual."):
-                a = torch.randn(rank, module.in_features, generator=generator, device=device, dtype=dtype) * 0.01
-                b = torch.randn(module.out_features, rank, generator=generator, device=device, dtype=dtype) * 0.01
-                pairs[name] = (a, b)
+    for i, task in enumerate(("retrieval", "text-matching", "code")):
+        pairs = random_lora(model, generator, i, rank, 0.01)
         model.lora.add([model.lora.build(task, {"r": rank, "lora_alpha": rank}, pairs)])
     model.record_absent_task_adapters(log=False)
     return model

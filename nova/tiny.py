@@ -104,11 +104,11 @@ def copy_repo_files(out: pathlib.Path, *, remote_code: bool = True) -> None:
         shutil.copyfile(repo_file(name), out / name)
 
 
-def _random_lora(model, generator: torch.Generator, task_index: int, size: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Non-zero LoRA weights on Jina's targets; different per task so routing is observable."""
+def random_lora(model, generator: torch.Generator, task_index: int, rank: int, scale: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Non-zero LoRA weights on Jina's text targets, on the generator's device in each target's dtype; different
+    per task so routing is observable. ({module: (A, B)}, the form `model.lora.build` takes.)"""
     import re
 
-    rank, scale = LORA_SHAPE[size]
     pattern = re.compile(JINA_TARGET_MODULES)
     pairs = {}
     for name, module in model.named_modules():
@@ -146,9 +146,7 @@ def write_checkpoint(out_dir, *, size: str = "tiny", layout: str = "nova", seed:
     (out / "config.json").write_text(json.dumps(config_dict, indent=2))
     copy_repo_files(out)
     config = AutoConfig.from_pretrained(str(out), trust_remote_code=True)
-    torch.manual_seed(seed)
-    if device != "cpu":
-        torch.cuda.manual_seed_all(seed)
+    torch.manual_seed(seed)  # seeds every device's generator
     dtype = torch.bfloat16 if size == FULL else torch.float32  # 7.5 GB instead of 15 at the full shape
     with torch.device(device):
         model = AutoModel.from_config(config, trust_remote_code=True, dtype=dtype)
@@ -156,7 +154,7 @@ def write_checkpoint(out_dir, *, size: str = "tiny", layout: str = "nova", seed:
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
 
     generator = torch.Generator(device=device).manual_seed(seed + 1)
-    adapters = {task: _random_lora(model, generator, i, size) for i, task in enumerate(TASKS)}
+    adapters = {task: random_lora(model, generator, i, *LORA_SHAPE[size]) for i, task in enumerate(TASKS)}
     if layout == "nova":
         for task, pairs in adapters.items():
             write_peft_folder(out / "adapters" / task, pairs, _adapter_config(str(out), LORA_SHAPE[size][0]))

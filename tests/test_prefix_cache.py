@@ -5,6 +5,8 @@ import shutil
 import pytest
 import torch
 
+from nova.op_count import count_ops
+
 
 def mixed(image, make_image):
     """Text, image and text+image rows; two instructions, none, and per-row adapters (three + base)."""
@@ -165,22 +167,6 @@ def test_server_uses_the_cache_and_exports_its_counters(serve_process, tiny_dir,
         off.stop()
 
 
-def count_ops(fn) -> int:
-    """torch operations `fn` dispatches (every one a kernel launch or a view on a GPU)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Counter(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Counter.calls += 1
-            return func(*args, **(kwargs or {}))
-
-    with Counter():
-        fn()
-    return Counter.calls
-
-
 def test_cached_prefixes_cost_operations_per_distinct_prefix_not_per_row(model):
     """On a GPU a forward of short rows is bound by kernel launches, so serving a cached prefix must not add
     operations per row (it once copied each row's prefix into place: 2 x rows x layers copies, which made a
@@ -190,7 +176,7 @@ def test_cached_prefixes_cost_operations_per_distinct_prefix_not_per_row(model):
                   **({"instructions": instructions[i % len(instructions)]} if instructions else {})}
                  for i in range(n_rows)]
         model.encode(items, batch_size=n_rows)  # fills the cache
-        return count_ops(lambda: model.encode(items, batch_size=n_rows))
+        return sum(count_ops(lambda: model.encode(items, batch_size=n_rows)).values())
 
     per_row_plain = ops(16, None) - ops(4, None)  # what 12 more rows cost anyway (results split per row)
     assert ops(16, ["Find the passage"]) - ops(4, ["Find the passage"]) <= per_row_plain
