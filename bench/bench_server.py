@@ -139,13 +139,30 @@ def server_cpu_seconds(pid: int) -> float:
     return total
 
 
+def server_metrics(url: str) -> dict[str, float]:
+    """The server's /metrics samples (name with labels -> value)."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
 def batch_rows(url: str) -> tuple[float, float]:
     """(rows, batches) the server has run so far, from its /metrics: rows per batch shows whether the batcher
     forms batches at all under load (it is the first thing to look at when a ratio is low)."""
-    text = httpx.get(url + "/metrics", timeout=10).text
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-              if line.startswith(("nova_batch_rows_sum", "nova_batch_rows_count"))}
+    values = server_metrics(url)
     return values["nova_batch_rows_sum"], values["nova_batch_rows_count"]
+
+
+def server_summary(url: str) -> str:
+    """What the server's batcher did over the whole run: batches, rows per batch, mean forward time, and the
+    cost it fitted (which decides whether it splits batches by length)."""
+    v = server_metrics(url)
+    batches = max(v["nova_batch_rows_count"], 1.0)
+    terms = {term: v.get('nova_batch_cost_seconds{term="' + term + '"}') for term in ("fixed", "per_token", "per_adapter")}
+    fit = ", ".join(f"{term} {value * 1e3:.4g} ms" for term, value in terms.items() if value is not None)
+    return (f"server over the run: {v['nova_batch_rows_count']:.0f} batches, {v['nova_batch_rows_sum'] / batches:.1f} "
+            f"rows/batch, {v['nova_batch_duration_seconds_sum'] / batches * 1e3:.1f} ms per forward; "
+            f"fitted cost: {fit or 'none (nothing is split)'}")
 
 
 def rows_per_batch(before: tuple[float, float], after: tuple[float, float]) -> float:
@@ -350,6 +367,7 @@ def main() -> int:
             rounds = sentence_rounds(url, server.pid, model, sentences, args.batch_size, args.rounds)
             results["rounds"] = rounds
             errors = report_sentences(rounds)
+            print(server_summary(url))
             if args.json:
                 with open(args.json, "w") as fh:
                     json.dump(results, fh, indent=2)
@@ -373,6 +391,7 @@ def main() -> int:
                   f"{r['inproc_single_2']:.1f} items/s, server c32 {r['server_single_c32']['items_per_s']:.1f}",
                   flush=True)
         results["rounds"] = rounds
+        summary = server_summary(url)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -413,6 +432,7 @@ def main() -> int:
     print(f"server at 32 clients / in-process: {fmt(ratio('server_single_c32', 'inproc_single'))}  (target >= 0.95)")
     print(f"mixed-adapter / single-adapter, server:    {fmt(ratio('server_mixed_c32', 'server_single_c32'))}"
           "  (target >= 0.95)")
+    print(summary)
     errors = sum(v["errors"] for r in rounds for k, v in r.items() if k.startswith("server_"))
     print(f"HTTP errors: {errors}")
     if args.json:

@@ -298,11 +298,28 @@ def throughput(device, args, rounds, failures) -> dict:
     here = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"  here ({here}, {size} shape): text bs=1 P50 {results['text bs=1']['p50_ms']:.1f} ms; text bs=32 "
           f"{results['text bs=32']['items_per_s']:.0f} req/s")
+    results["first_forward"] = first_forward_penalty(model, device, queries)
     results["model_card_a100"] = MODEL_CARD_A100
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return results
+
+
+def first_forward_penalty(model, device, queries) -> dict:
+    """The first forward of a batch shape (rows x padded length) never run before, against the same batch run
+    again: one-time costs per shape are what a server meets with every new mix of rows, and what its batch
+    cost model must not learn as per-token cost (serve/batcher.py)."""
+    first, again = [], []
+    for n, extra in ((3, 7), (5, 11), (7, 13), (11, 17), (13, 19)):  # rows and lengths no case above used
+        batch = [dict(q, text=q["text"] + " word" * extra) for q in queries[:n]]
+        run = lambda batch=batch: model.encode(batch, batch_size=len(batch))  # noqa: E731
+        first.append(timed(run, device, 1, warmup=0)[0])
+        again.append(statistics.median(timed(run, device, 3, warmup=0)))
+    ratio = statistics.median(f / a for f, a in zip(first, again, strict=True))
+    print(f"  first forward of a new shape P50 {statistics.median(first) * 1e3:.1f} ms, the same shape again "
+          f"{statistics.median(again) * 1e3:.1f} ms ({ratio:.2f}x; 5 shapes)")
+    return {"first_ms": [t * 1e3 for t in first], "again_ms": [t * 1e3 for t in again], "ratio_p50": ratio}
 
 
 if __name__ == "__main__":

@@ -53,12 +53,12 @@ if [ -z "${SKIP_FULL:-}" ]; then
 fi
 
 echo "=== summary"
-grep -h -e "^device:" -e " ok$" -e "FAIL" -e "P50" -e "here (" "$OUT/check.log"
+grep -h -e "^device:" -e " ok$" -e "FAIL" -e "P50" -e "here (" -e "first forward" "$OUT/check.log"
 for name in small-items small-sentences full-items full-sentences; do
     [ -f "$OUT/$name.log" ] || continue
     echo "--- $name"
     grep -h -e "^model:" -e "in-process encode" -e "^ \+[0-9]\+ " -e "target" -e "mixed-adapter" -e "instructions" \
-        -e "beyond" -e "HTTP errors" "$OUT/$name.log"
+        -e "beyond" -e "HTTP errors" -e "server over the run" "$OUT/$name.log"
 done
 if [ ${#failed[@]} -gt 0 ]; then
     echo "FAILED: ${failed[*]}"

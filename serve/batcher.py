@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
@@ -67,10 +68,20 @@ class Ticket:
 
 
 class BatchCostModel:
-    """`seconds ~ a + b * padded_tokens + c * adapters_in_batch`, least squares over recent batches; splits
-    candidate batches into contiguous length-sorted groups when that lowers the predicted total time.
-    (Each distinct adapter in a forward costs its own per-module work, so splitting a mixed-adapter batch
-    is dearer than splitting a single-adapter one.)"""
+    """`seconds ~ a + b * padded_tokens + c * adapters_in_batch`, a non-negative least-squares fit over recent
+    batches; splits candidate batches into contiguous length-sorted groups when that lowers the predicted total
+    time. (Each distinct adapter in a forward costs its own per-module work, so splitting a mixed-adapter batch
+    is dearer than splitting a single-adapter one.)
+
+    Two rules keep a bad fit from splitting batches that should stay whole:
+    - the first forward of each batch shape (rows, longest row) is not learned from: it pays one-time costs
+      (on a GPU, kernel selection and allocator growth; an H100's first pass over new shapes ran 3-8x its
+      second, docs/performance.md), and a fit that reads them as per-token cost splits every batch;
+    - when the window cannot tell a per-token cost from noise (too little spread in sizes, or the best
+      non-negative fit has none), nothing is split; a stale fit is never kept.
+    """
+
+    MAX_SHAPES = 65536  # shapes remembered as warm; past that every forward is learned from
 
     def __init__(self, window: int = 64, min_samples: int = 8):
         self.samples: list[tuple[float, float, float]] = []
@@ -79,8 +90,14 @@ class BatchCostModel:
         self.a: float | None = None
         self.b: float | None = None
         self.c: float = 0.0
+        self._warm_shapes: set[tuple[int, int]] = set()
 
-    def observe(self, padded_tokens: int, seconds: float, adapters: int = 1) -> None:
+    def observe(self, padded_tokens: int, seconds: float, adapters: int = 1,
+                shape: tuple[int, int] | None = None) -> None:
+        """Learn from one forward. `shape` (rows, longest row), when given, skips the first forward of it."""
+        if shape is not None and len(self._warm_shapes) < self.MAX_SHAPES and shape not in self._warm_shapes:
+            self._warm_shapes.add(shape)
+            return
         self.samples.append((float(padded_tokens), float(adapters), float(seconds)))
         del self.samples[: -self.window]
         if len(self.samples) < self.min_samples:
@@ -88,13 +105,15 @@ class BatchCostModel:
         data = np.array(self.samples)
         xs, ns, ys = data[:, 0], data[:, 1], data[:, 2]
         if xs.std() < 0.1 * xs.mean():  # too little spread to separate fixed and per-token cost
+            self.a = self.b = None
+            self.c = 0.0
             return
-        columns = [np.ones_like(xs), xs] + ([ns] if ns.std() > 0 else [])
-        coef, *_ = np.linalg.lstsq(np.stack(columns, axis=1), ys, rcond=None)
-        if coef[1] <= 0:
+        a, b, c = _nonnegative_fit([np.ones_like(xs), xs] + ([ns] if ns.std() > 0 else []), ys)
+        if b <= 0:
+            self.a = self.b = None
+            self.c = 0.0
             return
-        self.a, self.b = max(float(coef[0]), 0.0), float(coef[1])
-        self.c = max(float(coef[2]), 0.0) if len(coef) > 2 else 0.0
+        self.a, self.b, self.c = a, b, c
 
     def predict(self, padded_tokens: int, adapters: int = 1) -> float | None:
         """Predicted seconds of one forward (None until the fit has data)."""
@@ -132,6 +151,25 @@ class BatchCostModel:
         return batch
 
 
+def _nonnegative_fit(columns: list[np.ndarray], ys: np.ndarray) -> list[float]:
+    """Least squares with every coefficient >= 0 (at most three columns: the best of the column subsets whose
+    unconstrained solution is non-negative). Unused columns come back as 0.0, padded to three values."""
+    best, best_error = [0.0] * len(columns), float(np.sum(ys**2))
+    for size in range(1, len(columns) + 1):
+        for subset in itertools.combinations(range(len(columns)), size):
+            matrix = np.stack([columns[i] for i in subset], axis=1)
+            coef, *_ = np.linalg.lstsq(matrix, ys, rcond=None)
+            if np.any(coef < 0):
+                continue
+            error = float(np.sum((matrix @ coef - ys) ** 2))
+            if error < best_error:
+                best_error = error
+                best = [0.0] * len(columns)
+                for i, value in zip(subset, coef, strict=True):
+                    best[i] = float(value)
+    return best + [0.0] * (3 - len(best))
+
+
 class Batcher:
     def __init__(
         self,
@@ -159,6 +197,7 @@ class Batcher:
         self._tokens_per_s = 0.0
         self._batch_seconds = 0.0
         self.cost = BatchCostModel()
+        metrics.watch_batch_cost(self.cost)
         self.preparing = 0  # rows of admitted requests still being decoded/tokenized
         self._stopping = False
         backend.on_batch_done = self._batch_done
@@ -339,8 +378,9 @@ class Batcher:
         rate = tokens / elapsed
         self._tokens_per_s = rate if not self._tokens_per_s else 0.8 * self._tokens_per_s + 0.2 * rate
         self._batch_seconds = elapsed if not self._batch_seconds else 0.8 * self._batch_seconds + 0.2 * elapsed
-        padded = len(batch) * max(r.tokens for r in batch)
-        self.cost.observe(padded, elapsed, len({r.adapter for r in batch}))
+        longest = max(r.tokens for r in batch)
+        padded = len(batch) * longest
+        self.cost.observe(padded, elapsed, len({r.adapter for r in batch}), shape=(len(batch), longest))
         m = self.metrics
         m.batch_rows.observe(len(batch))
         m.batch_tokens.observe(tokens)

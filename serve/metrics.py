@@ -79,5 +79,22 @@ class Metrics:
 
         self.registry.register(_Collector())
 
+    def watch_batch_cost(self, cost) -> None:
+        """Export the batcher's fitted forward cost (`BatchCostModel`), read at each scrape: whether it splits
+        batches follows from these terms (no fit yet, or no per-token cost: nothing is split)."""
+
+        class _Collector:
+            def collect(self):
+                terms = {"fixed": cost.a, "per_token": cost.b, "per_adapter": cost.c if cost.b is not None else None}
+                family = GaugeMetricFamily("nova_batch_cost_seconds", "fitted forward cost: seconds = fixed + "
+                                           "per_token x padded tokens + per_adapter x adapters (absent until fitted)",
+                                           labels=["term"])
+                for term, value in terms.items():
+                    if value is not None:
+                        family.add_metric([term], value)
+                yield family
+
+        self.registry.register(_Collector())
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -52,6 +52,33 @@ def test_a_fit_without_fixed_cost_keeps_equal_rows_together():
     assert len(model.split(rows, rows[3])) == len(rows)
 
 
+def test_the_first_forward_of_a_shape_is_not_learned_from():
+    """A GPU-like forward: a large fixed cost, almost nothing per token, and a first forward of each new shape
+    that pays one-time costs growing with its size (allocator growth, kernel selection). Learning from those
+    first forwards reads them as per-token cost and splits batches that should stay whole."""
+    model = BatchCostModel()
+    for rows, longest in ((1, 20), (4, 30), (8, 25), (16, 40), (32, 35), (2, 50), (24, 20), (12, 60)):
+        padded = rows * longest
+        warm = 0.010 + 1e-7 * padded
+        model.observe(padded, warm + 5e-5 * padded, shape=(rows, longest))  # first forward of this shape
+        model.observe(padded, warm, shape=(rows, longest))
+    assert model.a is not None and abs(model.a - 0.010) < 1e-4
+    rows = _rows([10, 200, 15, 195, 12])
+    assert len(model.split(rows, rows[0])) == len(rows)
+
+
+def test_a_window_without_per_token_cost_drops_the_old_fit():
+    """A fit that once split batches is not kept when newer forwards show no per-token cost."""
+    model = BatchCostModel(window=16)
+    for padded in (100, 400, 1600, 3200, 800, 200, 6400, 50):
+        model.observe(padded, 0.001 + padded * 1e-4)
+    rows = _rows([10, 200, 15, 195, 12])
+    assert len(model.split(rows, rows[0])) < len(rows)
+    for padded in (100, 400, 1600, 3200, 800, 200, 6400, 50) * 2:
+        model.observe(padded, 0.012 - padded * 1e-8)  # flat (slightly falling) with size: no per-token cost
+    assert model.b is None and len(model.split(rows, rows[0])) == len(rows)
+
+
 def _batcher(max_wait_ms=0.0):
     import asyncio
 
