@@ -69,6 +69,9 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         self.processor: NovaEmbeddingsV1Processor | None = None
         self.lora = LoraRegistry(self, config.max_loras, config.max_lora_rank)
         self.prefix_cache = PrefixCache()  # instruction prefixes' key/values; configure(max_bytes), stats()
+        # Batches' padded length is rounded up to a multiple of this; None: 16 on CUDA, 1 elsewhere (a GPU pays
+        # one-time costs for each new batch shape, docs/performance.md; a CPU pays for every padded token).
+        self.pad_to_multiple_of: int | None = None
 
     # ---- loading -------------------------------------------------------------------------------------
 
@@ -386,7 +389,8 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
         ordered = [rows[i] for i in order]
         drop_prefix = not for_training and self._prefix_cache_applies(ordered)
-        batch = self.processor.collate(ordered, drop_prefix=drop_prefix)
+        multiple = self.pad_to_multiple_of or (16 if self.device.type == "cuda" else 1)
+        batch = self.processor.collate(ordered, drop_prefix=drop_prefix, pad_to_multiple_of=multiple)
         batch["position_ids"] = self.rope_positions(batch)
         return {"batch": batch, "adapters": [adapters[i] for i in order], "inverse": inverse, "rows": ordered,
                 "drop_prefix": drop_prefix}

@@ -531,18 +531,23 @@ class NovaEmbeddingsV1Processor:
 
     # ---- batches -------------------------------------------------------------------------------------
 
-    def collate(self, rows: list[PreparedItem], *, drop_prefix: bool = False) -> dict:
+    def collate(self, rows: list[PreparedItem], *, drop_prefix: bool = False, pad_to_multiple_of: int = 1) -> dict:
         """Right-padded batch tensors (right padding keeps every row's positions independent of the batch).
         Vectorized: one tensor per field from the rows' concatenated lists, scattered through a length mask.
 
         `drop_prefix`: leave out each row's shareable prefix (its first `prefix_len` tokens, whose key/values
-        come from the prefix cache); `prefix_lens` then says where each row's positions continue."""
+        come from the prefix cache); `prefix_lens` then says where each row's positions continue.
+        `pad_to_multiple_of`: the padded length rounded up to a multiple of it (fewer distinct batch shapes;
+        padding is masked, so no row's vectors change)."""
+        if pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         starts = [row.prefix_len if drop_prefix else 0 for row in rows]
         # Tokens after a row's last pooled or returned one (an instructed text's closing `<|im_end|>\n`) are
         # never output and, attention being causal, change nothing before them: they are not computed.
         ends = [row.content_end for row in rows]
         lengths = torch.tensor([end - start for start, end in zip(starts, ends, strict=True)], dtype=torch.long)
-        positions = torch.arange(int(lengths.max())).unsqueeze(0)
+        width = -(-int(lengths.max()) // pad_to_multiple_of) * pad_to_multiple_of
+        positions = torch.arange(width).unsqueeze(0)
         attended = positions < lengths.unsqueeze(1)
         spans = list(zip(rows, starts, ends, strict=True))
         input_ids = torch.full(attended.shape, self.pad_token_id, dtype=torch.long)

@@ -305,6 +305,9 @@ def main() -> int:
     parser.add_argument("--engine", choices=["auto", "process", "thread"], default="auto",
                         help="server --engine: the model in its own process or on the server's threads "
                              "(default: %(default)s, the server's own default)")
+    parser.add_argument("--pad-to-multiple-of", type=int, default=0,
+                        help="both sides: batches' padded length rounded up to a multiple of it (default: "
+                             "%(default)s = the model's own: 16 on CUDA, 1 on CPU)")
     parser.add_argument("--mode", choices=["items", "sentences"], default="items",
                         help="items: Nova items, --per-request per request; sentences: one sentence per request, "
                              "plain OpenAI form (default: %(default)s)")
@@ -321,6 +324,7 @@ def main() -> int:
     model_dir = args.model or str(ensure_tiny_checkpoint(size="small"))
     device = None if args.device == "auto" else args.device
     model = load_model(model_dir, device=device)
+    model.pad_to_multiple_of = args.pad_to_multiple_of or None
     import torch
 
     print(f"torch threads: {torch.get_num_threads()}  CPUs: {os.cpu_count()}")
@@ -344,7 +348,7 @@ def main() -> int:
            *(["--max-wait-ms", str(args.max_wait_ms)] if args.max_wait_ms is not None else []),
            "--max-batch-size", str(args.batch_size),
            "--max-client-batch-size", str(max(32, args.per_request)), "--log-level", "warning",
-           "--device", args.device, "--engine", args.engine,
+           "--device", args.device, "--engine", args.engine, "--pad-to-multiple-of", str(args.pad_to_multiple_of),
            *(["--torch-threads", str(args.server_torch_threads)] if args.server_torch_threads else [])]
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -13,6 +13,8 @@ Parts (each prints its figures; a failed check exits non-zero at the end, after 
      random bf16 weights generated on the device, random rank-32 adapters: text bs=1 (P50 latency), text
      bs=32, images bs=8, three adapters bs=16, a 40-token instruction on short queries, printed next to
      the model card's A100 figures (15 ms P50 at bs=1, 400 req/s at bs=32).
+  4. new batch shapes: a stream of 64 batches of shapes not run before, timed, then again; padded to a
+     multiple of 16 (the CUDA default) and of 1.
 
 Needs only torch, transformers, safetensors, jinja2, Pillow and numpy (the model's remote-code imports);
 nothing is downloaded. If one is missing the script says which before doing anything.
@@ -52,7 +54,7 @@ def main() -> int:
     parser.add_argument("--size", choices=["tiny", "small", "full"], default="full",
                         help="shape for the throughput part (parity always uses the tiny checkpoint)")
     parser.add_argument("--rounds", type=int, default=None, help="timed repetitions per figure")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["parity", "sdpa", "throughput"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["parity", "sdpa", "throughput", "shapes"])
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
@@ -79,7 +81,7 @@ def main() -> int:
     rounds = args.rounds or (20 if device.type == "cuda" else 3)
     report: dict = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__}
     failures: list[str] = []
-    for part, fn in (("parity", parity), ("sdpa", sdpa_padding), ("throughput", throughput)):
+    for part, fn in (("parity", parity), ("sdpa", sdpa_padding), ("throughput", throughput), ("shapes", new_shapes)):
         if part in args.skip:
             continue
         started = time.perf_counter()
@@ -298,7 +300,6 @@ def throughput(device, args, rounds, failures) -> dict:
     here = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"  here ({here}, {size} shape): text bs=1 P50 {results['text bs=1']['p50_ms']:.1f} ms; text bs=32 "
           f"{results['text bs=32']['items_per_s']:.0f} req/s")
-    results["first_forward"] = first_forward_penalty(model, device, queries)
     results["model_card_a100"] = MODEL_CARD_A100
     del model
     if device.type == "cuda":
@@ -306,20 +307,33 @@ def throughput(device, args, rounds, failures) -> dict:
     return results
 
 
-def first_forward_penalty(model, device, queries) -> dict:
-    """The first forward of a batch shape (rows x padded length) never run before, against the same batch run
-    again: one-time costs per shape are what a server meets with every new mix of rows, and what its batch
-    cost model must not learn as per-token cost (serve/batcher.py)."""
-    first, again = [], []
-    for n, extra in ((3, 7), (5, 11), (7, 13), (11, 17), (13, 19)):  # rows and lengths no case above used
-        batch = [dict(q, text=q["text"] + " word" * extra) for q in queries[:n]]
-        run = lambda batch=batch: model.encode(batch, batch_size=len(batch))  # noqa: E731
-        first.append(timed(run, device, 1, warmup=0)[0])
-        again.append(statistics.median(timed(run, device, 3, warmup=0)))
-    ratio = statistics.median(f / a for f, a in zip(first, again, strict=True))
-    print(f"  first forward of a new shape P50 {statistics.median(first) * 1e3:.1f} ms, the same shape again "
-          f"{statistics.median(again) * 1e3:.1f} ms ({ratio:.2f}x; 5 shapes)")
-    return {"first_ms": [t * 1e3 for t in first], "again_ms": [t * 1e3 for t in again], "ratio_p50": ratio}
+def new_shapes(device, args, rounds, failures) -> dict:
+    """A stream of batches whose shapes (rows x padded length) the model has not run, as a server meets them,
+    then the same stream again: the difference is the one-time cost per new shape (kernel selection, memory
+    growth), what a server's batch cost model must not learn as per-token cost (serve/batcher.py). Run with
+    batches padded to a multiple of 16 (the CUDA default), then of 1, each on its own stream of shapes."""
+    import random
+
+    print(f"4. new batch shapes, {args.size} shape on {device}")
+    model = random_model(device, args.size)
+    encode = model.encode
+    encode([{"text": q} for q in QUERIES], batch_size=len(QUERIES))  # the first forward at all
+    out = {}
+    for multiple, seed in ((16, 1), (1, 2)):
+        model.pad_to_multiple_of = multiple
+        rng = random.Random(seed)
+        words = " ".join(QUERIES).split()
+        stream = [[{"task": "retrieval.query", "text": " ".join(rng.choices(words, k=rng.randint(4, 40)))}
+                   for _ in range(rng.randint(1, 32))] for _ in range(64)]
+        shapes = {(len(b), -(-max(model.processor.prepare_item(i).num_tokens for i in b) // multiple)) for b in stream}
+        passes = [sum(timed(lambda b=b: encode(b, batch_size=len(b)), device, 1, warmup=0)[0] for b in stream)
+                  for _ in range(2)]
+        out[f"multiple {multiple}"] = {"batches": len(stream), "shapes": len(shapes), "first_pass_ms": passes[0] * 1e3,
+                                       "second_pass_ms": passes[1] * 1e3}
+        print(f"  padded to a multiple of {multiple:2d}: {len(stream)} batches ({len(shapes)} shapes): first pass "
+              f"{passes[0] * 1e3:.0f} ms, the same batches again {passes[1] * 1e3:.0f} ms "
+              f"({passes[0] / passes[1]:.2f}x)")
+    return out
 
 
 if __name__ == "__main__":

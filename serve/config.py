@@ -57,6 +57,7 @@ class Settings:
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
     preprocess_workers: int = 0  # 0 -> min(4, cpu count)
     prefix_cache_mb: int = 256  # instruction prefix key/values kept for reuse; 0 disables the cache
+    pad_to_multiple_of: int = 0  # batches' padded length rounded up to a multiple of it; 0 -> the model's auto
     # limits
     max_client_batch_size: int = DEFAULT_MAX_CLIENT_BATCH_SIZE
     payload_limit: int = DEFAULT_PAYLOAD_LIMIT

@@ -61,10 +61,12 @@ def load_model_for(settings):
 
 
 def prepare_for_serving(model, settings) -> None:
-    """Once a model object exists: the prefix cache size, `--load-lora` adapters and a warm-up forward."""
+    """Once a model object exists: the prefix cache size, batch padding, `--load-lora` adapters and a warm-up
+    forward."""
     from .adapters import peft_folder
 
     model.prefix_cache.configure(settings.prefix_cache_mb << 20)
+    model.pad_to_multiple_of = settings.pad_to_multiple_of or None
     for name, path in settings.load_lora:
         folder = os.path.realpath(peft_folder(path))
         resident = model.list_adapters().get(name)

@@ -45,6 +45,28 @@ def test_same_vector_alone_in_kind_and_in_mixed_batch(tiny_model, image, make_im
         assert float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min()) >= 0.9999
 
 
+def test_padding_to_a_multiple_changes_no_vector(fresh_model, image, make_image):
+    """Rounding a batch's padded length up (16 by default on CUDA, to keep the number of batch shapes small)
+    only adds masked padding: pooled and multi-vector outputs stay those of the tightest padding, instructed
+    rows served from the prefix cache included."""
+    items = mixed_items(image, make_image) + [{"text": "a query", "instructions": "Find code"}]
+    assert fresh_model.pad_to_multiple_of is None  # auto: 1 on this CPU
+    tight = fresh_model.encode(items, batch_size=len(items))
+    tight_multi = fresh_model.encode(items, return_multivector=True, batch_size=len(items))
+    fresh_model.pad_to_multiple_of = 64
+    collated = fresh_model.collate_rows([fresh_model.processor.prepare_item(item, index=i)
+                                         for i, item in enumerate(items[:5])])
+    assert collated["batch"]["input_ids"].shape[1] == 64
+    padded = fresh_model.encode(items, batch_size=len(items))
+    padded_multi = fresh_model.encode(items, return_multivector=True, batch_size=len(items))
+    for i, (a, b) in enumerate(zip(tight, padded, strict=True)):
+        assert cos(a, b) >= 0.9999, i
+    for a, b in zip(tight_multi, padded_multi, strict=True):
+        assert a.shape == b.shape
+        assert float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min()) >= 0.9999
+    assert fresh_model.prefix_cache.stats()["hits"] > 0
+
+
 def test_image_row_pooling_is_per_row_not_row_zero(tiny_model, image):
     # Jina's code looks only at row 0 for an image; a text row first must not change an image row.
     text_first = tiny_model.encode(["plain text first", {"image": image}], batch_size=2)
