@@ -539,8 +539,8 @@ class NovaEmbeddingsV1Processor:
         come from the prefix cache); `prefix_lens` then says where each row's positions continue.
         `pad_to_multiple_of`: the padded length rounded up to a multiple of it (fewer distinct batch shapes;
         padding is masked, so no row's vectors change)."""
-        if pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be an integer >= 1, got {pad_to_multiple_of!r}")
         starts = [row.prefix_len if drop_prefix else 0 for row in rows]
         # Tokens after a row's last pooled or returned one (an instructed text's closing `<|im_end|>\n`) are
         # never output and, attention being causal, change nothing before them: they are not computed.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Everything this project measures on a GPU, as one prepared run (at most 9 minutes; written for one H100):
-#   1. bench/gpu_check.py: bf16 parity, padded batches, the prefix cache, full-shape (3B) throughput;
+# Everything this project measures on a GPU, as one prepared run (at most 10 minutes; written for one H100):
+#   1. bench/gpu_check.py: bf16 parity, padded batches, the prefix cache, full-shape (3B) throughput, the
+#      one-time cost of new batch shapes (padded to a multiple of 16 and of 1);
 #   2. bench/bench_server.py --device cuda, unchanged, on the "small" random config: 4 items per request,
 #      then one sentence per request;
 #   3. the same two on the full 3B shape, random bf16 weights written on the GPU (`nova tiny --size full`).
@@ -42,7 +43,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
   $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   nproc; } | tee "$OUT/machine.log"
 
-step check 120 "$PY" bench/gpu_check.py --device "$DEVICE" --size "${SIZE_CHECK:-full}" --json "$OUT/check.json"
+step check 150 "$PY" bench/gpu_check.py --device "$DEVICE" --size "${SIZE_CHECK:-full}" --json "$OUT/check.json"
 step small-items 90 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS"
 step small-sentences 90 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" --mode sentences
 if [ -z "${SKIP_FULL:-}" ]; then
@@ -53,7 +54,7 @@ if [ -z "${SKIP_FULL:-}" ]; then
 fi
 
 echo "=== summary"
-grep -h -e "^device:" -e " ok$" -e "FAIL" -e "P50" -e "here (" -e "first forward" "$OUT/check.log"
+grep -h -e "^device:" -e " ok$" -e "FAIL" -e "P50" -e "here (" -e "padded to a multiple" "$OUT/check.log"
 for name in small-items small-sentences full-items full-sentences; do
     [ -f "$OUT/$name.log" ] || continue
     echo "--- $name"
