@@ -146,13 +146,6 @@ def server_metrics(url: str) -> dict[str, float]:
             if line and not line.startswith("#")}
 
 
-def batch_rows(url: str) -> tuple[float, float]:
-    """(rows, batches) the server has run so far, from its /metrics: rows per batch shows whether the batcher
-    forms batches at all under load (it is the first thing to look at when a ratio is low)."""
-    values = server_metrics(url)
-    return values["nova_batch_rows_sum"], values["nova_batch_rows_count"]
-
-
 def server_summary(url: str) -> str:
     """What the server's batcher did over the whole run: batches, rows per batch, mean forward time, and the
     cost it fitted (which decides whether it splits batches by length)."""
@@ -165,8 +158,40 @@ def server_summary(url: str) -> str:
             f"fitted cost: {fit or 'none (nothing is split)'}")
 
 
-def rows_per_batch(before: tuple[float, float], after: tuple[float, float]) -> float:
-    return (after[0] - before[0]) / max(after[1] - before[1], 1.0)
+STAGES = (("prep", "nova_request_preparation_seconds"), ("queue", "nova_queue_wait_seconds"),
+          ("inference", "nova_request_inference_seconds"), ("render", "nova_request_rendering_seconds"))
+
+
+def server_activity(before: dict[str, float], after: dict[str, float], wall_seconds: float) -> dict[str, float]:
+    """What the server did between two /metrics snapshots: rows per batch (whether batches form at all: the
+    first thing to look at when a ratio is low), the mean of each request stage in ms (preparation, a row's
+    queue wait, inference = queue + batch + model, rendering), and the share of the wall time the model spent
+    in forwards (below 1 with requests waiting elsewhere: the model idles)."""
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    out = {"rows_per_batch": delta("nova_batch_rows_sum") / max(delta("nova_batch_rows_count"), 1.0),
+           "model_busy": delta("nova_batch_duration_seconds_sum") / wall_seconds}
+    for stage, metric in STAGES:
+        out[f"{stage}_ms"] = delta(f"{metric}_sum") / max(delta(f"{metric}_count"), 1.0) * 1000
+    return out
+
+
+def measured(url: str, run) -> dict:
+    """`run()` (a client run returning its figures) with the server's activity during it added."""
+    before, started = server_metrics(url), time.perf_counter()
+    result = run()
+    result.update(server_activity(before, server_metrics(url), time.perf_counter() - started))
+    return result
+
+
+def print_stages(rounds: list[dict], keys: list[tuple[int, str]]) -> None:
+    print(f"where a request's time goes in the server (mean ms; queue is per row) and the model's busy share:\n"
+          f"{'clients':>8} {'prep':>7} {'queue':>7} {'inference':>10} {'render':>7} {'model busy':>11}")
+    for c, key in keys:
+        med = lambda field, key=key: float(np.median([r[key][field] for r in rounds]))  # noqa: E731
+        print(f"{c:>8} {med('prep_ms'):7.2f} {med('queue_ms'):7.2f} {med('inference_ms'):10.2f} {med('render_ms'):7.2f} "
+              f"{med('model_busy'):10.0%}")
 
 
 def _children(pid: int) -> list[int]:
@@ -239,10 +264,9 @@ def sentence_rounds(url: str, pid: int, model, sentences: list[str], batch_size:
         r["inproc"] = in_process(model, sentences, batch_size)
         r["inproc_cpu_ms"] = (time.process_time() - cpu) * 1000 / len(sentences)
         for c in (1, 8, 32):
-            before, rows_before = server_cpu_seconds(pid), batch_rows(url)
-            r[f"server_c{c}"] = run_sentence_clients(url, sentences, c)
+            before = server_cpu_seconds(pid)
+            r[f"server_c{c}"] = measured(url, lambda c=c: run_sentence_clients(url, sentences, c))
             r[f"server_c{c}"]["cpu_ms"] = (server_cpu_seconds(pid) - before) * 1000 / len(sentences)
-            r[f"server_c{c}"]["rows_per_batch"] = rows_per_batch(rows_before, batch_rows(url))
         lone = []
         for sentence in sentences[:32]:  # a lone request, then the same sentence in process
             started = time.perf_counter()
@@ -275,6 +299,7 @@ def report_sentences(rounds: list[dict]) -> int:
               f"{median([r[key]['p99_ms'] for r in rounds]):9.1f} {median([r[key]['cpu_ms'] for r in rounds]):11.2f} "
               f"{median([r[key]['rows_per_batch'] for r in rounds]):10.1f} "
               f"{median([r[key]['client_cpu_share'] for r in rounds]):10.2f}c   {fmt(ratios)}")
+    print_stages(rounds, [(c, f"server_c{c}") for c in (1, 8, 32)])
     beyond = [r["server_c32"]["cpu_ms"] - r["inproc_cpu_ms"] for r in rounds]
     print(f"server CPU ms per request beyond encode()'s per sentence (32 clients): {median(beyond):.2f} "
           f"(rounds {min(beyond):.2f}-{max(beyond):.2f})")
@@ -387,9 +412,8 @@ def main() -> int:
             r: dict = {}
             r["inproc_single"] = in_process(model, single, args.batch_size)
             for c in (1, 8, 32):
-                rows_before = batch_rows(url)
-                r[f"server_single_c{c}"] = asyncio.run(run_clients(url, single, c, args.per_request))
-                r[f"server_single_c{c}"]["rows_per_batch"] = rows_per_batch(rows_before, batch_rows(url))
+                r[f"server_single_c{c}"] = measured(
+                    url, lambda c=c: asyncio.run(run_clients(url, single, c, args.per_request)))
             r["inproc_mixed"] = in_process(model, mixed, args.batch_size)
             r["server_mixed_c32"] = asyncio.run(run_clients(url, mixed, 32, args.per_request))
             r["inproc_instructed"] = in_process(model, instructed, args.batch_size)
@@ -433,6 +457,7 @@ def main() -> int:
         med = lambda field, key=key: float(np.median([r[key][field] for r in rounds]))  # noqa: E731
         print(f"{c:>8} {med('items_per_s'):9.1f} {med('p50_ms'):9.1f} {med('p99_ms'):9.1f} {med('rows_per_batch'):10.1f}   "
               f"{fmt(ratio(key, 'inproc_single'))}")
+    print_stages(rounds, [(c, f"server_single_c{c}") for c in (1, 8, 32)])
     print(f"\nmixed-adapter / single-adapter (32 clients): server {fmt(ratio('server_mixed_c32', 'server_single_c32'))}"
           f"   in-process {fmt(ratio('inproc_mixed', 'inproc_single'))}")
     print(f"with / without instructions (32 clients):   server "

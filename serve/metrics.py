@@ -50,6 +50,19 @@ class Metrics:
             "nova_batch_duration_seconds", "model forward time per batch", buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # A request's stages (TEI's te_request_{tokenization,queue,inference}_duration): where its time goes.
+        self.request_preparation = Histogram(
+            "nova_request_preparation_seconds", "embedding request: body parsed, adapters routed, images fetched "
+            "and decoded, items tokenized", buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.request_inference = Histogram(
+            "nova_request_inference_seconds", "embedding request: from its rows queued to the last row's vector "
+            "back (queue, batching and the model)", buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.request_rendering = Histogram(
+            "nova_request_rendering_seconds", "embedding request: response body encoded", buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "nova_queue_wait_seconds", "time a row waits in the queue", buckets=_LATENCY_BUCKETS, registry=r
         )

@@ -150,7 +150,8 @@ async def embeddings(server: Server, request: Request) -> Response:
 
 
 async def _embeddings(server: Server, request: Request) -> Response:
-    s, model = server.settings, server.model
+    s, model, metrics = server.settings, server.model, server.metrics
+    started = time.perf_counter()
     payload = await read_json(server, request)
     try:
         req = parse_embedding_request(
@@ -174,7 +175,7 @@ async def _embeddings(server: Server, request: Request) -> Response:
         finally:
             server.batcher.preparing_done(len(req.items))
     except ApiError as exc:
-        server.metrics.rejected.labels(exc.code or str(exc.status)).inc()
+        metrics.rejected.labels(exc.code or str(exc.status)).inc()
         raise
 
     # admission: adapters (drain-aware) then queue budget, atomically on the event loop
@@ -182,7 +183,7 @@ async def _embeddings(server: Server, request: Request) -> Response:
     try:
         server.gate.acquire(adapters)
     except ApiError as exc:
-        server.metrics.rejected.labels(exc.code).inc()
+        metrics.rejected.labels(exc.code).inc()
         raise
     try:
         ticket = server.batcher.submit([
@@ -195,7 +196,9 @@ async def _embeddings(server: Server, request: Request) -> Response:
             server.gate.release(name)
         raise
     for item in req.items:
-        server.metrics.items.labels("+".join(k for k in ("text", "image", "image_embeds") if k in item)).inc()
+        metrics.items.labels("+".join(k for k in ("text", "image", "image_embeds") if k in item)).inc()
+    queued = time.perf_counter()
+    metrics.request_preparation.observe(queued - started)
 
     disconnect = asyncio.ensure_future(wait_for_disconnect(request))
     try:
@@ -203,16 +206,19 @@ async def _embeddings(server: Server, request: Request) -> Response:
         if ticket.future not in done:
             dropped = server.batcher.cancel(ticket)
             log.info("client went away; dropped %d queued row(s)", dropped)
-            server.metrics.rejected.labels("client_disconnected").inc()
+            metrics.rejected.labels("client_disconnected").inc()
             return Response(status_code=499)
         vectors = ticket.future.result()  # an ApiError of a row, or a bug (500), is raised here
     finally:
         disconnect.cancel()
+    answered = time.perf_counter()
+    metrics.request_inference.observe(answered - queued)
     if sum(vector.size for vector in vectors) <= RENDER_INLINE_VALUES:  # cheaper than a hop to the pool
         body = render_embeddings(req, vectors, rows)
     else:
         body = await asyncio.get_running_loop().run_in_executor(server.preparer.pool, render_embeddings, req,
                                                                  vectors, rows)
+    metrics.request_rendering.observe(time.perf_counter() - answered)
     return Response(body, media_type="application/json")
 
 

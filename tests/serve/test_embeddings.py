@@ -235,3 +235,19 @@ def test_operations_routes(server):
                  "nova_batch_duration_seconds_bucket", "nova_model_ready 1.0", "nova_adapters_loaded 3.0"]:
         assert name in text, name
     assert 'route="/v1/embeddings"' in text and 'status="200"' in text
+
+
+def test_request_stages_and_batch_cost_in_metrics(server):
+    """Each answered request is counted once in each stage histogram (preparation, inference, rendering); a
+    refused one only where it stopped; the batcher's fitted cost terms are exported once it has a fit."""
+    stages = ["nova_request_preparation_seconds_count", "nova_request_inference_seconds_count",
+              "nova_request_rendering_seconds_count"]
+    before = [server.metric(name) for name in stages]
+    for text in ("one", "two", "three"):
+        assert httpx.post(server.url + "/v1/embeddings", json={"input": text}).status_code == 200
+    assert httpx.post(server.url + "/v1/embeddings", json={"input": "x", "dimensions": 7}).status_code == 400
+    after = [server.metric(name) for name in stages]
+    assert [b - a for a, b in zip(before, after, strict=True)] == [3, 3, 3]
+    assert server.metric("nova_request_inference_seconds_sum") > 0
+    text = httpx.get(server.url + "/metrics").text
+    assert "# TYPE nova_batch_cost_seconds gauge" in text
