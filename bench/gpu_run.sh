@@ -59,7 +59,7 @@ for name in small-items small-sentences full-items full-sentences; do
     [ -f "$OUT/$name.log" ] || continue
     echo "--- $name"
     grep -h -e "^model:" -e "in-process encode" -e "^ \+[0-9]\+ " -e "target" -e "mixed-adapter" -e "instructions" \
-        -e "beyond" -e "HTTP errors" -e "server over the run" "$OUT/$name.log"
+        -e "beyond" -e "HTTP errors" -e "server over the run" -e "where a request" "$OUT/$name.log"
 done
 if [ ${#failed[@]} -gt 0 ]; then
     echo "FAILED: ${failed[*]}"
