@@ -14,7 +14,12 @@ Prints, on a mid-size random-weight config (`nova.tiny` size "small" unless --mo
 request in the plain OpenAI form (a RAG query, the OpenAI SDK in a loop), from 1 / 8 / 32 client threads
 (threads + httpx); it prints throughput as a ratio of in-process encode() of the same sentences, the server's
 CPU milliseconds per request beyond what encode() spends per sentence (from the server process's CPU time,
-which does not depend on the client), and a lone request's latency next to encode() of that one sentence.
+which does not depend on the client), the load generator's own CPU use, and a lone request's latency next to
+encode() of that one sentence (through httpx, and through curl where it is installed).
+
+Both modes also print, from the server's /metrics: rows per batch, where a request's time goes (preparation,
+queue, inference, rendering), the share of the wall time the model spent in forwards, and the batch cost the
+server fitted (which decides whether it splits batches by length).
 
 The server runs in its own process (as in production); clients are in this process and ask for base64 like
 the official OpenAI SDK. Usage:
