@@ -213,7 +213,7 @@ def random_model(device, size: str, layers: int | None = None):
     import torch
 
     from nova.repo import model_class
-    from nova.tiny import ensure_tiny_checkpoint, random_lora, tiny_config_dict
+    from nova.tiny import FULL, LORA_SHAPE, ensure_tiny_checkpoint, random_lora, tiny_config_dict
 
     config_cls = model_class("NovaEmbeddingsV1Config")
     if size == "full":
@@ -233,10 +233,10 @@ def random_model(device, size: str, layers: int | None = None):
     model.eval()
     processor_cls = model_class("NovaEmbeddingsV1Processor")
     model.attach_processor(processor_cls.from_pretrained(str(ensure_tiny_checkpoint()), config=config))
-    rank = 32  # Jina V4's
+    rank, scale = LORA_SHAPE[FULL]  # Jina V4's rank on every shape here
     generator = torch.Generator(device=device).manual_seed(1)
     for i, task in enumerate(("retrieval", "text-matching", "code")):
-        pairs = random_lora(model, generator, i, rank, 0.01)
+        pairs = random_lora(model, generator, i, rank, scale)
         model.lora.add([model.lora.build(task, {"r": rank, "lora_alpha": rank}, pairs)])
     model.record_absent_task_adapters(log=False)
     return model

@@ -105,16 +105,12 @@ class BatchCostModel:
             return
         data = np.array(self.samples)
         xs, ns, ys = data[:, 0], data[:, 1], data[:, 2]
-        if xs.std() < 0.1 * xs.mean():  # too little spread to separate fixed and per-token cost
-            self.a = self.b = None
-            self.c = 0.0
-            return
-        a, b, c = _nonnegative_fit([np.ones_like(xs), xs] + ([ns] if ns.std() > 0 else []), ys)
-        if b <= 0:
-            self.a = self.b = None
-            self.c = 0.0
-            return
-        self.a, self.b, self.c = a, b, c
+        fit = (None, None, 0.0)  # no fit: nothing is split
+        if xs.std() >= 0.1 * xs.mean():  # else too little spread to separate fixed and per-token cost
+            a, b, c = _nonnegative_fit([np.ones_like(xs), xs] + ([ns] if ns.std() > 0 else []), ys)
+            if b > 0:
+                fit = (a, b, c)
+        self.a, self.b, self.c = fit
 
     def predict(self, padded_tokens: int, adapters: int = 1) -> float | None:
         """Predicted seconds of one forward (None until the fit has data)."""
