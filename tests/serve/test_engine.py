@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import base64
 import io
+import multiprocessing
 import os
 import pickle
+import random
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,7 +29,7 @@ from nova.loading import load_model
 from serve.app import create_app
 from serve.backend import _row_error
 from serve.config import Settings
-from serve.engine import Job, ModelRunner, _portable
+from serve.engine import STOP, Job, ModelRunner, RequestTurns, _portable
 
 ADMIN = {"Authorization": "Bearer admin-test-key"}
 
@@ -246,3 +249,67 @@ def test_an_item_error_raised_by_the_model_reaches_its_client_as_that_items_erro
     error = _row_error(SimpleNamespace(position=3), outcomes[1])
     assert (error.status, error.param, error.code) == (400, "input[3].image_embeds", "invalid_input")
     assert "the forward refused this row" in str(error)
+
+
+# ---------------------------------------------------------------- who reads the request pipe (pure threading)
+
+
+class Turns:
+    """`RequestTurns` over a real pipe, with a `handle` that records which thread collated each request."""
+
+    def __init__(self):
+        self.reader, self.writer = multiprocessing.Pipe(duplex=False)
+        self.collated_on: dict[int, str] = {}
+        self.turns = RequestTurns(self.reader, self.handle)
+        threading.Thread(target=self.turns.receive_while_forwarding, name="receive", daemon=True).start()
+
+    def handle(self, message):
+        if message[0] == "stop":
+            return STOP
+        if message[0] == "call":
+            return None
+        self.collated_on[message[1]] = threading.current_thread().name
+        return message[1]
+
+    def send_later(self, seconds: float, *message) -> None:
+        threading.Timer(seconds, self.writer.send, (message,)).start()
+
+
+def test_an_idle_model_thread_collates_a_lone_request_itself():
+    """A request that arrives while no forward runs is read and collated by the thread that runs forwards (no
+    hand-over between threads); one that arrives during a forward is collated by the receive thread."""
+    t = Turns()
+    me = threading.current_thread().name
+    t.send_later(0.1, "embed", 1)
+    assert t.turns.next_batch() == 1 and t.collated_on[1] == me
+    t.writer.send(("embed", 2))  # while "forward 1" runs
+    time.sleep(0.3)
+    assert t.turns.next_batch() == 2 and t.collated_on[2] == "receive"
+    time.sleep(0.3)  # "forward 2" ends with nothing waiting: this thread takes the pipe back
+    t.send_later(0.1, "call")
+    t.send_later(0.2, "embed", 3)
+    assert t.turns.next_batch() == 3 and t.collated_on[3] == me
+    t.writer.send(("stop",))  # during "forward 3"
+    time.sleep(0.3)
+    assert t.turns.next_batch() is STOP
+
+
+def test_every_request_is_run_once_and_in_order_whoever_reads_it():
+    t = Turns()
+    count = 300
+    rng = random.Random(0)
+    delays = [rng.random() * 0.002 for _ in range(count)]
+
+    def sender():
+        for i, delay in enumerate(delays):
+            time.sleep(delay)
+            t.writer.send(("embed", i))
+        t.writer.send(("stop",))
+
+    threading.Thread(target=sender, daemon=True).start()
+    ran = []
+    while (item := t.turns.next_batch()) is not STOP:
+        ran.append(item)
+        time.sleep(rng.random() * 0.002)  # the "forward"
+    assert ran == list(range(count))
+    assert set(t.collated_on.values()) == {threading.current_thread().name, "receive"}  # both paths taken
