@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -120,7 +121,7 @@ async def run_clients(url: str, items: list[dict], concurrency: int, per_request
         elapsed = time.perf_counter() - started
     lat = np.array(latencies) * 1000
     return {"items_per_s": len(items) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), "errors": errors}
+            "p99_ms": float(np.percentile(lat, 99)), "errors": errors, "elapsed_s": elapsed}
 
 
 def make_sentences(n: int, seed: int) -> list[str]:
@@ -184,10 +185,14 @@ def server_activity(before: dict[str, float], after: dict[str, float], wall_seco
 
 
 def measured(url: str, run) -> dict:
-    """`run()` (a client run returning its figures) with the server's activity during it added."""
-    before, started = server_metrics(url), time.perf_counter()
+    """`run()` (a client run returning its figures and `elapsed_s`, its own timed window) with the server's
+    activity during it added. The model's busy share is over that window: every forward of the run falls in
+    it, while the snapshots also enclose the clients' set-up (32 threads building httpx clients took as long as
+    a whole run of 256 sentences to 32 clients on a stand-in for a GPU's fixed forward time, 2026-11-27
+    18:25, and read as 38% busy where the model was ~95% busy)."""
+    before = server_metrics(url)
     result = run()
-    result.update(server_activity(before, server_metrics(url), time.perf_counter() - started))
+    result.update(server_activity(before, server_metrics(url), result["elapsed_s"]))
     return result
 
 
@@ -217,22 +222,63 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def run_sentence_clients(url: str, sentences: list[str], concurrency: int) -> dict:
-    """One sentence per request, plain OpenAI form, from `concurrency` threads with one httpx client each.
+def run_sentence_clients(url: str, sentences: list[str], concurrency: int, processes: int = 1) -> dict:
+    """One sentence per request, plain OpenAI form, from `concurrency` threads with one httpx client each, in
+    `processes` client processes (threads split evenly; 1: this process).
 
     Each thread builds its client and opens its connection before the clock starts, as an application does
     once (building an httpx.Client costs milliseconds of CPU: timed, it would be the client's cost, not the
-    server's, and with a few requests per thread it dominated this measurement before 2026-11-27 11:00)."""
+    server's, and with a few requests per thread it dominated this measurement before 2026-11-27 11:00).
+    Several processes: one Python process of client threads shares one GIL, which on a GPU's throughput
+    (thousands of requests a second) can pace the run instead of the server; the processes start their
+    clocks together and the run lasts from the first start to the last end."""
+    if processes == 1:
+        timed = _client_threads(url, sentences, concurrency)
+    else:
+        context = multiprocessing.get_context("spawn")
+        start, results = context.Barrier(processes), context.Queue()
+        workers = [context.Process(target=_client_process, args=(
+            url, sentences[i::processes], len(range(i, concurrency, processes)), start, results))
+            for i in range(processes)]
+        for worker in workers:
+            worker.start()
+        parts = [results.get() for _ in workers]
+        for worker in workers:
+            worker.join()
+        timed = {"latencies": [x for part in parts for x in part["latencies"]],
+                 "errors": sum(part["errors"] for part in parts),
+                 "started": min(part["started"] for part in parts), "ended": max(part["ended"] for part in parts),
+                 "cpu_s": sum(part["cpu_s"] for part in parts)}
+    elapsed = timed["ended"] - timed["started"]
+    lat = np.array(timed["latencies"]) * 1000
+    # The load generator's own CPU (its processes run nothing else meanwhile): one Python process of client
+    # threads shares one GIL, so past about 1000 ms of CPU per second it, not the server, sets the pace.
+    client_cpu_ms = timed["cpu_s"] * 1000
+    return {"items_per_s": len(sentences) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "errors": timed["errors"],
+            "client_cpu_ms": client_cpu_ms / len(sentences), "client_cpu_share": client_cpu_ms / 1000 / elapsed,
+            "elapsed_s": elapsed}
+
+
+def _client_process(url: str, sentences: list[str], concurrency: int, start, results) -> None:
+    results.put(_client_threads(url, sentences, concurrency, start))
+
+
+def _client_threads(url: str, sentences: list[str], concurrency: int, start=None) -> dict:
+    """`concurrency` client threads of this process through `sentences`; `start`, a barrier shared with
+    other client processes, starts the clocks together. Returns latencies (s), errors, the timed window
+    (perf_counter: one clock for every process) and this process's CPU seconds within it."""
     lock = threading.Lock()
     pending = list(range(len(sentences)))
     latencies: list[float] = []
     errors = [0]
-    ready = threading.Barrier(concurrency + 1)
+    built, go = threading.Barrier(concurrency + 1), threading.Event()
 
     def client():
         with httpx.Client(base_url=url, timeout=600) as http:
             http.get("/health")
-            ready.wait()
+            built.wait()
+            go.wait()
             while True:
                 with lock:
                     if not pending:
@@ -248,18 +294,15 @@ def run_sentence_clients(url: str, sentences: list[str], concurrency: int) -> di
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for t in threads:
         t.start()
-    ready.wait()
+    built.wait()
+    if start is not None:
+        start.wait()
     started, cpu = time.perf_counter(), time.process_time()
+    go.set()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - started
-    lat = np.array(latencies) * 1000
-    # The load generator's own CPU (this process runs nothing else meanwhile): one Python process of client
-    # threads shares one GIL, so past about 1000 ms of CPU per second it, not the server, sets the pace.
-    client_cpu_ms = (time.process_time() - cpu) * 1000
-    return {"items_per_s": len(sentences) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), "errors": errors[0],
-            "client_cpu_ms": client_cpu_ms / len(sentences), "client_cpu_share": client_cpu_ms / 1000 / elapsed}
+    return {"latencies": latencies, "errors": errors[0], "started": started, "ended": time.perf_counter(),
+            "cpu_s": time.process_time() - cpu}
 
 
 def curl_ms(url: str, sentence: str) -> float:
@@ -299,7 +342,8 @@ def lone_pairs(url: str, model, sentences: list[str]) -> dict:
     return out
 
 
-def sentence_rounds(url: str, pid: int, model, sentences: list[str], batch_size: int, rounds: int) -> list[dict]:
+def sentence_rounds(url: str, pid: int, model, sentences: list[str], batch_size: int, rounds: int,
+                    client_processes: int = 1) -> list[dict]:
     out = []
     for round_ in range(rounds):
         r: dict = {}
@@ -308,7 +352,8 @@ def sentence_rounds(url: str, pid: int, model, sentences: list[str], batch_size:
         r["inproc_cpu_ms"] = (time.process_time() - cpu) * 1000 / len(sentences)
         for c in (1, 8, 32):
             before = server_cpu_seconds(pid)
-            r[f"server_c{c}"] = measured(url, lambda c=c: run_sentence_clients(url, sentences, c))
+            r[f"server_c{c}"] = measured(
+                url, lambda c=c: run_sentence_clients(url, sentences, c, processes=min(c, client_processes)))
             r[f"server_c{c}"]["cpu_ms"] = (server_cpu_seconds(pid) - before) * 1000 / len(sentences)
         r["lone"] = lone_pairs(url, model, sentences[:48])
         r["inproc_2"] = in_process(model, sentences, batch_size)
@@ -384,6 +429,9 @@ def main() -> int:
     parser.add_argument("--mode", choices=["items", "sentences"], default="items",
                         help="items: Nova items, --per-request per request; sentences: one sentence per request, "
                              "plain OpenAI form (default: %(default)s)")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="--mode sentences: client threads split over this many processes, so that one "
+                             "process's GIL does not pace the run on a fast device (default: %(default)s)")
     args = parser.parse_args()
 
     if args.torch_threads:
@@ -441,7 +489,8 @@ def main() -> int:
             sentences = make_sentences(args.items, seed=1)
             run_sentence_clients(url, sentences[:64], 8)  # warm-up
             model.encode(sentences, batch_size=args.batch_size)
-            rounds = sentence_rounds(url, server.pid, model, sentences, args.batch_size, args.rounds)
+            rounds = sentence_rounds(url, server.pid, model, sentences, args.batch_size, args.rounds,
+                                     args.client_processes)
             results["rounds"] = rounds
             errors = report_sentences(rounds)
             print(server_summary(url))

@@ -2,9 +2,11 @@
 # Everything this project measures on a GPU, as one prepared run (at most 10 minutes; written for one H100):
 #   1. bench/gpu_check.py: bf16 parity, padded batches, the prefix cache, full-shape (3B) throughput, the
 #      one-time cost of new batch shapes (padded to a multiple of 16 and of 1);
-#   2. bench/bench_server.py --device cuda, unchanged, on the "small" random config: 4 items per request,
-#      then one sentence per request;
-#   3. the same two on the full 3B shape, random bf16 weights written on the GPU (`nova tiny --size full`).
+#   2. bench/bench_server.py --device cuda, unchanged, on the "small" random config: one sentence per request,
+#      with the client threads in one process, then in four (4 items per request on this config: measured
+#      twice, bench/results/2026-11-27-h100*);
+#   3. 4 items per request and one sentence per request on the full 3B shape, random bf16 weights written on
+#      the GPU (`nova tiny --size full`).
 # Each step has its own time limit, so one that hangs does not hide the others; logs go to $OUT (or
 # /tmp/nova-gpu) and the key lines are printed again at the end.
 #
@@ -44,8 +46,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
   nproc; } | tee "$OUT/machine.log"
 
 step check 150 "$PY" bench/gpu_check.py --device "$DEVICE" --size "${SIZE_CHECK:-full}" --json "$OUT/check.json"
-step small-items 90 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS"
 step small-sentences 90 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" --mode sentences
+# the same with the client threads in 4 processes: is one Python load generator what paces the server?
+step small-sentences-4p 90 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" \
+    --mode sentences --client-processes 4
 if [ -z "${SKIP_FULL:-}" ]; then
     step full-write 60 "$PY" -m nova.cli tiny /tmp/nova-full --size full --device "$DEVICE"
     step full-items 90 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" --model /tmp/nova-full
@@ -55,7 +59,7 @@ fi
 
 echo "=== summary"
 grep -h -e "^device:" -e " ok$" -e "FAIL" -e "P50" -e "here (" -e "padded to a multiple" "$OUT/check.log"
-for name in small-items small-sentences full-items full-sentences; do
+for name in small-sentences small-sentences-4p full-items full-sentences; do
     [ -f "$OUT/$name.log" ] || continue
     echo "--- $name"
     grep -h -e "^model:" -e "in-process encode" -e "^ \+[0-9]\+ " -e "target" -e "mixed-adapter" -e "instructions" \
