@@ -161,7 +161,7 @@ def _nonnegative_fit(gram: list[list[float]], moments: list[float], total: float
     non-negative; unused columns come back as 0.0, padded to three values.
 
     Small systems in plain Python: this runs on the event loop after every batch, where numpy's lstsq per
-    subset took 0.1-0.25 ms (2-core sandbox, 2026-11-27). Columns are scaled to unit norm first, so the
+    subset took 0.15-0.26 ms (2-core sandbox, 2026-11-27). Columns are scaled to unit norm first, so the
     systems stay well conditioned."""
     k = len(moments)
     scales = [math.sqrt(gram[i][i]) or 1.0 for i in range(k)]
