@@ -187,9 +187,9 @@ def server_activity(before: dict[str, float], after: dict[str, float], wall_seco
 def measured(url: str, run) -> dict:
     """`run()` (a client run returning its figures and `elapsed_s`, its own timed window) with the server's
     activity during it added. The model's busy share is over that window: every forward of the run falls in
-    it, while the snapshots also enclose the clients' set-up (32 threads building httpx clients took as long as
-    a whole run of 256 sentences to 32 clients on a stand-in for a GPU's fixed forward time, 2026-11-27
-    18:25, and read as 38% busy where the model was ~95% busy)."""
+    it, while the snapshots also enclose the clients' set-up (32 threads building httpx clients: with a
+    stand-in for a GPU's fixed forward time, 2026-11-27 18:25, the snapshots' window read 38% busy where the
+    clients' own window reads 96%)."""
     before = server_metrics(url)
     result = run()
     result.update(server_activity(before, server_metrics(url), result["elapsed_s"]))
@@ -389,11 +389,11 @@ def report_sentences(rounds: list[dict]) -> int:
     lone = [r["lone"] for r in rounds]
     print(f"lone request (a sentence alone, then encode() of it, in pairs; medians): encode() "
           f"{median([x['encode_ms'] for x in lone]):.1f} ms; httpx {median([x['httpx_ms'] for x in lone]):.1f} ms, "
-          f"+{fmt([x['httpx_over_ms'] for x in lone])} ms", end="")
+          f"{fmt([x['httpx_over_ms'] for x in lone])} ms over it", end="")
     if all("curl_ms" in x for x in lone):
         print(f"; curl (a new connection each) {median([x['curl_ms'] for x in lone]):.1f} ms, "
-              f"+{fmt([x['curl_over_ms'] for x in lone])} ms", end="")
-    print("  (target <= +3 ms)")
+              f"{fmt([x['curl_over_ms'] for x in lone])} ms over it", end="")
+    print("  (target: at most 3 ms over it)")
     ratios = [r["server_c32"]["items_per_s"] / b for r, b in zip(rounds, base, strict=True)]
     print(f"server at 32 clients / in-process: {fmt(ratios)}  (target >= 0.7)")
     errors = sum(r[f"server_c{c}"]["errors"] for r in rounds for c in (1, 8, 32))
@@ -433,6 +433,10 @@ def main() -> int:
                         help="--mode sentences: client threads split over this many processes, so that one "
                              "process's GIL does not pace the run on a fast device (default: %(default)s)")
     args = parser.parse_args()
+    if args.client_processes != 1 and args.mode != "sentences":
+        parser.error("--client-processes applies to --mode sentences only")
+    if args.client_processes < 1:
+        parser.error("--client-processes must be at least 1")
 
     if args.torch_threads:
         os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # the server process inherits it
