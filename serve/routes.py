@@ -202,21 +202,18 @@ async def _embeddings(server: Server, request: Request) -> Response:
 
     # The handler awaits its ticket alone (one wake-up when the rows are done); a client that goes away
     # cancels the ticket from the watcher's callback, dropping its queued rows.
-    dropped: list[int] = []  # set once the client has gone: how many queued rows that dropped
-
     def client_gone(watcher: asyncio.Future) -> None:
         if not watcher.cancelled():
-            dropped.append(server.batcher.cancel(ticket))
+            log.info("client went away; dropped %d queued row(s)", server.batcher.cancel(ticket))
 
     disconnect = asyncio.ensure_future(wait_for_disconnect(request))
     disconnect.add_done_callback(client_gone)
     try:
         vectors = await ticket.future  # an ApiError of a row, or a bug (500), is raised here
     except asyncio.CancelledError:
-        if not dropped:  # this handler was cancelled (shutdown), not its client gone
+        if not ticket.cancelled:  # this handler was cancelled (shutdown), not its client gone
             server.batcher.cancel(ticket)
             raise
-        log.info("client went away; dropped %d queued row(s)", dropped[0])
         metrics.rejected.labels("client_disconnected").inc()
         return Response(status_code=499)
     finally:
