@@ -29,7 +29,7 @@ class PrefixCache:
         self._entries: OrderedDict[tuple, tuple[list[tuple[torch.Tensor, torch.Tensor]], int]] = OrderedDict()
         self.max_bytes = 0
         self.hits = self.misses = self.evictions = self.bytes = 0
-        self._weights: object = None
+        self._weights: dict[str, object] = {}
         self.configure(max_bytes)
 
     @property
@@ -68,12 +68,13 @@ class PrefixCache:
             self._entries[key] = (layers, size)
             self.bytes += size
 
-    def check_weights(self, identity: object) -> None:
-        """Drop everything when the model's weights (or their dtype/device) are no longer those cached."""
+    def check_weights(self, identity: object, *, part: str = "model", depends=lambda key: True) -> None:
+        """Drop the entries that `depends` on `part` of the weights when its identity (pointers, in-place
+        versions, dtype, device) is no longer the one they were computed with."""
         with self.lock:
-            if identity != self._weights:
-                self._drop(lambda key: True)
-                self._weights = identity
+            if identity != self._weights.get(part):
+                self._drop(depends)
+                self._weights[part] = identity
 
     def invalidate_adapter(self, adapter_id: int) -> None:
         """An adapter was unloaded or replaced: its prefixes are wrong for whatever gets its name next."""
@@ -120,17 +121,21 @@ class PrefixKV:
         return 0 if self.prefix is None else self.prefix[0][0].shape[2]
 
 
-def attention_bias(prefix_lens: list[int], lengths: list[int], width: int, dtype, device) -> torch.Tensor:
+def attention_bias(prefix_lens: list[int] | None, lengths, width: int, dtype, device) -> torch.Tensor:
     """Additive mask [B, 1, T, P + T]: row b's queries see its own prefix slots (the first prefix_lens[b] of P)
-    and, causally, its own tokens. Padded queries still see their row's tokens, so no row is all -inf."""
-    batch = len(lengths)
-    slots = max(prefix_lens, default=0)
+    and, causally, its own tokens. Padded queries still see their row's tokens, so no row is all -inf.
+
+    `lengths` may be a list or a device tensor; with `prefix_lens` None (no prefix slots) nothing here reads a
+    tensor's value on the host, so a CUDA graph can capture it with the lengths in a static buffer."""
+    lengths = torch.as_tensor(lengths, device=device)
     query = torch.arange(width, device=device)
     own = query[None, :] <= query[:, None]  # causal over the row's own tokens [T, T]
-    valid = torch.arange(width, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]  # [B, T]
-    allowed_own = own[None] & valid[:, None, :]
-    prefix = torch.arange(slots, device=device)[None, :] < torch.tensor(prefix_lens, device=device)[:, None]
-    allowed = torch.cat([prefix[:, None, :].expand(batch, width, slots), allowed_own], dim=2)
+    valid = query[None, :] < lengths[:, None]  # [B, T]
+    allowed = own[None] & valid[:, None, :]
+    slots = max(prefix_lens, default=0) if prefix_lens is not None else 0
+    if slots:
+        prefix = torch.arange(slots, device=device)[None, :] < torch.tensor(prefix_lens, device=device)[:, None]
+        allowed = torch.cat([prefix[:, None, :].expand(len(prefix_lens), width, slots), allowed], dim=2)
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
     bias.masked_fill_(~allowed, torch.finfo(dtype).min)
     return bias[:, None]

@@ -1,10 +1,11 @@
 """Several LoRA adapters resident at once, routed per row inside one forward pass.
 
-Adapters never touch the base weights: each targeted `nn.Linear` gets a forward hook that adds
-`scale * B(A(x))` for the rows routed to each adapter (grouped, one small matmul pair per adapter present
-in the batch, like punica/S-LoRA's gather-scatter). The matrices are non-persistent buffers of
-`MultiLoraLayer` modules under the model's `lora` child, so they follow every dtype/device move of the
-model while base state-dict keys stay Jina V4's; loading or unloading is done under a lock, all-or-nothing.
+Adapters never touch the base weights: each targeted `nn.Linear` gets a forward hook that adds its LoRA delta,
+`scaling * B(A(x))`, for each row through that row's own adapter. All resident adapters' matrices are stacked
+(`LoraGroup`), and a per-row mask picks each row's adapter, so a forward dispatches the same operations
+whatever mix of adapters its rows use: no loop over adapters, no host sync, no data-dependent shape (what a
+CUDA graph needs). The cost is arithmetic over every resident adapter's rank for every row, small beside the
+base matmuls while few adapters are resident. Loading or unloading is done under a lock, all-or-nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -59,56 +61,92 @@ class LoraAdapter:
         return {"rank": self.rank, "alpha": self.alpha, "targets": len(self.targets), "path": self.path}
 
 
-class MultiLoraLayer(nn.Module):
-    """The LoRA matrices of every resident adapter for ONE targeted `nn.Linear`, as non-persistent buffers
-    (`A<id>`, `B<id>`): they move with the model on `.to()`/`.half()`/`.cuda()`, and stay out of the base
-    model's `state_dict()` (its keys remain Jina V4's). `delta()` adds each row group's `scale * B(A(x))`."""
+# Linear layers that a transformer block feeds the very same input tensor (attention q/k/v, MLP gate/up): their
+# LoRA down-projections run as one matmul. Only a speed-up: a member called with another input stays exact.
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
-    def __init__(self):
+
+class LoraGroup(nn.Module):
+    """Every resident adapter's LoRA matrices for the targeted Linear layers that read one input, stacked so that
+    a forward dispatches the same few operations whatever adapters its rows use (no loop over adapters, no
+    data-dependent shape, so it can be captured in a CUDA graph):
+
+        h = (x @ A.T) * mask       one matmul for every member, slot and rank; the mask keeps each row's own
+                                   adapter's columns, times its scaling (zero for rows without an adapter)
+        out_j += h_j @ B_j         one matmul per member Linear, in place
+
+    `A` is [members * slots * rank, in_features] (member-major, then slot, then rank, zero-padded to the
+    largest resident rank: padded ranks add exact zeros); `B<j>` is member j's [slots * rank, out_features],
+    stored transposed so no transpose is dispatched. Both are non-persistent buffers: they follow the model's
+    `.to()`/`.half()`/`.cuda()` and stay out of its `state_dict()`.
+    """
+
+    def __init__(self, members: tuple[str, ...], down: torch.Tensor, ups: list[torch.Tensor], width: int):
         super().__init__()
-        self.scalings: dict[int, float] = {}
+        self.members = members
+        self.width = width  # one member's columns of h: slots * rank
+        self.register_buffer("A", down, persistent=False)
+        for j, up in enumerate(ups):
+            self.register_buffer(f"B{j}", up, persistent=False)
+        self._input: torch.Tensor | None = None
+        self._masked: torch.Tensor | None = None
 
-    def add(self, adapter_id: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-        self.register_buffer(f"A{adapter_id}", a, persistent=False)
-        self.register_buffer(f"B{adapter_id}", b, persistent=False)
-        self.scalings[adapter_id] = scaling
+    def up(self, member: int) -> torch.Tensor:
+        return getattr(self, f"B{member}")
 
-    def remove(self, adapter_id: int) -> None:
-        for ab in "AB":
-            delattr(self, f"{ab}{adapter_id}")
-        del self.scalings[adapter_id]
-
-    def pair(self, adapter_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return getattr(self, f"A{adapter_id}"), getattr(self, f"B{adapter_id}")
-
-    def delta(self, x: torch.Tensor, output: torch.Tensor, groups) -> torch.Tensor:
-        for adapter_id, rows in groups or ():
-            if adapter_id not in self.scalings:
-                continue
-            a, b = self.pair(adapter_id)
-            scaling = self.scalings[adapter_id]
-            if isinstance(rows, slice):  # a contiguous block of rows: views, no gather/scatter copies
-                if torch.is_grad_enabled():
-                    delta = (x[rows] @ a.T @ b.T) * scaling
-                    output = torch.cat([output[: rows.start], output[rows] + delta, output[rows.stop :]])
-                elif output.is_contiguous():  # two kernels (on a GPU each is a launch): x·A, then out += s·(xA)·B
-                    block = output[rows].view(-1, output.shape[-1])
-                    block.addmm_(x[rows].reshape(-1, x.shape[-1]) @ a.T, b.T, alpha=scaling)
-                else:
-                    output[rows] += (x[rows] @ a.T @ b.T) * scaling
-            else:
-                rows = rows.to(x.device)
-                delta = (x.index_select(0, rows) @ a.T @ b.T) * scaling
-                output = output.index_add(0, rows, delta.to(output.dtype))
+    def add_delta(self, member: int, x: torch.Tensor, mask: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """`output` (the base Linear's) plus this member's LoRA delta for every row of `x`."""
+        if self._input is not x:  # the first member to see this input computes h for all members
+            h = F.linear(x, self.A) * mask
+            self._input, self._masked = x, h.reshape(-1, h.shape[-1])
+        h = self._masked
+        if len(self.members) > 1:
+            h = h[:, member * self.width : (member + 1) * self.width]
+        up = self.up(member)
+        if torch.is_grad_enabled() or not output.is_contiguous():
+            return output + (h @ up).view(output.shape)
+        output.view(-1, output.shape[-1]).addmm_(h, up)
         return output
+
+    def release(self) -> None:
+        """Drop the forward's cached input and h (they hold activations)."""
+        self._input = self._masked = None
+
+
+@dataclass
+class LoraRouting:
+    """One forward's per-row masks, indexed from the mask tables: text rows [B, 1, k * width] by group size k
+    (broadcast over positions), vision rows [N, k * width] by (N, k) (patches, or merged patches)."""
+
+    text: dict[int, torch.Tensor]
+    vision: dict[tuple[int, int], torch.Tensor]
+
+    def mask(self, x: torch.Tensor, members: int) -> torch.Tensor | None:
+        return self.text.get(members) if x.dim() == 3 else self.vision.get((x.shape[0], members))
+
+
+
+def peft_folder(path: str) -> str:
+    """The PEFT folder an adapter path names: the folder itself, or the folder of its `adapter_model.safetensors`
+    (how Jina V4's card and vLLM's `--lora-modules` point at an adapter). The one rule for every place that
+    takes an adapter path (`load_adapter`, the server's `--load-lora` and admin route). Raises ValueError."""
+    if os.path.isdir(path):
+        return path
+    if os.path.isfile(path):
+        if os.path.basename(path) == ADAPTER_WEIGHTS:
+            return os.path.dirname(path) or "."
+        raise ValueError(f"{path}: not a PEFT folder nor the {ADAPTER_WEIGHTS} of one")
+    raise ValueError(f"{path}: does not exist")
 
 
 def read_peft_folder(path: str, *, name_filter: str | None = None) -> dict[str, tuple[dict, dict[str, tuple]]]:
-    """Read a PEFT LoRA folder. Returns {sub_adapter_name_or_'': (config, {module: (A, B)})}.
+    """Read a PEFT LoRA folder (or its weights file, `peft_folder`). Returns {sub_adapter_name_or_'': (config,
+    {module: (A, B)})}.
 
     Jina V4's combined adapter keeps several tasks in one folder as `lora_A.<task>.weight`; a standard
     PEFT folder has `lora_A.weight`, returned under the key ''.
     """
+    path = peft_folder(path)
     config_path = os.path.join(path, ADAPTER_CONFIG)
     weights_path = os.path.join(path, ADAPTER_WEIGHTS)
     if not os.path.isfile(config_path):
@@ -158,7 +196,12 @@ def read_peft_folder(path: str, *, name_filter: str | None = None) -> dict[str, 
 
 class LoraRegistry(nn.Module):
     """The resident adapters of one model (a child module of it, so their matrices follow the model's dtype
-    and device) and the per-row routing of the forward pass in flight."""
+    and device) and the per-row routing of the forward pass in flight.
+
+    Each resident adapter has a slot; a row's slot selects its row of the mask tables (`masks<k>`,
+    [slots + 1, k * width], the last row all zeros for rows without an adapter). Loading or unloading an
+    adapter rebuilds the stacks, completely, before anything is swapped in.
+    """
 
     def __init__(self, model: nn.Module, max_loras: int, max_lora_rank: int):
         super().__init__()
@@ -168,28 +211,47 @@ class LoraRegistry(nn.Module):
         self.max_lora_rank = max_lora_rank
         self.adapters: dict[str, LoraAdapter] = {}
         self.lock = threading.RLock()
-        self.layers = nn.ModuleDict()  # "<target module name with . -> __>" -> MultiLoraLayer
-        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
-        self._text_route: list | None = None
-        self._vision_routes: dict[int, list] = {}
+        self.layers = nn.ModuleDict()  # group key -> LoraGroup
+        self._located: dict[str, tuple[LoraGroup, int]] = {}  # target module name -> (its group, member index)
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._slots: dict[int, int] = {}  # adapter_id -> slot
+        self._rank = 0  # the stacks' rank: the largest resident one
+        self._routing: LoraRouting | None = None
         self._next_id = 0
+        self.generation = 0  # bumped whenever the stacks are rebuilt (captured CUDA graphs read the old ones)
 
     @property
     def model(self) -> nn.Module:
         return self._owner()
 
-    def layer(self, module_name: str) -> MultiLoraLayer | None:
-        key = module_name.replace(".", "__")
-        return self.layers[key] if key in self.layers else None
+    @property
+    def group_sizes(self) -> list[int]:
+        return sorted({len(group.members) for group in self.layers.values()})
+
+    def mask_table(self, members: int) -> torch.Tensor:
+        return getattr(self, f"masks{members}")
 
     def weights(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{module: (lora_A, lora_B)} of a resident adapter, as they are now (model dtype and device)."""
+        """{module: (lora_A [r, in], lora_B [out, r])} of a resident adapter: views of the stacks the forward
+        reads (model dtype and device), so an in-place edit is what the next forward computes with."""
         adapter = self.adapters[name]
-        return {module: self.layer(module).pair(adapter.adapter_id) for module in adapter.targets}
+        slot, width = self._slots[adapter.adapter_id], len(self._slots) * self._rank
+        out = {}
+        for module in adapter.targets:
+            group, member = self._located[module]
+            low = member * width + slot * self._rank
+            a = group.A[low : low + adapter.rank]
+            b = group.up(member)[slot * self._rank : slot * self._rank + adapter.rank].T
+            out[module] = (a, b)
+        return out
 
     def identity(self, name: str | None) -> int:
-        """A number that changes whenever the weights behind `name` change (load, unload, reload)."""
+        """A number that changes whenever the adapter behind `name` is replaced (load, unload, reload)."""
         return NO_ROUTE if name is None else self.adapters[name].adapter_id
+
+    def weights_identity(self) -> tuple:
+        """Changes whenever any resident adapter's matrices change: rebuilt, moved, or edited in place."""
+        return tuple((buffer.data_ptr(), buffer._version, buffer.dtype, buffer.device) for buffer in self.buffers())
 
     # ---- loading -------------------------------------------------------------------------------------
 
@@ -235,77 +297,151 @@ class LoraRegistry(nn.Module):
                     f"loading {len(built)} more adapter(s) would exceed max_loras={self.max_loras} "
                     f"({len(self.adapters)} loaded: {', '.join(sorted(self.adapters)) or 'none'})"
                 )
-            for adapter, weights in built:
-                adapter.adapter_id = self._next_id
-                self._next_id += 1
-                self.adapters[adapter.name] = adapter
-                for module_name, (a, b) in weights.items():
-                    layer = self.layer(module_name)
-                    if layer is None:
-                        layer = self.layers[module_name.replace(".", "__")] = MultiLoraLayer()
-                        module = self.model.get_submodule(module_name)
-                        self._hooks[module_name] = module.register_forward_hook(self._make_hook(layer))
-                    layer.add(adapter.adapter_id, a, b, adapter.scaling)
+            weights = {adapter.adapter_id: self.weights(name) for name, adapter in self.adapters.items()}
+            adapters = list(self.adapters.values())
+            for offset, (adapter, pairs) in enumerate(built):
+                adapter.adapter_id = self._next_id + offset
+                weights[adapter.adapter_id] = pairs
+                adapters.append(adapter)
+            self._rebuild(adapters, weights)
+            self._next_id += len(built)
 
     def remove(self, name: str) -> None:
         with self.lock:
             if name not in self.adapters:
                 raise ValueError(f"unknown adapter {name!r}; loaded: {', '.join(sorted(self.adapters)) or 'none'}")
-            adapter = self.adapters.pop(name)
-            for module_name in adapter.targets:
-                layer = self.layer(module_name)
-                layer.remove(adapter.adapter_id)
-                if not layer.scalings:
-                    del self.layers[module_name.replace(".", "__")]
-                    self._hooks.pop(module_name).remove()
+            kept = [adapter for other, adapter in self.adapters.items() if other != name]
+            self._rebuild(kept, {adapter.adapter_id: self.weights(adapter.name) for adapter in kept})
+
+    def _rebuild(self, adapters: list[LoraAdapter], weights: dict[int, dict[str, tuple]]) -> None:
+        """Stack `adapters` (in slot order) into new groups and mask tables, then swap them in."""
+        rank = max((adapter.rank for adapter in adapters), default=0)
+        slots = {adapter.adapter_id: slot for slot, adapter in enumerate(adapters)}
+        width = len(adapters) * rank
+        modules = dict(self.model.named_modules())
+        groups, located = {}, {}
+        for key, members in _input_groups(sorted({m for adapter in adapters for m in adapter.targets})).items():
+            like = modules[members[0]].weight
+            down = torch.zeros(len(members) * width, modules[members[0]].in_features, dtype=like.dtype,
+                               device=like.device)
+            ups = [torch.zeros(width, modules[m].out_features, dtype=like.dtype, device=like.device) for m in members]
+            for member, module in enumerate(members):
+                for adapter in adapters:
+                    pair = weights[adapter.adapter_id].get(module)
+                    if pair is not None:
+                        low, slot_low = member * width + slots[adapter.adapter_id] * rank, slots[adapter.adapter_id] * rank
+                        down[low : low + adapter.rank] = pair[0]
+                        ups[member][slot_low : slot_low + adapter.rank] = pair[1].T
+            groups[key] = group = LoraGroup(members, down, ups, width)
+            located.update({module: (group, member) for member, module in enumerate(members)})
+        tables = {}
+        for size in {len(group.members) for group in groups.values()}:
+            like = next(group.A for group in groups.values() if len(group.members) == size)
+            table = torch.zeros(len(adapters) + 1, size * width, dtype=like.dtype, device=like.device)
+            for adapter in adapters:
+                for member in range(size):
+                    low = member * width + slots[adapter.adapter_id] * rank
+                    table[slots[adapter.adapter_id], low : low + rank] = adapter.scaling
+            tables[size] = table
+        # everything is built: swap it in
+        for hook in self._hooks:
+            hook.remove()
+        for name in [name for name, _ in self.named_buffers(recurse=False) if name.startswith("masks")]:
+            delattr(self, name)
+        self.layers = nn.ModuleDict(groups)
+        for size, table in tables.items():
+            self.register_buffer(f"masks{size}", table, persistent=False)
+        self._located, self._slots, self._rank = located, slots, rank
+        self.generation += 1
+        self.adapters = {adapter.name: adapter for adapter in adapters}
+        self._hooks = [modules[module].register_forward_hook(self._make_hook(group, member))
+                       for module, (group, member) in located.items()]
 
     # ---- routing -------------------------------------------------------------------------------------
+
+    def slot_indices(self, row_adapters: list[str | None]) -> list[int]:
+        """Each row's row of the mask tables (the last one, all zeros, for rows without an adapter)."""
+        none = self.no_slot
+        return [none if name is None else self._slots[self.adapters[name].adapter_id] for name in row_adapters]
+
+    @property
+    def no_slot(self) -> int:
+        """The mask tables' all-zero row: rows without an adapter."""
+        return len(self._slots)
 
     @contextlib.contextmanager
     def route(self, row_adapters: list[str | None], image_rows: list[int], image_tokens: list[int], merge_unit: int):
         """Route each row to its adapter for the duration of one forward pass.
 
         `image_rows[i]` is the batch row of the i-th encoded image and `image_tokens[i]` its patch count:
-        vision layers see all images' patches concatenated, so their routes are per patch (and per merged
-        patch for the merger). Row groups are computed once here, not in every layer.
+        vision layers see all images' patches concatenated, so their masks are per patch (and per merged
+        patch for the merger). A batch whose rows use no adapter runs no LoRA operation at all.
         """
         with self.lock:
-            ids = torch.tensor([self.identity(a) for a in row_adapters], dtype=torch.long)
-            self._text_route = _groups(ids)
-            self._vision_routes = {}
-            if image_rows:
-                per_image = ids[torch.tensor(image_rows, dtype=torch.long)]
-                counts = torch.tensor(image_tokens, dtype=torch.long)
-                for route in (per_image.repeat_interleave(counts), per_image.repeat_interleave(counts // merge_unit)):
-                    self._vision_routes[len(route)] = _groups(route)
-            try:
+            slots = self.slot_indices(row_adapters)
+            none = self.no_slot
+            if not self.layers or all(slot == none for slot in slots):
                 yield
-            finally:
-                self._text_route = None
-                self._vision_routes = {}
+                return
+            device = next(iter(self.layers.values())).A.device
+            text = torch.tensor(slots, device=device)
+            vision = None
+            per_image = [slots[row] for row in image_rows]
+            if any(slot != none for slot in per_image):
+                patches = [slot for slot, count in zip(per_image, image_tokens, strict=True) for _ in range(count)]
+                merged = [slot for slot, count in zip(per_image, image_tokens, strict=True)
+                          for _ in range(count // merge_unit)]
+                vision = torch.tensor(patches + merged, device=device).split([len(patches), len(merged)])
+            with self.routed(self.routing_for(text, vision)):
+                yield
 
-    def _make_hook(self, layer: MultiLoraLayer):
+    @contextlib.contextmanager
+    def routed(self, routing: LoraRouting | None):
+        """Make `routing` the one the LoRA hooks read (None: no LoRA) while the block runs."""
+        self._routing = routing
+        try:
+            yield
+        finally:
+            self._routing = None
+            for group in self.layers.values():
+                group.release()
+
+    def routing_for(self, text: torch.Tensor, vision: tuple[torch.Tensor, ...] | None = None) -> LoraRouting:
+        """The masks of one forward from its rows' slot indices (device tensors): a fixed number of operations
+        whatever the batch, so a CUDA graph can capture it with the indices in static buffers."""
+        routing = LoraRouting(text={}, vision={})
+        for size in self.group_sizes:
+            table = self.mask_table(size)
+            routing.text[size] = table[text].unsqueeze(1)
+            for index in vision or ():
+                routing.vision[(index.shape[0], size)] = table[index]
+        return routing
+
+    def _make_hook(self, group: LoraGroup, member: int):
         def hook(module, inputs, output):
-            if self._text_route is None:
-                return output
-            x = inputs[0]
-            groups = self._text_route if x.dim() == 3 else self._vision_routes.get(x.shape[0])
-            return layer.delta(x, output, groups)
+            routing = self._routing
+            mask = routing.mask(inputs[0], len(group.members)) if routing is not None else None
+            return output if mask is None else group.add_delta(member, inputs[0], mask, output)
 
         return hook
 
 
-def _groups(route: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
-    """[(adapter_id, rows)] for every adapter present: a slice when its rows are contiguous (the model sorts
-    rows by adapter, so they are), else an index tensor."""
-    groups = []
-    for adapter_id in torch.unique(route).tolist():
-        if adapter_id == NO_ROUTE:
+def _input_groups(modules: list[str]) -> dict[str, tuple[str, ...]]:
+    """{group key: member module names}: siblings that read the same input (SHARED_INPUT) form one group, any
+    other target is a group of its own. Keys are module names with '.' -> '__' (a ModuleDict's rule)."""
+    groups: dict[str, tuple[str, ...]] = {}
+    taken = set()
+    for module in modules:
+        if module in taken:
             continue
-        rows = (route == adapter_id).nonzero().squeeze(1)
-        start, stop = int(rows[0]), int(rows[-1]) + 1
-        groups.append((adapter_id, slice(start, stop) if stop - start == len(rows) else rows))
+        parent, _, leaf = module.rpartition(".")
+        siblings = next((family for family in SHARED_INPUT if leaf in family), (leaf,))
+        members = tuple(f"{parent}.{name}" if parent else name for name in siblings
+                        if (f"{parent}.{name}" if parent else name) in modules)
+        taken.update(members)
+        key = (parent + "." if parent else "") + "+".join(m.rpartition(".")[2] for m in members)
+        groups[key.replace(".", "__")] = members
     return groups
 
 
-__all__ = ["LoraRegistry", "LoraAdapter", "MultiLoraLayer", "read_peft_folder", "normalize_module_name"]
+__all__ = ["LoraRegistry", "LoraAdapter", "LoraGroup", "LoraRouting", "read_peft_folder", "normalize_module_name"]

@@ -18,22 +18,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-    Qwen2_5_VisionTransformerPretrainedModel,
-    Qwen2_5_VLPreTrainedModel,
-    Qwen2_5_VLTextModel,
-)
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel, Qwen2_5_VLTextModel
 from transformers.utils import logging
 
 from .caching_nova_embeddings_v1 import PrefixCache, PrefixKV, attention_bias
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
-from .lora_nova_embeddings_v1 import LoraRegistry, read_peft_folder
+from .graphs_nova_embeddings_v1 import TextGraphs
+from .lora_nova_embeddings_v1 import NO_ROUTE, LoraRegistry, peft_folder, read_peft_folder
 from .processing_nova_embeddings_v1 import (
+    ItemError,
     NovaEmbeddingsV1Processor,
     PreparedItem,
     check_dimensions,
+    item_error,
     matryoshka_truncate,
 )
+from .vision_nova_embeddings_v1 import BatchedVisionTransformer
 
 logger = logging.get_logger(__name__)
 
@@ -62,7 +62,7 @@ class NovaEmbeddingsV1PreTrainedModel(Qwen2_5_VLPreTrainedModel):
 class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
     def __init__(self, config: NovaEmbeddingsV1Config):
         super().__init__(config)
-        self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
+        self.visual = BatchedVisionTransformer._from_config(config.vision_config)
         self.model = Qwen2_5_VLTextModel._from_config(config.text_config)
         self.multi_vector_projector = nn.Linear(config.text_config.hidden_size, config.multi_vector_projector_dim)
         self.post_init()
@@ -72,6 +72,8 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         # Batches' padded length is rounded up to a multiple of this; None: 16 on CUDA, 1 elsewhere (a GPU pays
         # one-time costs for each new batch shape, docs/performance.md; a CPU pays for every padded token).
         self.pad_to_multiple_of: int | None = None
+        # CUDA graphs of the text forward (graphs_nova_embeddings_v1.py); off until enabled
+        self.cuda_graphs = TextGraphs()
 
     # ---- loading -------------------------------------------------------------------------------------
 
@@ -90,8 +92,9 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         """Load a Nova or Jina V4 directory (or hub id), then its processor and its task adapters.
 
         Defaults: fp32 on CPU, bf16 on CUDA; weights go straight to that device and dtype (`device_map`
-        works too). sdpa attention; flash-attention 2 when installed, on CUDA, in bf16. float16 is refused
-        (Qwen2.5-VL's activations overflow it). Weights may use Jina V4's names or transformers' newer
+        works too; `dtype=` or `torch_dtype=`, a torch dtype or its name). sdpa attention; flash-attention 2
+        when installed, on CUDA, in bf16 or fp16. float16 works as in Jina V4's card; a row whose activations
+        overflow it is that row's error, not a NaN vector. Weights may use Jina V4's names or transformers' newer
         `model.language_model.*` / `model.visual.*`; any base weight missing from the checkpoint (other than
         `lm_head`, which embeddings do not use) is a load error naming it, never a random weight.
         """
@@ -169,8 +172,10 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
 
     def load_adapter(self, name: str | None, path: str) -> list[str]:
         """Load a PEFT LoRA folder under `name`. A Jina V4 combined folder (name None) loads one adapter per
-        task it holds. Validated completely before anything changes; raises ValueError otherwise."""
-        parts = read_peft_folder(str(path))
+        task it holds. `path` may also be the folder's `adapter_model.safetensors`. Validated completely before
+        anything changes; raises ValueError otherwise."""
+        path = peft_folder(str(path))
+        parts = read_peft_folder(path)
         if name is None:
             unnamed = [sub for sub in parts if not sub]
             if unnamed:
@@ -214,51 +219,77 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         check_backbone_dtype(self.model.embed_tokens.weight.dtype)
         device = self.device
         input_ids = batch["input_ids"].to(device)
-        attention_mask = batch["attention_mask"].to(device)
         merge = self.config.vision_config.spatial_merge_size
         pixel_grids = batch["pixel_grid_thw"]
         image_tokens = pixel_grids.prod(-1).tolist() if pixel_grids is not None else []
+        position_ids = batch["position_ids"] if "position_ids" in batch else self.rope_positions(batch)
+        want_multi = batch.get("want_multi", True)
+        graphed = self.cuda_graphs.run(self, batch, prefix_kv, position_ids, adapters, want_multi)
+        if graphed is not None:
+            return graphed
+        position_ids = position_ids.to(device)
+        attention = self.attention_masks(batch, self.model.embed_tokens.weight.dtype, device)
         with self.lora.route(adapters, batch["pixel_rows"], image_tokens, merge * merge):
             inputs_embeds = self.model.embed_tokens(input_ids)
             if batch["image_rows"]:
                 features = self._image_features(batch)
                 mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
                 inputs_embeds = inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
-            position_ids = batch["position_ids"] if "position_ids" in batch else self.rope_positions(batch)
-            position_ids = position_ids.to(device)
-            if prefix_kv is None:
-                out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                 position_ids=position_ids, use_cache=False)
-            else:
-                out = self._backbone_after_prefix(inputs_embeds, attention_mask, position_ids, batch["prefix_lens"],
-                                                  prefix_kv)
-            hidden = out.last_hidden_state
-            projected = self.multi_vector_projector(hidden) if batch.get("want_multi", True) else None
-        return hidden, projected
+            return self.language_pass(inputs_embeds, attention, position_ids, prefix_kv, want_multi)
+
+    def text_forward(self, input_ids: torch.Tensor, attention, position_ids: torch.Tensor, slots: torch.Tensor | None,
+                     multivector: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward_hidden` of a text-only batch without cached prefixes, as a function of fixed-shape device
+        tensors (`slots`: each row's adapter slot, `lora.slot_indices`; None: no adapter). No host sync, no
+        data-dependent shape, no branch on a tensor's value: a CUDA graph captures it, and
+        `torch.compile(fullgraph=True)` traces it whole (the tests hold it to that)."""
+        with self.lora.routed(None if slots is None else self.lora.routing_for(slots)):
+            return self.language_pass(self.model.embed_tokens(input_ids), attention, position_ids, None, multivector)
+
+    def language_pass(self, inputs_embeds, attention, position_ids, prefix_kv, multivector: bool):
+        """(last hidden states, multi-vector projections or None) from input embeddings."""
+        hidden = self.text_backbone(inputs_embeds, attention, position_ids, prefix_kv)
+        return hidden, self.multi_vector_projector(hidden) if multivector else None
+
+    def attention_masks(self, batch: dict, dtype: torch.dtype, device: torch.device):
+        """What the backbone's attention layers take for a collated batch. sdpa/eager: Nova's additive bias
+        [B, 1, T, P + T] (causal over each row's own tokens, padding hidden, a dropped instruction prefix's P
+        slots in front), built from the host's row lengths, so that transformers never inspects a mask on the
+        device (a host sync, and no CUDA graph could capture it). flash-attention 2: the 2-D padding mask."""
+        lengths = batch["attention_mask"].sum(1).tolist()
+        if self.model.config._attn_implementation not in ("sdpa", "eager"):
+            return batch["attention_mask"].to(device)
+        bias = attention_bias(batch.get("prefix_lens"), lengths, batch["input_ids"].shape[1], dtype, device)
+        return {"full_attention": bias, "sliding_attention": bias}
+
+    def text_backbone(self, inputs_embeds: torch.Tensor, attention, position_ids: torch.Tensor,
+                      prefix_kv=None) -> torch.Tensor:
+        """Last hidden states of the language model. With `prefix_kv` (per layer [B, kv_heads, P, head_dim]
+        key/values of the rows' dropped prefixes), the rows continue after their prefix."""
+        cache = {} if prefix_kv is None else {self._cache_argument: PrefixKV(prefix_kv)}
+        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention, position_ids=position_ids,
+                          use_cache=False, **cache).last_hidden_state
 
     def _image_features(self, batch: dict) -> torch.Tensor:
-        """Vision features of every image row, concatenated in row order (encoder output or precomputed)."""
-        encoded = []
+        """Vision features of every image row, concatenated in row order (encoder output or precomputed).
+        The grids stay on the host: the vision tower plans its windows from them without a device sync."""
+        merged = None
         if batch["pixel_values"] is not None:
-            grids = batch["pixel_grid_thw"].to(self.device)
             pixels = batch["pixel_values"].to(self.device, self.visual.dtype)
-            merged = self.visual(pixels, grid_thw=grids).pooler_output
-            merge = self.config.vision_config.spatial_merge_size
-            encoded = list(torch.split(merged, (grids.prod(-1) // merge**2).tolist()))
-        encoded_iter = iter(encoded)
-        parts = []
-        for row in batch["image_rows"]:
-            given = batch["image_embeds"][row]
-            parts.append(given.to(self.device) if given is not None else next(encoded_iter))
-        return torch.cat(parts)
+            merged = self.visual(pixels, grid_thw=batch["pixel_grid_thw"]).pooler_output
+        given = [batch["image_embeds"][row] for row in batch["image_rows"]]
+        if all(embeds is None for embeds in given):
+            return merged
+        unit = self.config.vision_config.spatial_merge_size ** 2
+        sizes = [t * h * w // unit for t, h, w in batch["pixel_grid_thw"].tolist()] if merged is not None else []
+        encoded = iter(torch.split(merged, sizes) if sizes else ())
+        return torch.cat([embeds.to(self.device) if embeds is not None else next(encoded) for embeds in given])
 
     def rope_positions(self, batch: dict) -> torch.Tensor:
         """Qwen2.5-VL's 3-D (t, h, w) rotary positions, computed per row so padding never shifts a row."""
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         batch_size, length = input_ids.shape
         positions = torch.zeros(3, batch_size, length, dtype=torch.long)
-        merge = self.config.vision_config.spatial_merge_size
-        grids = iter(batch["image_grid_thw"].tolist() if batch["image_grid_thw"] is not None else [])
         image_rows = batch["image_rows"]
         # a dropped (cached) instruction prefix of p tokens: the row's positions continue at p
         offsets = torch.tensor(batch.get("prefix_lens") or [0] * batch_size, dtype=torch.long)
@@ -267,19 +298,30 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         # text rows: p..p+n-1 on all three axes, vectorized (padding stays 0)
         steps = torch.arange(length).unsqueeze(0) + offsets[text_rows].unsqueeze(1)
         positions[:, text_rows] = (steps * attention_mask[text_rows]).unsqueeze(0)
-        for row in image_rows:
-            n, p = int(attention_mask[row].sum()), int(offsets[row])
-            t, h, w = next(grids)
-            h, w = h // merge, w // merge
-            ids = input_ids[row, :n]
-            start = int((ids == self.config.image_token_id).nonzero()[0])
-            count = t * h * w
-            positions[:, row, :start] = torch.arange(p, p + start)
-            grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
-            positions[:, row, start : start + count] = grid.reshape(3, -1) + p + start
-            after = n - start - count
-            positions[:, row, start + count : n] = torch.arange(after) + p + start + max(t, h, w)
+        if image_rows:
+            positions[:, image_rows] = torch.from_numpy(self._image_row_positions(batch))
         return positions
+
+    def _image_row_positions(self, batch: dict) -> np.ndarray:
+        """[3, image rows, length] positions of the image rows, in numpy (host work, no torch operation per
+        image): text before the image counts up from the row's offset p on all three axes, the image's merged
+        tokens take (t, h, w) grid positions from there, and text after it continues past the grid's largest
+        side."""
+        ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
+        image_rows = batch["image_rows"]
+        offsets = batch.get("prefix_lens") or [0] * len(ids)
+        merge = self.config.vision_config.spatial_merge_size
+        out = np.zeros((3, len(image_rows), ids.shape[1]), dtype=np.int64)
+        for i, (row, (t, h, w)) in enumerate(zip(image_rows, batch["image_grid_thw"].tolist(), strict=True)):
+            n, p = int(mask[row].sum()), int(offsets[row])
+            h, w = h // merge, w // merge
+            start = int(np.flatnonzero(ids[row, :n] == self.config.image_token_id)[0])
+            count = t * h * w
+            out[:, i, :start] = np.arange(p, p + start)
+            grid = np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")).reshape(3, -1)
+            out[:, i, start : start + count] = grid + p + start
+            out[:, i, start + count : n] = np.arange(n - start - count) + p + start + max(t, h, w)
+        return out
 
     # ---- instruction prefix cache (caching_nova_embeddings_v1.py) --------------------------------------
 
@@ -299,6 +341,9 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         Cached prefixes are reused; the missing ones are computed together in one forward and stored."""
         cache = self.prefix_cache
         cache.check_weights(self._weights_identity())
+        # the adapters' stacks are shared, so a change to any adapter (an in-place edit included) drops every
+        # adapter's prefixes; prefixes computed without an adapter stay
+        cache.check_weights(self.lora.weights_identity(), part="adapters", depends=lambda key: key[1] != NO_ROUTE)
         param = self.model.embed_tokens.weight
         keys = [(tuple(row.input_ids[: row.prefix_len]), self.lora.identity(adapter), param.dtype, param.device)
                 for row, adapter in zip(rows, adapters, strict=True)]
@@ -360,12 +405,6 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
                        position_ids=positions.to(self.device), use_cache=False, **{self._cache_argument: recorder})
         return [[(k[i, :, :n].clone(), v[i, :, :n].clone()) for k, v in (recorder.recorded[layer]
                  for layer in range(len(self.model.layers)))] for i, n in enumerate(lengths)]
-
-    def _backbone_after_prefix(self, inputs_embeds, attention_mask, position_ids, prefix_lens, prefix_kv):
-        lengths = attention_mask.sum(1).tolist()
-        bias = attention_bias(prefix_lens, lengths, inputs_embeds.shape[1], inputs_embeds.dtype, inputs_embeds.device)
-        return self.model(inputs_embeds=inputs_embeds, attention_mask={"full_attention": bias, "sliding_attention": bias},
-                          position_ids=position_ids, use_cache=False, **{self._cache_argument: PrefixKV(prefix_kv)})
 
     @functools.cached_property
     def _cache_argument(self) -> str:
@@ -439,19 +478,33 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
 
     @torch.inference_mode()
     def embed_prepared(self, rows: list[PreparedItem], return_multivector: bool | list[bool] = False,
-                       collated: dict | None = None) -> list[torch.Tensor]:
-        """One forward pass over prepared rows. Returns, per row, the full-size L2-normalized pooled vector
-        or the [n_tokens, 128] multi-vector (instruction turn excluded), as float32 CPU tensors (one
-        device-to-host copy per output kind, not one per row)."""
+                       collated: dict | None = None) -> list[torch.Tensor | ItemError]:
+        """One forward pass over prepared rows. Returns one outcome per row: the full-size L2-normalized pooled
+        vector or the [n_tokens, 128] multi-vector (instruction turn excluded), as float32 CPU tensors (one
+        device-to-host copy per output kind, not one per row); or, for a row whose vector is not finite (its
+        activations overflowed the model's dtype, float16's 65504 most likely), an `ItemError` naming it.
+        The error is returned, not raised: rows are independent, so the others keep their vectors (a server
+        answers each request with its own rows' outcomes; `encode()` raises it)."""
         if not rows:
             return []
         wants = list(return_multivector) if isinstance(return_multivector, (list, tuple)) else [bool(return_multivector)] * len(rows)
         pooled, tokens, token_mask = self.forward_rows(rows, pooled=not all(wants), multivector=any(wants),
                                                        collated=collated)
-        pooled = pooled.cpu() if pooled is not None else None
+        finite_pooled = finite_tokens = None
+        if pooled is not None:
+            pooled = pooled.cpu()
+            finite_pooled = torch.isfinite(pooled).all(-1).tolist()
         if tokens is not None:
             tokens, token_mask = tokens.cpu(), token_mask.cpu()
-        return [tokens[i][token_mask[i]] if want else pooled[i] for i, want in enumerate(wants)]
+            finite_tokens = (torch.isfinite(tokens).all(-1) | ~token_mask).all(-1).tolist()
+        dtype = self.model.embed_tokens.weight.dtype
+        outcomes: list[torch.Tensor | ItemError] = []
+        for i, (row, want) in enumerate(zip(rows, wants, strict=True)):
+            if not (finite_tokens if want else finite_pooled)[i]:
+                outcomes.append(non_finite_error(row, dtype))
+            else:
+                outcomes.append(tokens[i][token_mask[i]] if want else pooled[i])
+        return outcomes
 
     def check_dimensions(self, dimensions: int | None, return_multivector: bool = False) -> None:
         check_dimensions(self.config, dimensions, return_multivector)
@@ -477,7 +530,8 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         """Embed a mixed list of items (text, image, text+image, each with its own task/adapter/instructions).
 
         Rows are sorted by length inside windows to limit padding; results come back in input order and do
-        not depend on what else is in a batch.
+        not depend on what else is in a batch. An item whose vector is not finite (float16 overflow) raises
+        an `ItemError` (a ValueError) naming it.
         """
         items = list(items)
         self.check_dimensions(dimensions, return_multivector)
@@ -503,6 +557,8 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
 
         for chunk in _progress(batches(), n_batches, show_progress):
             for row, vector in zip(chunk, self.embed_prepared(chunk, return_multivector), strict=True):
+                if isinstance(vector, ItemError):
+                    raise vector
                 vector = self.truncate(vector, dimensions) if not return_multivector else vector
                 results[row.index] = vector.numpy() if return_numpy else vector
         return results
@@ -565,6 +621,16 @@ def _jina_output(out: list[torch.Tensor], single: bool, return_numpy: bool, mult
     return out[0] if single else out
 
 
+def non_finite_error(row: PreparedItem, dtype: torch.dtype) -> ItemError:
+    """A row whose vector came out inf/NaN: its activations overflowed `dtype` (float16's range ends at 65504,
+    and Qwen2.5-VL's largest activations can pass it); the advice is the next wider dtype."""
+    advice = {torch.float16: "load the model in bfloat16 or float32",
+              torch.bfloat16: "load the model in float32"}.get(dtype, "check the model's and adapter's weights")
+    adapter = f" (adapter {row.adapter!r})" if row.adapter else ""
+    return item_error(row.index, f"the {str(dtype).removeprefix('torch.')} forward gave a non-finite vector"
+                                 f"{adapter}; {advice}", code="non_finite_embedding")
+
+
 def _check_targets(config: dict, pairs: dict, name: str) -> None:
     """A folder's declared target_modules must match the modules it carries weights for (PEFT semantics)."""
 
@@ -586,17 +652,29 @@ NEWER_QWEN_NAMES = {r"^model\.language_model\.": "model.", r"^model\.visual\.": 
                     r"^language_model\.": "model."}
 
 
+BACKBONE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def check_backbone_dtype(dtype: torch.dtype) -> None:
-    """float16 is refused: Qwen2.5-VL's hidden states exceed its range (inf/NaN vectors, silently)."""
-    if dtype == torch.float16:
-        raise ValueError("float16 is not supported for the Qwen2.5-VL backbone (its activations overflow fp16 "
-                         "and give inf/NaN vectors); use torch.bfloat16 (or float32)")
+    """The dtypes the backbone runs in. float16 is one (Jina V4's card and its vLLM builds use it): a row whose
+    activations overflow it gets its own error (`embed_prepared`), never a NaN vector. Integer and 8-bit float
+    dtypes would only give garbage vectors, so they are refused up front."""
+    if dtype not in BACKBONE_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in BACKBONE_DTYPES)
+        raise ValueError(f"dtype {str(dtype).removeprefix('torch.')} is not supported for the Qwen2.5-VL backbone; "
+                         f"use one of {names}")
 
 
 def _dtype(value) -> torch.dtype | None:
     if value is None or value == "auto":
         return None
-    return getattr(torch, value) if isinstance(value, str) else value
+    if isinstance(value, str):
+        named = getattr(torch, value, None)
+        if not isinstance(named, torch.dtype):
+            raise ValueError(f"unknown dtype {value!r}; use one of "
+                             f"{', '.join(str(d).removeprefix('torch.') for d in BACKBONE_DTYPES)} or 'auto'")
+        return named
+    return value
 
 
 def _first_device(device_map) -> torch.device:

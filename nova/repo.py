@@ -12,6 +12,8 @@ MODEL_CODE_FILES = (
     "lora_nova_embeddings_v1.py",
     "fetching_nova_embeddings_v1.py",
     "caching_nova_embeddings_v1.py",
+    "vision_nova_embeddings_v1.py",
+    "graphs_nova_embeddings_v1.py",
     "modeling_nova_embeddings_v1.py",
 )
 # The sentence-transformers module (modules.json points at it); it imports the model code above.
@@ -45,6 +47,7 @@ def model_class(name: str = "NovaEmbeddingsV1Model"):
         "NovaEmbeddingsV1Config": "configuration_nova_embeddings_v1",
         "NovaEmbeddingsV1Processor": "processing_nova_embeddings_v1",
         "read_peft_folder": "lora_nova_embeddings_v1",
+        "peft_folder": "lora_nova_embeddings_v1",
         "NO_ADAPTER": "processing_nova_embeddings_v1",
         "decode_image": "processing_nova_embeddings_v1",
         "matryoshka_truncate": "processing_nova_embeddings_v1",
