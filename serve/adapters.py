@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from nova.repo import is_base_model_name
+from nova.repo import is_base_model_name, model_class
 
 from .admission import adapter_not_found
 from .errors import ApiError, bad_request
@@ -34,15 +34,11 @@ log = logging.getLogger("serve.lora")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
-
 def peft_folder(path: str) -> str:
-    """A PEFT folder, or the weights file inside one (the model card's `.../adapter_model.safetensors`), ->
-    the folder. Anything else is returned as is (the model says what is wrong with it)."""
-    if os.path.isfile(path) and os.path.basename(path) in WEIGHT_FILES:
-        return os.path.dirname(path)
-    return path
+    """The PEFT folder an adapter path names (the folder, or its `adapter_model.safetensors`): the model's own
+    rule (`lora_nova_embeddings_v1.peft_folder`), so that the server and `model.load_adapter` accept the same
+    paths. Raises ValueError ("does not exist", or a file that is not an adapter's weights)."""
+    return model_class("peft_folder")(path)
 
 
 def resolve_lora_path(root: str | None, given: object, *, root_flag: str = "--lora-root") -> str:
@@ -59,11 +55,12 @@ def resolve_lora_path(root: str | None, given: object, *, root_flag: str = "--lo
     if real != real_root and os.path.commonpath([real, real_root]) != real_root:
         raise ApiError(403, f"'lora_path' must be inside {root_flag}", param="lora_path",
                        code="lora_path_outside_root")
-    real = peft_folder(real)
-    if not os.path.isdir(real):
-        raise bad_request(f"'lora_path' is not a PEFT folder (or its {WEIGHT_FILES[0]}) under {root_flag}",
-                          param="lora_path", code="lora_path_not_found")
-    return real
+    try:
+        return peft_folder(real)
+    except ValueError as exc:  # its message names the real path; the client is told about the path it gave
+        reason = str(exc).removeprefix(f"{real}: ")
+        raise bad_request(f"'lora_path' {given!r} under {root_flag}: {reason}", param="lora_path",
+                          code="lora_path_not_found") from None
 
 
 def check_lora_name(name: object) -> str:

@@ -121,6 +121,9 @@ class ModelRunner:
                                             collated=collated)
         out = []
         for job, vector in zip(jobs, vectors, strict=True):
+            if isinstance(vector, Exception):  # this row's own error (a non-finite vector): its request only
+                out.append(vector)
+                continue
             if not job.multivector and job.dimensions is not None:
                 vector = self.model.truncate(vector, job.dimensions)
             out.append(vector.float().numpy())

@@ -222,3 +222,26 @@ def check_embed_output():
             assert match, f"{key}: no error with {fragment!r} in {errors}"
 
     return check
+
+
+@pytest.fixture(scope="session")
+def float16_overflow_adapter(tmp_path_factory, tiny_dir):
+    """A PEFT folder whose LoRA on the first MLP's down projection pushes that layer's output past float16's
+    65504 (about 1e5 in float32): its rows overflow a float16 model for real, while float32 and bfloat16 stay
+    finite. Rows routed to other adapters, or to none, are untouched by it."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((tiny_dir / "config.json").read_text())["text_config"]
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(4, config["intermediate_size"], generator=generator) * 10
+    b = torch.full((config["hidden_size"], 4), 3e4)
+    folder = tmp_path_factory.mktemp("fp16-overflow") / "loud"
+    folder.mkdir()
+    module = "base_model.model.model.layers.0.mlp.down_proj"
+    save_file({f"{module}.lora_A.weight": a, f"{module}.lora_B.weight": b}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 4,
+                                                             "target_modules": ["down_proj"]}))
+    return folder

@@ -69,6 +69,8 @@ def test_bad_adapters_are_refused_and_change_nothing(fresh_model, tiny_dir, tmp_
         (path / "adapter_config.json").write_text(json.dumps(cfg))
         return path
 
+    no_config = folder("no-config", weights, config)
+    (no_config / "adapter_config.json").unlink()
     # rank above max_lora_rank
     big = {k: (torch.zeros(128, v.shape[1]) if ".lora_A." in k else torch.zeros(v.shape[0], 128)) for k, v in weights.items()}
     cases = {
@@ -77,7 +79,10 @@ def test_bad_adapters_are_refused_and_change_nothing(fresh_model, tiny_dir, tmp_
                    "target module 'model.layers.0.self_attn.zz_proj' does not exist"),
         "shape": (folder("shape", {k: (v[:, :10].contiguous() if ".lora_A." in k else v) for k, v in weights.items()}, config),
                   "expects lora_A"),
-        "missing": (tmp_path / "nowhere", "no adapter_config.json"),
+        "missing": (tmp_path / "nowhere", "nowhere: does not exist"),
+        "missing-file": (tmp_path / "nowhere" / "adapter_model.safetensors", "does not exist"),
+        "not-weights": (good / "adapter_config.json", "not a PEFT folder nor the adapter_model.safetensors of one"),
+        "no-config": (no_config / "adapter_model.safetensors", "no-config: no adapter_config.json"),
         "dora": (folder("dora", weights, {**config, "use_dora": True}), "use_dora=true is not supported"),
         "undeclared": (folder("undeclared", weights, {**config, "target_modules": ["q_proj"]}),
                        "which target_modules"),
@@ -122,3 +127,29 @@ def test_adapter_on_the_vision_merger_routes_per_image(fresh_model, tmp_path, ma
     alone = [fresh_model.encode([item])[0] for item in items]
     assert all(cos(a, b) >= 0.9999 for a, b in zip(together, alone, strict=True))
     assert cos(together[0], together[2]) < 0.999  # the adapter changed its row's image only
+
+
+def test_an_adapter_loads_by_its_weights_file_as_by_its_folder(fresh_model, tiny_dir, tmp_path):
+    """Jina V4's card and vLLM name an adapter by `.../adapter_model.safetensors`: in process as in the server."""
+    folder = copy_adapter(tiny_dir, tmp_path, "code")
+    assert fresh_model.load_adapter("by-file", str(folder / "adapter_model.safetensors")) == ["by-file"]
+    assert fresh_model.list_adapters()["by-file"]["path"] == str(folder)
+    got = fresh_model.encode([{"text": "def f(): pass", "adapter": name} for name in ("by-file", "code")])
+    assert cos(got[0], got[1]) >= 0.99999
+
+
+def test_the_server_resolves_adapter_paths_by_the_models_rule(tiny_dir, tmp_path):
+    """The admin route and `--load-lora` take exactly what `load_adapter` takes (one function), inside the root."""
+    from serve.adapters import resolve_lora_path
+    from serve.errors import ApiError
+
+    root = tmp_path / "root"
+    folder = copy_adapter(tiny_dir, root, "code")
+    assert resolve_lora_path(str(root), f"{folder.name}/adapter_model.safetensors") == str(folder.resolve())
+    assert resolve_lora_path(str(root), folder.name) == str(folder.resolve())
+    for given, reason in ((f"{folder.name}/adapter_config.json", "not a PEFT folder nor"), ("nowhere", "does not exist")):
+        with pytest.raises(ApiError) as caught:
+            resolve_lora_path(str(root), given)
+        assert caught.value.code == "lora_path_not_found"
+        assert caught.value.message.startswith(f"'lora_path' {given!r} under --lora-root: {reason}")
+        assert str(root) not in caught.value.message  # the server's own paths stay its own

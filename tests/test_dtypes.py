@@ -1,5 +1,6 @@
-"""Any dtype and device a user puts the model on: adapters follow every move, bf16 agrees with fp32, fp16 is
-refused with a clear error, and adapter matrices never leak into the base state dict."""
+"""Any dtype and device a user puts the model on: adapters follow every move, bf16 and fp16 agree with fp32
+(fp16 loaded every way Jina V4's users load it), a row that overflows fp16 is its own error while the other rows
+keep their vectors, and adapter matrices never leak into the base state dict."""
 
 import pytest
 import torch
@@ -59,20 +60,92 @@ def test_fp32_model_moved_to_bf16_and_adapter_loaded_after_the_move(tiny_model, 
     assert_close_to(tiny_model, model, items(image, make_image))
 
 
-def test_float16_is_refused_naming_bf16(tiny_dir):
-    with pytest.raises(ValueError, match="float16 is not supported.*bfloat16"):
-        load_model(tiny_dir, dtype=torch.float16)
+def test_loaded_in_fp16_matches_fp32(tiny_model, tiny_dir, image, make_image):
+    """Text, images, text+image, three adapters and the base model in one batch (`items`)."""
+    fp16 = load_model(tiny_dir, dtype=torch.float16)
+    assert fp16.dtype == torch.float16
+    assert {b.dtype for b in fp16.lora.buffers()} == {torch.float16}
+    assert_close_to(tiny_model, fp16, items(image, make_image), floor=0.99)
+
+
+def test_fp16_the_ways_jina_v4_users_ask_for_it(tiny_model, tiny_dir):
+    """Jina V4's card: `AutoModel.from_pretrained(..., trust_remote_code=True, torch_dtype=torch.float16)`;
+    also `dtype="float16"` by name, and `.half()` on a loaded fp32 model (its adapters follow)."""
+    from transformers import AutoModel
+
+    batch = [{"task": "retrieval.query", "text": "what is the capital of France?"},
+             {"task": "code.passage", "text": "def sort(xs):\n    return sorted(xs)"},
+             {"text": "the base model", "adapter": None}]
+    card = AutoModel.from_pretrained(str(tiny_dir), trust_remote_code=True, torch_dtype=torch.float16)
+    named = load_model(tiny_dir, dtype="float16")
+    halved = load_model(tiny_dir).half()
+    want = tiny_model.encode(batch)
+    for model in (card, named, halved):
+        assert model.model.embed_tokens.weight.dtype == torch.float16
+        assert {b.dtype for b in model.lora.buffers()} == {torch.float16}
+        cosines = [cos(a, b) for a, b in zip(model.encode(batch), want, strict=True)]
+        assert min(cosines) >= 0.99, cosines
+
+
+def test_dtypes_the_backbone_cannot_run_are_refused(tiny_dir):
+    with pytest.raises(ValueError, match="dtype int8 is not supported.*float16"):
+        load_model(tiny_dir, dtype=torch.int8)
+    from nova.repo import model_class
+
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):  # (AutoModel's config fails on it first)
+        model_class().from_pretrained(str(tiny_dir), dtype="fp8")
     model = load_model(tiny_dir)
-    model.half()  # a move cannot be refused, so encoding is: never a silently overflowing fp16 vector
-    with pytest.raises(ValueError, match="float16 is not supported.*bfloat16"):
+    model.to(torch.float8_e4m3fn)  # a move cannot be refused, so encoding is: never a garbage vector
+    with pytest.raises(ValueError, match="dtype float8_e4m3fn is not supported"):
         model.encode(["hello"])
+
+
+def overflow_batch(image):
+    """Row 1 overflows float16 (its adapter's LoRA, `float16_overflow_adapter`); the others are three adapters,
+    the base model and an image, no longer than row 0 (so the batch pads the same without row 1)."""
+    return [
+        {"task": "retrieval.query", "text": "what is the capital of France and why?"},
+        {"text": "an ordinary sentence", "adapter": "loud"},
+        {"task": "code.query", "text": "def f(): return 1"},
+        {"task": "text-matching", "text": "the cat sat"},
+        {"text": "no adapter here", "adapter": None},
+        {"image": image},
+    ]
+
+
+@pytest.mark.parametrize("multivector", [False, True], ids=["pooled", "multi-vector"])
+def test_a_row_that_overflows_fp16_is_its_own_error(tiny_dir, float16_overflow_adapter, image, multivector):
+    model = load_model(tiny_dir, dtype=torch.float16)
+    model.load_adapter("loud", str(float16_overflow_adapter))
+    batch = overflow_batch(image)
+    rows = [model.processor.prepare_item(item, index=i) for i, item in enumerate(batch)]
+    outcomes = model.embed_prepared(rows, multivector)
+    error = outcomes[1]
+    assert isinstance(error, ValueError) and error.index == 1 and error.code == "non_finite_embedding"
+    assert str(error) == ("item 1: the float16 forward gave a non-finite vector (adapter 'loud'); "
+                          "load the model in bfloat16 or float32")
+    others = [i for i in range(len(rows)) if i != 1]
+    without = model.embed_prepared([rows[i] for i in others], multivector)
+    for i, alone in zip(others, without, strict=True):
+        assert isinstance(outcomes[i], torch.Tensor) and torch.isfinite(outcomes[i]).all()
+        torch.testing.assert_close(outcomes[i], alone, atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="^item 1: the float16 forward gave a non-finite vector"):
+        model.encode(batch, return_multivector=multivector, batch_size=len(batch))
+
+
+def test_the_overflowing_row_is_finite_in_bf16_and_fp32(tiny_dir, float16_overflow_adapter):
+    """The error is float16's range, not a broken adapter: wider dtypes give that row a vector."""
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_model(tiny_dir, dtype=dtype)
+        model.load_adapter("loud", str(float16_overflow_adapter))
+        assert torch.isfinite(model.encode([{"text": "an ordinary sentence", "adapter": "loud"}])[0]).all()
 
 
 def test_adapters_are_module_state_outside_the_base_state_dict(fresh_model, tiny_dir, tmp_path):
     keys = set(fresh_model.state_dict())
     assert not any("lora" in key for key in keys)
     buffers = dict(fresh_model.named_buffers())
-    assert any(name.startswith("lora.layers.model__layers__0__self_attn__q_proj.A") for name in buffers)
+    assert "lora.layers.model__layers__0__self_attn__q_proj+k_proj+v_proj.A" in buffers
     fresh_model.save_pretrained(tmp_path / "saved")
     from safetensors import safe_open
 

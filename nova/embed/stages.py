@@ -152,6 +152,9 @@ class ModelWorker:
         o = self.options
         out = []
         for vector in self.model.embed_prepared(pack, o.multivector):
+            if isinstance(vector, Exception):  # this row's own error (a non-finite vector)
+                out.append(vector)
+                continue
             if not o.multivector and o.dimensions is not None:
                 vector = self.model.truncate(vector, o.dimensions)
             array = vector.detach().to("cpu").float().numpy()
