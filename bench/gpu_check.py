@@ -15,6 +15,9 @@ Parts (each prints its figures; a failed check exits non-zero at the end, after 
      the model card's A100 figures (15 ms P50 at bs=1, 400 req/s at bs=32).
   4. new batch shapes: a stream of 64 batches of shapes not run before, timed, then again; padded to a
      multiple of 16 (the CUDA default) and of 1.
+  5. float16 and bfloat16 against float32 on the `--size` shape (random weights, the same in all three up to
+     rounding, three random adapters): pooled cosine per row of the mixed batch (text, images, text+image,
+     three adapters and the base model), target >= 0.999; a row that overflows float16 is named.
 
 Needs only torch, transformers, safetensors, jinja2, Pillow and numpy (the model's remote-code imports);
 nothing is downloaded. If one is missing the script says which before doing anything.
@@ -23,6 +26,7 @@ nothing is downloaded. If one is missing the script says which before doing anyt
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -54,7 +58,7 @@ def main() -> int:
     parser.add_argument("--size", choices=["tiny", "small", "full"], default="full",
                         help="shape for the throughput part (parity always uses the tiny checkpoint)")
     parser.add_argument("--rounds", type=int, default=None, help="timed repetitions per figure")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["parity", "sdpa", "throughput", "shapes"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["parity", "sdpa", "throughput", "shapes", "dtypes"])
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
@@ -81,7 +85,9 @@ def main() -> int:
     rounds = args.rounds or (20 if device.type == "cuda" else 3)
     report: dict = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__}
     failures: list[str] = []
-    for part, fn in (("parity", parity), ("sdpa", sdpa_padding), ("throughput", throughput), ("shapes", new_shapes)):
+    parts = (("parity", parity), ("sdpa", sdpa_padding), ("throughput", throughput), ("shapes", new_shapes),
+             ("dtypes", dtype_parity))
+    for part, fn in parts:
         if part in args.skip:
             continue
         started = time.perf_counter()
@@ -207,9 +213,10 @@ def sdpa_padding(device, args, rounds, failures) -> dict:
 # ---- 3. throughput ---------------------------------------------------------------------------------------
 
 
-def random_model(device, size: str, layers: int | None = None):
-    """The shape's model with random bf16 weights made on the device (no host copy), three random adapters;
-    `layers` overrides the text depth of the small shapes (bench_ops.py: the full depth at the tiny width)."""
+def random_model(device, size: str, layers: int | None = None, dtype=None):
+    """The shape's model with random weights made on the device (no host copy; `dtype`, by default bf16 on CUDA
+    and fp32 elsewhere), three random adapters; the same weights on every call (fixed seeds). `layers`
+    overrides the text depth of the small shapes (bench_ops.py: the full depth at the tiny width)."""
     import torch
 
     from nova.repo import model_class
@@ -225,7 +232,7 @@ def random_model(device, size: str, layers: int | None = None):
         if layers is not None:
             config_dict["text_config"]["num_hidden_layers"] = layers
         config = config_cls.from_dict(config_dict)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
@@ -333,6 +340,53 @@ def new_shapes(device, args, rounds, failures) -> dict:
         print(f"  padded to a multiple of {multiple:2d}: {len(stream)} batches ({len(shapes)} shapes): first pass "
               f"{passes[0] * 1e3:.0f} ms, the same batches again {passes[1] * 1e3:.0f} ms "
               f"({passes[0] / passes[1]:.2f}x)")
+    return out
+
+
+DTYPE_TARGET = 0.999  # pooled cosine to float32, every row of the mixed batch
+
+
+def dtype_parity(device, args, rounds, failures) -> dict:
+    """The mixed batch in float16 and in bfloat16 against float32. Each model is built in float32 from the same
+    seeds and then cast (as `.half()` or `.to(torch.bfloat16)` would), so the three differ by rounding only.
+    Rows run through `embed_prepared`, so a row that overflows float16 is reported by name and the other rows
+    still count."""
+    import torch
+
+    print(f"5. float16 and bfloat16 against float32, {args.size} shape, random weights on {device} "
+          "(mixed batch: text, images, three adapters + base)")
+    items = mixed_items()
+
+    def pooled(model) -> list:
+        rows = [model.processor.prepare_item(item, index=i) for i, item in enumerate(items)]
+        return model.embed_prepared(rows)
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # an exact fp32 reference
+    try:
+        want = pooled(random_model(device, args.size, dtype=torch.float32))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    if any(isinstance(w, Exception) for w in want):
+        raise RuntimeError(f"the float32 reference itself failed: {[str(w) for w in want if isinstance(w, Exception)]}")
+    out = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        gc.collect()  # the previous model (its processor holds a closure over it: a reference cycle)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        name = str(dtype).removeprefix("torch.")
+        got = pooled(random_model(device, args.size, dtype=torch.float32).to(dtype))
+        errors = [str(o) for o in got if isinstance(o, Exception)]
+        cosines = [cos(g, w) for g, w in zip(got, want, strict=True) if not isinstance(g, Exception)]
+        worst = min(cosines) if cosines else float("nan")
+        ok = not errors and worst >= DTYPE_TARGET
+        print(f"  {name}: min pooled cosine to float32 {worst:.5f} over {len(cosines)} rows, per row "
+              f"{' '.join(f'{c:.5f}' for c in cosines)} (target {DTYPE_TARGET}) {'ok' if ok else 'FAIL'}")
+        for error in errors:
+            print(f"  {name}: {error}")
+        if not ok:
+            failures.append(f"{name} vs float32: min pooled cosine {worst:.5f}, {len(errors)} row error(s)")
+        out[name] = {"pooled_min_cos": worst, "pooled_cos": cosines, "row_errors": errors}
     return out
 
 
