@@ -89,7 +89,7 @@ class LoraGroup(nn.Module):
         for j, up in enumerate(ups):
             self.register_buffer(f"B{j}", up, persistent=False)
         self._input: torch.Tensor | None = None
-        self._masked: torch.Tensor | None = None
+        self._masked: tuple[torch.Tensor, ...] | None = None  # h per member
 
     def up(self, member: int) -> torch.Tensor:
         return getattr(self, f"B{member}")
@@ -98,10 +98,9 @@ class LoraGroup(nn.Module):
         """`output` (the base Linear's) plus this member's LoRA delta for every row of `x`."""
         if self._input is not x:  # the first member to see this input computes h for all members
             h = F.linear(x, self.A) * mask
-            self._input, self._masked = x, h.reshape(-1, h.shape[-1])
-        h = self._masked
-        if len(self.members) > 1:
-            h = h[:, member * self.width : (member + 1) * self.width]
+            h = h.reshape(-1, h.shape[-1])
+            self._input, self._masked = x, h.split(self.width, dim=-1) if len(self.members) > 1 else (h,)
+        h = self._masked[member]
         up = self.up(member)
         if torch.is_grad_enabled() or not output.is_contiguous():
             return output + (h @ up).view(output.shape)

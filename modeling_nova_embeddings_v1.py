@@ -72,7 +72,7 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         # Batches' padded length is rounded up to a multiple of this; None: 16 on CUDA, 1 elsewhere (a GPU pays
         # one-time costs for each new batch shape, docs/performance.md; a CPU pays for every padded token).
         self.pad_to_multiple_of: int | None = None
-        # CUDA graphs of the text forward (graphs_nova_embeddings_v1.py); off until enabled
+        # CUDA graphs of the text forward (graphs_nova_embeddings_v1.py); off until `configure_cuda_graphs`
         self.cuda_graphs = TextGraphs()
 
     # ---- loading -------------------------------------------------------------------------------------
@@ -209,6 +209,14 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
             config = {**adapter.config, "r": adapter.rank, "lora_alpha": adapter.alpha}
             weights = self.lora.weights(name)
             return config, {module: (a.detach().clone(), b.detach().clone()) for module, (a, b) in weights.items()}
+
+    def configure_cuda_graphs(self, enabled: bool = True, **limits) -> None:
+        """Replay text-only batches through CUDA graphs, one per shape bucket (graphs_nova_embeddings_v1.py).
+        `limits`: max_rows, max_length, max_graphs, memory_budget (bytes). A model that is not on CUDA refuses
+        to enable them rather than silently running without."""
+        if enabled and self.device.type != "cuda" and limits.get("capture", True):
+            raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {self.device}")
+        self.cuda_graphs.configure(enabled, **limits)
 
     # ---- forward -------------------------------------------------------------------------------------
 

@@ -70,7 +70,9 @@ def test_text_forward_equals_the_routed_forward(tiny_model):
 @pytest.fixture
 def bucketed(fresh_model):
     """The CUDA-graph bucket path with its static buffers run eagerly (no capture on a CPU)."""
-    fresh_model.cuda_graphs.configure(enabled=True, capture=False)
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device; it is on cpu"):
+        fresh_model.configure_cuda_graphs(True)
+    fresh_model.configure_cuda_graphs(True, capture=False)
     return fresh_model
 
 
@@ -103,7 +105,7 @@ def test_bucket_graphs_follow_adapter_loads_and_in_place_edits(bucketed, tiny_di
     bucketed.load_adapter("extra", str(tiny_dir / "adapters" / "retrieval"))  # rebuilds the stacks
     assert torch.allclose(bucketed.encode([item])[0], before, atol=1e-6)
     assert bucketed.cuda_graphs.stats.captured == 2 and len(bucketed.cuda_graphs.buckets) == 1  # dropped, redone
-    a, b = bucketed.lora.weights("code")["model.layers.0.self_attn.q_proj"]
+    _, b = bucketed.lora.weights("code")["model.layers.0.self_attn.q_proj"]
     with torch.no_grad():
         b.mul_(3.0)  # an in-place edit of a resident adapter: the same buffers, so no graph is dropped
     edited = bucketed.encode([item])[0]
@@ -115,7 +117,7 @@ def test_cached_prefixes_follow_in_place_adapter_edits(fresh_model):
     fresh_model.prefix_cache.configure(64 << 20)
     item = {"text": "parse ISO dates", "instructions": "Find Python code", "adapter": "code"}
     fresh_model.encode([item])  # fills the cache with the prefix through the current weights
-    for a, b in fresh_model.lora.weights("code").values():
+    for a, _ in fresh_model.lora.weights("code").values():
         with torch.no_grad():
             a.mul_(2.0)
     cached = fresh_model.encode([item])[0]
