@@ -49,11 +49,14 @@ class StaticForward:
         device = model.device
         self.bucket = bucket
         self.pad_token_id = model.processor.pad_token_id
-        self.input_ids = torch.full((bucket.rows, bucket.length), self.pad_token_id, dtype=torch.long, device=device)
-        self.lengths = torch.ones(bucket.rows, dtype=torch.long, device=device)
-        self.position_ids = torch.zeros(3, bucket.rows, bucket.length, dtype=torch.long, device=device)
-        self.slots = torch.full((bucket.rows,), model.lora.no_slot, dtype=torch.long, device=device) \
-            if bucket.adapters else None
+        # ordinary tensors even when made under inference_mode, so that a batch run under no_grad can fill them
+        with torch.inference_mode(False):
+            self.input_ids = torch.full((bucket.rows, bucket.length), self.pad_token_id, dtype=torch.long,
+                                        device=device)
+            self.lengths = torch.ones(bucket.rows, dtype=torch.long, device=device)
+            self.position_ids = torch.zeros(3, bucket.rows, bucket.length, dtype=torch.long, device=device)
+            self.slots = torch.full((bucket.rows,), model.lora.no_slot, dtype=torch.long, device=device) \
+                if bucket.adapters else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -164,6 +167,18 @@ class TextGraphs:
         forward.fill(batch, position_ids, slots, model.lora.no_slot)
         self.stats.replays += 1
         return forward.run(model, rows)
+
+    def prepare(self, model, rows=(1, 2, 4, 8, 16, 32), lengths=(16, 32, 64), adapters=(False, True),
+                multivector=(False,)) -> list[Bucket]:
+        """Capture these buckets now (at load, say) instead of on their first batch, within the same limits.
+        Returns the buckets held afterwards."""
+        self._check_identity(model)
+        with torch.inference_mode():
+            for bucket in (Bucket(_power_of_two(r), n, a, m) for r in rows for n in lengths for a in adapters
+                           for m in multivector):
+                if bucket not in self._forwards and not (bucket.adapters and not model.lora.adapters):
+                    self._add(model, bucket)
+        return self.buckets
 
     def _add(self, model, bucket: Bucket) -> StaticForward | None:
         if (bucket.rows > self.max_rows or bucket.length > self.max_length or len(self._forwards) >= self.max_graphs

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project measures on a GPU, as one prepared run (at most 10 minutes; written for one H100):
-#   1. bench/gpu_check.py: bf16 parity, padded batches, the prefix cache, full-shape (3B) throughput, the
+#   1. bench/gpu_check.py: bf16 parity, padded batches, the prefix cache, full-shape (3B) throughput (eager and
+#      with CUDA graphs, against the GPU-forward targets), the
 #      one-time cost of new batch shapes (padded to a multiple of 16 and of 1), fp16 and bf16 against fp32
 #      on the full shape;
 #   2. bench/bench_server.py --device cuda, unchanged, on the "small" random config: one sentence per request,
@@ -46,20 +47,20 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
   $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   nproc; } | tee "$OUT/machine.log"
 
-step check 170 "$PY" bench/gpu_check.py --device "$DEVICE" --size "${SIZE_CHECK:-full}" --json "$OUT/check.json"
+step check 220 "$PY" bench/gpu_check.py --device "$DEVICE" --size "${SIZE_CHECK:-full}" --json "$OUT/check.json"
 step small-sentences 90 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" --mode sentences
 # the same with the client threads in 4 processes: is one Python load generator what paces the server?
-step small-sentences-4p 90 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" \
+step small-sentences-4p 60 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" \
     --mode sentences --client-processes 4
 if [ -z "${SKIP_FULL:-}" ]; then
     step full-write 40 "$PY" -m nova.cli tiny /tmp/nova-full --size full --device "$DEVICE"
-    step full-items 90 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" --model /tmp/nova-full
+    step full-items 70 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" --model /tmp/nova-full
     step full-sentences 100 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" --model /tmp/nova-full \
         --mode sentences
 fi
 
 echo "=== summary"
-grep -h -e "^device:" -e " ok$" -e "FAIL" -e "P50" -e "here (" -e "padded to a multiple" "$OUT/check.log"
+grep -h -e "^device:" -e " ok$" -e "FAIL" -e "P50" -e "here (" -e "padded to a multiple" -e "target " -e "cuda graphs:" -e "three adapters / one" "$OUT/check.log"
 for name in small-sentences small-sentences-4p full-items full-sentences; do
     [ -f "$OUT/$name.log" ] || continue
     echo "--- $name"
