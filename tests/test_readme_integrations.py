@@ -1,5 +1,5 @@
 """Every snippet of the README's "Use it from sentence-transformers / MTEB / LangChain" section runs here as
-written (only the model path, the dataset path, the server URL and the key are substituted) and gives Nova's own
+written (only the server's port is substituted; tests/docs runs them too, as subprocesses) and gives Nova's own
 vectors: sentence-transformers and LlamaIndex in process, LangChain against a real `nova serve` on loopback."""
 
 from __future__ import annotations
@@ -51,15 +51,16 @@ def side(model, texts, task="retrieval.query", **kwargs):
     return model.encode([{"text": t, "task": task} for t in texts], **kwargs)
 
 
-def test_sentence_transformers_snippet(tiny_dir, tiny_model, tmp_path, monkeypatch, image):
-    monkeypatch.chdir(tmp_path)
-    image.save("page.png")
-    ns = run_snippet("sentence_transformers", **{"path/to/nova": str(tiny_dir)})
+def test_sentence_transformers_snippet(tiny_model, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.chdir(REPO)  # the README's examples run from the repository root (assets/)
+    ns = run_snippet("sentence_transformers")
     assert_same(ns["queries"], tiny_model.encode_text([QUERY], task="retrieval", prompt_name="query"))
     assert_same(ns["passages"], tiny_model.encode_text([PASSAGE], task="retrieval", prompt_name="passage"))
     assert torch.allclose(ns["scores"], torch.as_tensor(ns["queries"] @ ns["passages"].T), atol=1e-5)
-    # the tiny checkpoint is 64-d, so truncate_dim=128 keeps it whole
-    assert_same(ns["small"], tiny_model.encode_text([QUERY], task="retrieval"))
+    assert_same(ns["small"], tiny_model.encode_text([QUERY], task="retrieval", truncate_dim=32))
+    image = Image.open(REPO / "assets" / "chart_revenue.png")
     assert_same(ns["pictures"], tiny_model.encode_image([image, image], task="retrieval"))
     assert_same(ns["query_vectors"], side(tiny_model, [QUERY], instructions=LEGAL))
     assert_same(ns["doc_vectors"], side(tiny_model, [PASSAGE], "retrieval.passage"))
@@ -69,12 +70,10 @@ def test_sentence_transformers_snippet(tiny_dir, tiny_model, tmp_path, monkeypat
     assert_same(ns["rows"][0][None], side(tiny_model, [QUERY], return_multivector=True)[0][None])
 
 
-def test_mteb_snippet(tiny_dir, tmp_path):
+def test_mteb_snippet(tmp_path, monkeypatch):
     pytest.importorskip("mteb")
-    from nova.training.synthetic import make_task
-
-    beir = make_task(tmp_path, seed=1, train_queries=10, eval_queries=20, distractors=30)["eval"]
-    ns = run_snippet("mteb", **{"path/to/nova": str(tiny_dir), "path/to/beir": str(beir)})
+    monkeypatch.chdir(tmp_path)  # the snippet writes its BEIR folder into the working directory
+    ns = run_snippet("mteb")
     assert 0.0 <= ns["ndcg"] <= 1.0
     assert ns["task"].metadata.prompt == "Given a question, retrieve passages that answer it"
 
@@ -82,21 +81,20 @@ def test_mteb_snippet(tiny_dir, tmp_path):
 @pytest.fixture(scope="module")
 def served(tiny_dir, tmp_path_factory, serve_process):
     server = serve_process(Path(tiny_dir), tmp_path_factory.mktemp("lora-root"),
-                           extra=("--served-model-name", "nova-embeddings-v1"))
+                           extra=("--served-model-name", "nova-embeddings-v1-tiny"))  # the quick-start's name
     yield server
     server.stop()
 
 
 def test_langchain_snippet_against_nova_serve(served, tiny_model):
     pytest.importorskip("langchain_openai")
-    ns = run_snippet("langchain", {"KEY": "unused-no-api-key-configured"},
-                     **{"http://127.0.0.1:8080": served.url})
+    ns = run_snippet("langchain", **{"http://127.0.0.1:8080": served.url})
     assert_same([ns["lc_query_vector"]], side(tiny_model, [QUERY], instructions=LEGAL))
     assert_same(ns["lc_doc_vectors"], side(tiny_model, [PASSAGE], "retrieval.passage"))
 
 
-def test_llamaindex_snippet(tiny_dir, tiny_model):
+def test_llamaindex_snippet(tiny_model):
     pytest.importorskip("llama_index.embeddings.huggingface")
-    ns = run_snippet("llamaindex", **{"path/to/nova": str(tiny_dir)})
+    ns = run_snippet("llamaindex")
     assert_same([ns["li_query_vector"]], side(tiny_model, [QUERY]))
     assert_same(ns["li_doc_vectors"], side(tiny_model, [PASSAGE], "retrieval.passage"))
