@@ -164,7 +164,7 @@ def _write_embed_corpus(folder: Path, n: int = 1000):
         if i % 97 == 5:
             row["image"] = f"img{i % 3}.png"
         lines.append(json.dumps(row))
-        item = {k: v for k, v in row.items() if k != "id"}
+        item = {"task": "retrieval.passage", **{k: v for k, v in row.items() if k != "id"}}  # nova embed's default
         if "image" in item:
             item["image"] = str(folder / item["image"])
         good[row["id"]] = item

@@ -13,10 +13,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from nova.evaluation.errors import UserInputError
+
 ITEM_FIELDS = ("text", "image", "task", "adapter", "instructions")
 
 
-class InputError(ValueError):
+class InputError(UserInputError):
     """The input as a whole cannot be read (missing file, unknown format): the run stops before starting."""
 
 

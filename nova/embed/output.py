@@ -20,14 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
+from nova.evaluation.errors import UserInputError
+
 MANIFEST = "_nova_embed.json"
 ERRORS_DIR = "_errors"
 ERRORS_FILE = "_errors.jsonl"
+# Everything a run writes into its folder (globs), temporary files included: what `--overwrite` deletes.
+RUN_FILES = (MANIFEST, "part-*.parquet", ERRORS_DIR, ERRORS_FILE, ".*.tmp")
 METADATA_KEY = b"nova.embed"
 FORMAT_VERSION = 1
 
 
-class SettingsMismatch(ValueError):
+class SettingsMismatch(UserInputError):
     """The folder holds output of a run with other settings; mixing them would give an inconsistent index."""
 
 
@@ -75,12 +79,12 @@ class OutputFolder:
             if different:
                 raise SettingsMismatch(
                     f"{self.path} holds output made with other settings ({'; '.join(different)}); "
-                    "use another folder, or delete it to start over"
+                    "use another folder, or --overwrite to start over"
                 )
             return
         if any(self.path.glob("*.parquet")):
             raise SettingsMismatch(f"{self.path} holds Parquet files that no `nova embed` run recorded; "
-                                   "use an empty folder")
+                                   "use another folder")
         tmp = self.path / f".{MANIFEST}.tmp"
         tmp.write_text(json.dumps(self.settings, indent=2, sort_keys=True))
         os.replace(tmp, manifest)

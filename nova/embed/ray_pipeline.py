@@ -75,12 +75,15 @@ def cluster_workers(workers: int | None, gpus_per_worker: float | None) -> tuple
 
 
 def run_ray(job: Job, folder: OutputFolder, progress, *, address: str | None, workers: int | None,
-            gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0) -> None:
+            gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0, quiet: bool = True) -> None:
+    """`quiet`: Ray's own console output stays in its session logs (`nova.ray_init`); otherwise it and the
+    workers' output reach this terminal."""
     import ray
 
-    from nova.ray_init import init_ray
+    from nova.ray_init import init_ray, quiet_ray_data
 
-    started_here = init_ray(address, log_to_driver=False)
+    started_here = init_ray(address, log_to_driver=not quiet, quiet=quiet)
+    quiet_ray_data(quiet)
     try:
         _run(job, folder, progress, workers, gpus_per_worker, cpus_per_worker)
     finally:

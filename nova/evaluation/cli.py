@@ -8,62 +8,136 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserInputError
+from nova.command import (
+    add_log_level,
+    check_adapter_path,
+    check_output_folder,
+    clear_output,
+    run_command,
+    warn_random_weights,
+)
+
+from .errors import Problems, UserInputError
+
+PROG = "nova eval"
+# What a run writes into --out (globs): what --overwrite deletes; a folder holding anything else is refused.
+OUT_FILES = ("results.json", "results.txt", "runs", "plot.png")
+
+
+class ListValues(argparse._ExtendAction):
+    """`--instructions A B ...` (nargs='+'), remembering which list option came last: a DATASET_DIR typed after
+    it is read by argparse as one more value of that list, and `recover_dataset` gives it back."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        namespace.last_list_option = (self.dest, option_string)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset", metavar="DATASET_DIR", help="BEIR-layout folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
-    parser.add_argument("--out", required=True, metavar="DIR", help="where results.json, runs/ and plot.png go")
-    parser.add_argument("--split", default="test", help="qrels split (qrels/<split>.tsv); default: test")
+    parser.add_argument("dataset", nargs="?", metavar="DATASET_DIR",
+                        help="BEIR-layout folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv (required)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="where results.json, results.txt, runs/ and plot.png go; an existing folder that holds "
+                             "files needs --overwrite (required)")
+    parser.add_argument("--overwrite", action="store_true", help="replace what an earlier `nova eval` wrote to --out")
+    parser.add_argument("--split", default="test", help="qrels split (qrels/<split>.tsv) (default: %(default)s)")
     backend = parser.add_mutually_exclusive_group()
-    backend.add_argument("--model", metavar="PATH_OR_ID", help="in-process model (default: the tiny random-weight checkpoint)")
-    backend.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8080")
+    backend.add_argument("--model", metavar="PATH_OR_ID",
+                         help="in-process model (default: the tiny random-weight checkpoint)")
+    backend.add_argument("--endpoint", metavar="URL",
+                         help="an OpenAI-compatible server, e.g. http://127.0.0.1:8080 (default: none, the "
+                              "in-process model)")
     group = parser.add_argument_group("variants")
-    group.add_argument("--variants", metavar="FILE", help="YAML or JSON file of variants (see docs/training-and-evaluation.md)")
-    group.add_argument("--instructions", nargs="+", action="extend", metavar="TEXT",
-                       help="one variant per instruction string (queries only, see --instructions-for)")
+    group.add_argument("--variants", metavar="FILE",
+                       help="YAML or JSON file of variants (see docs/training-and-evaluation.md) (default: none, "
+                            "a 'baseline' variant plus one per flag below)")
+    group.add_argument("--instructions", nargs="+", action=ListValues, metavar="TEXT",
+                       help="one variant per instruction string, for the side --instructions-for names (default: "
+                            "none)")
     group.add_argument("--instructions-for", choices=["query", "passage", "both"], default="query",
-                       help="which side --instructions apply to (default: query)")
-    group.add_argument("--adapters", nargs="+", action="extend", metavar="NAME", help="one variant per adapter ('none' = base)")
-    group.add_argument("--tasks", nargs="+", action="extend", metavar="TASK", help="one variant per task (retrieval, code, text-matching)")
-    group.add_argument("--dimensions", nargs="+", action="extend", type=int, metavar="N", help="one variant per output size")
+                       help="which side --instructions apply to (default: %(default)s)")
+    group.add_argument("--adapters", nargs="+", action=ListValues, metavar="NAME",
+                       help="one variant per adapter, 'none' = base model (default: none)")
+    group.add_argument("--tasks", nargs="+", action=ListValues, metavar="TASK",
+                       help="one variant per task: retrieval, code, text-matching (default: none)")
+    group.add_argument("--dimensions", nargs="+", action=ListValues, metavar="N",
+                       help="one variant per output size (default: none)")
     group.add_argument("--multivector", action="store_true", help="add a multi-vector (MaxSim) variant")
     group.add_argument("--task", help="task of the command-line variants (default: retrieval)")
     group.add_argument("--adapter", help="adapter of the command-line variants (default: the task's adapter)")
-    group.add_argument("--baseline", metavar="NAME", help="variant the others are compared with (default: the first)")
+    group.add_argument("--baseline", metavar="NAME",
+                       help="variant the others are compared with (default: the first)")
     model = parser.add_argument_group("in-process model")
-    model.add_argument("--load-adapter", action="append", default=[], metavar="NAME=PATH", help="load a PEFT adapter folder (repeatable)")
+    model.add_argument("--load-adapter", action="append", default=[], metavar="NAME=PATH",
+                       help="load a PEFT adapter folder; repeatable (default: none)")
     model.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    model.add_argument("--batch-size", type=int, default=16, help="items per forward pass / per request (default 16; endpoint: 32)")
-    model.add_argument("--max-length", type=int, help="truncate items to this many tokens")
+    model.add_argument("--batch-size", type=int, default=16,
+                       help="items per forward pass, or per request with --endpoint where 16 means 32 "
+                            "(default: %(default)s)")
+    model.add_argument("--max-length", type=int, help="truncate items to this many tokens (default: no limit)")
     endpoint = parser.add_argument_group("endpoint")
-    endpoint.add_argument("--endpoint-model", help="'model' field of requests (default: the first of GET /v1/models)")
+    endpoint.add_argument("--endpoint-model",
+                          help="'model' field of requests (default: the first of GET /v1/models)")
     endpoint.add_argument("--api-key", help="bearer token (default: $NOVA_API_KEY or $OPENAI_API_KEY)")
     endpoint.add_argument("--endpoint-format", choices=["nova", "openai"], default="nova",
-                          help="nova: item objects with task/adapter/instructions; openai: plain strings")
-    endpoint.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+                          help="nova: item objects with task/adapter/instructions; openai: plain strings "
+                               "(default: %(default)s)")
+    endpoint.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default: %(default)s)")
     scoring = parser.add_argument_group("scoring and outputs")
-    scoring.add_argument("--metrics", nargs="+", action="extend", metavar="NAME@K",
-                         help="extra metrics besides nDCG@10 P@10 MRR@10 Recall@100 (e.g. nDCG@5 Recall@1000 MAP@100)")
-    scoring.add_argument("--top-k", type=int, default=1000, help="documents kept per query in the run files (default 1000)")
+    scoring.add_argument("--metrics", nargs="+", action=ListValues, metavar="NAME@K",
+                         help="extra metrics besides nDCG@10 P@10 MRR@10 Recall@100, e.g. nDCG@5 Recall@1000 MAP@100 "
+                              "(default: none)")
+    scoring.add_argument("--top-k", type=int, default=1000,
+                         help="documents kept per query in the run files (default: %(default)s)")
     scoring.add_argument("--keep-identical-ids", action="store_true",
                          help="keep a document whose id equals the query id (BEIR drops them by default)")
-    scoring.add_argument("--cache-dir", help="corpus-embedding cache (default: $NOVA_EVAL_CACHE or ~/.cache/nova/eval-embeddings)")
+    scoring.add_argument("--cache-dir",
+                         help="corpus-embedding cache (default: $NOVA_EVAL_CACHE or ~/.cache/nova/eval-embeddings)")
     scoring.add_argument("--no-cache", action="store_true", help="do not read or write the corpus-embedding cache")
     scoring.add_argument("--per-query", action="store_true", help="also write per-query metrics into results.json")
     scoring.add_argument("--no-plot", action="store_true", help="skip plot.png")
     scoring.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_log_level(parser)
+
+
+def recover_dataset(args) -> None:
+    """DATASET_DIR typed after a list option (`--instructions A DATASET_DIR`) was read as one more value of it:
+    the last value is the dataset when it names a folder; otherwise DATASET_DIR is missing, said explicitly."""
+    if args.dataset is not None:
+        return
+    last = getattr(args, "last_list_option", None)
+    if last is None:
+        raise UserInputError("DATASET_DIR is missing: nova eval DATASET_DIR --out DIR [...]")
+    dest, flag = last
+    values = getattr(args, dest)
+    if Path(values[-1]).is_dir():
+        if len(values) == 1:
+            raise UserInputError(f"{flag} has no value before DATASET_DIR {values[-1]}")
+        args.dataset = values.pop()
+        return
+    raise UserInputError(f"DATASET_DIR is missing: after {flag}, argparse reads every word as one more {flag} "
+                         f"value, so put DATASET_DIR first (nova eval DATASET_DIR --out DIR {flag} ...)")
+
+
+def _parse_dimensions(values: list[str] | None) -> list[int] | None:
+    if values is None:
+        return None
+    bad = [v for v in values if not v.lstrip("-").isdigit()]
+    if bad:
+        raise UserInputError(f"--dimensions takes whole numbers, got {', '.join(repr(v) for v in bad)}")
+    return [int(v) for v in values]
 
 
 def _parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
-    out = []
+    out, problems = [], Problems()
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise UserInputError(f"--load-adapter expects NAME=PATH, got {spec!r}")
-        if not Path(path).is_dir():
-            raise UserInputError(f"--load-adapter {name}: folder not found: {path}")
+            problems.add(f"--load-adapter expects NAME=PATH, got {spec!r}")
+            continue
+        problems.attempt(check_adapter_path, f"--load-adapter {name}", path)
         out.append((name, path))
+    problems.raise_any()
     return out
 
 
@@ -72,9 +146,6 @@ def load_in_process(model_spec: str | None, device: str | None, adapters: list[t
 
     if model_spec:
         model_spec = os.path.expanduser(model_spec)
-    if model_spec and not Path(model_spec).exists() and (model_spec.startswith((".", "/", "~")) or os.sep in model_spec
-                                                         and model_spec.count("/") != 1):
-        raise UserInputError(f"model folder not found: {model_spec}")
     try:
         model = load_model(model_spec, device=device)
     except (OSError, ValueError) as exc:
@@ -111,26 +182,46 @@ def evaluate_variants(dataset, variants, baseline, embedder, out_dir: Path, *, m
     return doc
 
 
-def _run(args) -> int:
+@run_command(PROG)
+def run(args) -> int:
     from . import metrics as metrics_mod
     from .dataset import load_beir
     from .embedders import EndpointEmbedder, InProcessEmbedder, api_key_from_env
-    from .variants import build_variants, check_against_model
+    from .variants import build_variants, check_against_model, model_problems
 
+    recover_dataset(args)
+    # every check that needs no model, each problem reported together, before a model loads or a file is deleted
+    problems = Problems()
     for flag in ("batch_size", "top_k", "max_length"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise UserInputError(f"--{flag.replace('_', '-')} must be at least 1")
-    metrics_mod.metric_list(args.metrics)  # validate before any heavy work
+            problems.add(f"--{flag.replace('_', '-')} must be at least 1")
+    problems.attempt(metrics_mod.metric_list, args.metrics)
+    dimensions = problems.attempt(_parse_dimensions, args.dimensions)
     variants, baseline = build_variants(
         file=args.variants, instructions=args.instructions, instructions_for=args.instructions_for,
-        adapters=args.adapters, tasks=args.tasks, dimensions=args.dimensions, multivector=args.multivector,
-        baseline=args.baseline, task=args.task, adapter=args.adapter,
+        adapters=args.adapters, tasks=args.tasks, dimensions=dimensions, multivector=args.multivector,
+        baseline=args.baseline, task=args.task, adapter=args.adapter, problems=problems,
     )
-    dataset = load_beir(args.dataset, args.split)
-    adapter_specs = _parse_adapter_specs(args.load_adapter)
-    if args.endpoint and adapter_specs:
-        raise UserInputError("--load-adapter applies to the in-process model; load adapters into the server instead")
+    dataset = problems.attempt(load_beir, args.dataset, args.split)
+    adapter_specs = problems.attempt(_parse_adapter_specs, args.load_adapter) or []
+    if args.endpoint and args.load_adapter:
+        problems.add("--load-adapter applies to the in-process model; load adapters into the server instead")
+    stale = problems.attempt(check_output_folder, args.out, prog=PROG, ours=OUT_FILES, overwrite=args.overwrite)
+    if not args.endpoint:
+        from nova.model_config import read_model_config
+
+        config = problems.attempt(read_model_config, args.model)
+        if config is not None:
+            routed = {route.get("adapter") for route in config.config.task_routing.values()}
+            for problem in model_problems(variants, adapters=(routed - {None}) | {n for n, _ in adapter_specs},
+                                          tasks=config.tasks, dimensions=set(config.config.matryoshka_dims)):
+                problems.add(problem)
+    problems.raise_any()
+    clear_output(stale)
+    if not args.endpoint:
+        warn_random_weights(PROG, config.random_weights)
+
     progress = not args.no_progress and sys.stderr.isatty()
     print(f"dataset {dataset.name} ({args.split}): {len(dataset.corpus)} documents, {len(dataset.queries)} queries; "
           f"{len(variants)} variant(s), baseline '{baseline}'")
@@ -144,10 +235,9 @@ def _run(args) -> int:
 
             hf_logging.disable_progress_bar()
         model = load_in_process(args.model, args.device, adapter_specs)
+        # the loaded model's own adapters: a task adapter the checkpoint does not ship is not there
         check_against_model(variants, adapters=set(model.list_adapters()), tasks=set(model.config.task_routing),
                             dimensions=set(model.config.matryoshka_dims))
-        if getattr(model.config, "nova_random_weights", False):
-            print("note: the model has RANDOM weights (tiny test checkpoint); numbers are meaningless for quality")
         embedder = InProcessEmbedder(model, batch_size=args.batch_size, show_progress=progress,
                                      max_length=args.max_length, name=args.model or "tiny-random")
     evaluate_variants(
@@ -156,14 +246,3 @@ def _run(args) -> int:
         per_query=args.per_query, make_plot=not args.no_plot,
     )
     return 0
-
-
-def run(args) -> int:
-    try:
-        return _run(args)
-    except UserInputError as exc:
-        print(f"nova eval: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("nova eval: interrupted", file=sys.stderr)
-        return 130

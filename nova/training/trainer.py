@@ -16,8 +16,10 @@ How the pieces fit:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -30,7 +32,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nova.command import check_adapter_path, prepare_output_folder, warn_random_weights
 from nova.evaluation.errors import UserInputError
+from nova.model_config import read_model_config
 from nova.repo import is_base_model_name
 
 from .data import Triplet, item_key, load_triplets
@@ -49,8 +53,14 @@ TARGET_PRESETS = {
 }
 STATE_FILE = "trainer_state.pt"
 CHECKPOINTS = "checkpoints"
-RESUME_KEYS = ("data", "targets", "rank", "alpha", "batch_size", "grad_accum", "seed", "init_adapter", "vectors",
-               "query_task", "passage_task", "max_negatives", "max_length", "lr", "schedule", "warmup_steps")
+# Settings a resumed run may change: where and how it runs and reports, not what it computes. Every other
+# setting must be the checkpoint's (a new setting is compared unless it is listed here). The data is compared by
+# its contents, not its path.
+RESUME_MAY_DIFFER = ("data", "out", "resume", "overwrite", "name", "checkpoint_every", "keep_checkpoints", "eval_dataset",
+                     "eval_split", "eval_instructions", "device", "gradient_checkpointing", "progress", "log_every")
+# What a run writes into --out (globs): what --overwrite deletes; a folder holding anything else is refused.
+OUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", CHECKPOINTS, "eval",
+             "nova_training.json", "losses.json")
 
 
 @dataclass
@@ -82,6 +92,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps; 0 = only the final adapter
     keep_checkpoints: int = 2
     resume: str | None = None  # "latest" or a checkpoint folder
+    overwrite: bool = False  # replace an earlier run's output in `out`
     seed: int = 0
     eval_dataset: str | None = None
     eval_split: str = "test"
@@ -179,10 +190,24 @@ def _lr_lambda(schedule: str, warmup: int, total: int):
     return fn
 
 
+def _file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "~")) or os.sep in spec
+
+
 def _init_weights(model, spec: str) -> tuple[dict, dict]:
     """Starting adapter -> (its config, {module: (A, B)}) from a resident adapter or a PEFT folder."""
     if spec in model.list_adapters():
         return model.adapter_state(spec)
+    if _looks_like_path(spec):
+        check_adapter_path("--init-adapter", spec)
     if not Path(spec).is_dir():
         known = ", ".join(model.list_adapters())
         raise UserInputError(f"--init-adapter {spec!r}: neither a loaded adapter ({known or 'none'}) nor a folder")
@@ -231,6 +256,20 @@ class Trainer:
         if cfg.eval_dataset and not Path(cfg.eval_dataset).is_dir():
             raise UserInputError(f"--eval-dataset: folder not found: {cfg.eval_dataset}")
 
+    def _check_resume_settings(self, checkpoint: Path, state: dict, data_sha256: str) -> None:
+        """A resumed run must be the checkpoint's run: any setting that changes what is computed (steps, lr,
+        batch size, targets, data, ...) is refused, each named with both values."""
+        saved, now = state["config"], asdict(self.cfg)
+        changed = [f"--{key.replace('_', '-')} (checkpoint {saved.get(key)!r}, now {now[key]!r})"
+                   for key in now if key not in RESUME_MAY_DIFFER and saved.get(key) != now[key]]
+        if state.get("data_sha256", data_sha256) != data_sha256:
+            changed.append(f"--data (the contents of {self.cfg.data} changed since the checkpoint)")
+        if changed:
+            raise UserInputError(
+                f"--resume {checkpoint}: settings differ from the checkpoint's: {', '.join(changed)}; resume with "
+                "the checkpoint's settings, or start over with --overwrite"
+            )
+
     def _checkpoint_to_resume(self) -> Path | None:
         spec = self.cfg.resume
         if not spec:
@@ -242,6 +281,8 @@ class Trainer:
                 raise UserInputError(f"--resume: no checkpoint under {self.out / CHECKPOINTS}")
             return found[-1]
         path = Path(spec)
+        if not path.is_dir():
+            raise UserInputError(f"--resume {spec}: checkpoint folder not found")
         if not (path / STATE_FILE).is_file():
             raise UserInputError(f"--resume {spec}: not a checkpoint folder (no {STATE_FILE})")
         return path
@@ -251,19 +292,18 @@ class Trainer:
         self._validate()
         triplets = load_triplets(cfg.data, cfg.query_task, cfg.passage_task, cfg.max_negatives)
         resume_from = self._checkpoint_to_resume()
+        prepare_output_folder(self.out, prog="nova train", ours=OUT_FILES, overwrite=cfg.overwrite,
+                              resume=resume_from is not None, resumable=True)
+        data_sha256 = _file_sha256(cfg.data)
         state = None
         if resume_from is not None:
             state = torch.load(resume_from / STATE_FILE, map_location="cpu", weights_only=False)
-            saved = state["config"]
-            changed = [k for k in RESUME_KEYS if saved.get(k) != asdict(cfg).get(k)]
-            if changed:
-                raise UserInputError(
-                    f"--resume {resume_from}: settings differ from the checkpoint's: "
-                    + ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {asdict(cfg).get(k)!r})" for k in changed)
-                )
+            self._check_resume_settings(resume_from, state, data_sha256)
+        self.data_sha256 = data_sha256
 
         from nova.evaluation.cli import load_in_process
 
+        warn_random_weights("nova train", read_model_config(cfg.model).random_weights)
         model = load_in_process(cfg.model, cfg.device, [])
         self.log(f"{len(triplets)} training examples from {cfg.data}; model {cfg.model or 'tiny random-weight checkpoint'}")
         resident_before = {name: model.adapter_state(name)[1] for name in model.list_adapters()}
@@ -490,8 +530,8 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         peft_model.save_pretrained(str(tmp))
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "losses": losses, "config": asdict(self.cfg), "torch_rng": torch.get_rng_state()},
-                   tmp / STATE_FILE)
+                    "losses": losses, "config": asdict(self.cfg), "torch_rng": torch.get_rng_state(),
+                    "data_sha256": self.data_sha256}, tmp / STATE_FILE)
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
         existing = sorted(p for p in (self.out / CHECKPOINTS).glob("step-*") if not p.name.endswith(".tmp"))

@@ -43,15 +43,16 @@ def test_resume_skips_committed_parts_and_other_settings_refuse(run_cli, embed_c
     for name in ("part-00001.parquet", "part-00003.parquet"):
         shutil.move(out / name, out / f".{name}.tmp")
         kept.pop(name)
-    code, stdout, stderr = run_cli("embed", path, out, "--no-ray", "--shard-rows", "250", "--no-progress")
+    code, stdout, stderr = run_cli("embed", path, out, "--no-ray", "--shard-rows", "250", "--no-progress", "--resume")
     assert code == 0, stderr
     assert "resuming: 3 of 5" in stderr and "this run: 500 rows" in stdout
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name in kept} == kept
     check_embed_output(out, embed_reference, bad)
 
-    code, _, stderr = run_cli("embed", path, out, "--no-ray", "--shard-rows", "250", "--dimensions", "32")
+    code, _, stderr = run_cli("embed", path, out, "--no-ray", "--shard-rows", "250", "--dimensions", "32", "--resume")
     assert code == 2 and "other settings" in stderr and "options.dimensions" in stderr
-    code, _, stderr = run_cli("embed", path, out, "--no-ray", "--shard-rows", "250", "--instructions", "x")
+    assert "use another folder, or --overwrite to start over" in stderr
+    code, _, stderr = run_cli("embed", path, out, "--no-ray", "--shard-rows", "250", "--instructions", "x", "--resume")
     assert code == 2 and "defaults.instructions" in stderr
 
 

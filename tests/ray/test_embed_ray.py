@@ -63,7 +63,7 @@ def test_driver_killed_then_resumed_gives_the_same_output(ray_cluster, run_cli, 
         driver.wait()
     done = len(list(out.glob("part-*.parquet")))
     assert done < PARTS, "the run finished before it could be interrupted"
-    code, stdout, stderr = run_cli("embed", path, out, *ARGS)
+    code, stdout, stderr = run_cli("embed", path, out, *ARGS, "--resume")
     assert code == 0, stderr
     assert f"resuming: {done} of {PARTS}" in stderr
     check_embed_output(out, embed_reference, bad)
