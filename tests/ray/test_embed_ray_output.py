@@ -32,7 +32,7 @@ def test_a_ray_run_prints_only_novas_lines_unless_debugging(ray_cluster, tmp_pat
     assert done.returncode == 0, done.stderr
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert [line for line in lines if not NOVA_LINE.match(line)] == []
-    assert lines[-1].startswith("nova embed: 12 rows embedded, 0 in error") and "(Ray)" in lines[-1]
+    assert done.stdout.startswith("nova embed: 12 rows embedded, 0 in error") and "(Ray)" in done.stdout
 
     debug = _embed(corpus, out, ray_cluster, "--overwrite", "--log-level", "debug")
     assert debug.returncode == 0, debug.stderr
