@@ -142,7 +142,10 @@ def check_dimensions(config, dimensions: int | None, return_multivector: bool = 
                          f"{config.multi_vector_projector_dim}-d")
     allowed = config.matryoshka_dims
     if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions not in allowed:
-        raise ValueError(f"dimensions must be one of {allowed}, got {dimensions!r}")
+        size = config.text_config.hidden_size
+        larger = isinstance(dimensions, int) and not isinstance(dimensions, bool) and dimensions > size
+        raise ValueError(f"dimensions must be one of {allowed}, got {dimensions!r}"
+                         + (f": larger than this model's {size}-d vectors" if larger else ""))
 
 
 def matryoshka_truncate(vectors: torch.Tensor, dimensions: int | None) -> torch.Tensor:

@@ -10,12 +10,15 @@ Jina's module cannot do: `instructions=` and `adapter=` keywords and Nova item d
 
 from __future__ import annotations
 
+import functools
+import numbers
 import os
 import pathlib
 from urllib.parse import urlparse
 
 import torch
 from PIL import Image
+from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import InputModule
 
 from .modeling_nova_embeddings_v1 import NovaEmbeddingsV1Model
@@ -72,6 +75,37 @@ class NovaEmbeddingsV1STModule(InputModule):
 
     def get_embedding_dimension(self) -> int:
         return self.model.config.text_config.hidden_size
+
+    def on_model_ready(self, model) -> None:
+        """sentence-transformers cuts `sentence_embedding[..., :truncate_dim]` after this module's forward, where a
+        size beyond the vectors cuts nothing: full-size vectors would come back as if truncated. So the owning
+        model's `truncate_dim` is checked here (set at construction) and on each of its `encode` calls (the
+        argument, or the value `truncate_embeddings(...)` sets), as `encode(dimensions=...)` is."""
+        if not isinstance(model, SentenceTransformer):
+            return
+        self.check_truncate_dim(model.truncate_dim)
+        encode = model.encode
+
+        @functools.wraps(encode)
+        def encode_checked(*args, truncate_dim: int | None = None, **kwargs):
+            self.check_truncate_dim(model.truncate_dim if truncate_dim is None else truncate_dim)
+            return encode(*args, truncate_dim=truncate_dim, **kwargs)
+
+        model.encode = encode_checked
+
+    def check_truncate_dim(self, truncate_dim) -> None:
+        """Any size from 1 to the model's (sentence-transformers slices; with `normalize_embeddings=True` a trained
+        matryoshka size gives Nova's own truncated vector); anything else is a ValueError naming the sizes."""
+        if truncate_dim is None:
+            return
+        size = self.get_embedding_dimension()
+        if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, numbers.Integral) \
+                or not 1 <= truncate_dim <= size:
+            trained = ", ".join(str(d) for d in self.model.config.matryoshka_dims)
+            too_large = isinstance(truncate_dim, numbers.Integral) and truncate_dim > size
+            raise ValueError(f"truncate_dim must be from 1 to {size}, got {truncate_dim!r}"
+                             + (f": larger than this model's {size}-d vectors" if too_large else "")
+                             + f" (its trained matryoshka sizes: {trained})")
 
     def _check_default_task(self, task: str) -> str:
         routing = self.model.config.task_routing

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 import sys
 
 from nova.argtypes import lora_spec, non_negative_int, positive_int
@@ -12,9 +14,13 @@ from nova.argtypes import lora_spec, non_negative_int, positive_int
 from .config import Settings
 from .ray_serve import add_ray_arguments, ray_requested
 
+LISTEN_BACKLOG = 2048  # uvicorn's default
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    # One line, not argparse's usage block (dozens of lines here) in front of the error.
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
     parser.description = (
         "Run the Nova embedding server (OpenAI-compatible POST /v1/embeddings, plus Jina and Nova request "
         "forms).\nWith no MODEL it serves the bundled tiny checkpoint, whose weights are RANDOM (tests only)."
@@ -199,35 +205,79 @@ def setup_logging(level: str) -> None:
     logging.getLogger("uvicorn.access").disabled = True  # serve.access logs with request ids instead
 
 
+def bind_listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address `host` resolves to, as uvicorn's own `create_server` would bind them.
+    Bound here, before the app starts (and before a model process is spawned), so that a port that cannot be
+    bound ends `nova serve` at once, and "listening" is only ever logged for a socket that is."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)  # listening holds the port (two bound, unlistened sockets may share it)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> str:
+    """The one line `nova serve` ends with when it cannot listen."""
+    where = f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"cannot listen on {where}: the address is already in use (another server?); choose another --port"
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges); choose another --port"
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: --host {host!r} is not an address of this machine ({exc.strerror or exc})"
+    return f"cannot listen on {where}: {exc.strerror or exc}"
+
+
+def one_line(message: str) -> str:
+    """A message as one line (a library's, e.g. transformers', may span several): the process's last line."""
+    return " ".join(str(message).split())
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
+
+    from nova.loading import check_model_source
 
     from .app import create_app
 
     settings = settings_from_args(args)
     try:
         settings.validate()
+        check_model_source(settings.model, trust_remote_code=settings.trust_remote_code)
         replicated = ray_requested(args)
     except ValueError as exc:
-        print(f"nova serve: {exc}", file=sys.stderr)
+        print(f"nova serve: error: {one_line(exc)}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
     log = logging.getLogger("serve")
-    if settings.model is None:
-        log.warning("no MODEL given: serving the bundled tiny checkpoint with RANDOM WEIGHTS "
-                    "(generated on first use, offline); its embeddings are meaningless")
-    if settings.api_keys == [] and settings.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s without --api-key: anyone who can reach the port can use the server",
-                    settings.host)
     if replicated:
+        log_startup_warnings(settings, log)
         from .ray_serve import run_replicated
 
         return run_replicated(settings, args)
+    try:
+        sockets = bind_listening_sockets(settings.host, settings.port)
+    except OSError as exc:
+        log.debug("cannot listen", exc_info=True)
+        print(f"nova serve: error: {cannot_listen(settings.host, settings.port, exc)}", file=sys.stderr)
+        return 1
+    log_startup_warnings(settings, log)
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=settings.graceful_shutdown_timeout, lifespan="on",
-        log_level=settings.log_level,
+        log_level=settings.log_level, backlog=LISTEN_BACKLOG,
     )
     server = uvicorn.Server(config)
     failed: list[str] = []
@@ -237,10 +287,28 @@ def run(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     app.state.nova.on_load_failed = on_load_failed
-    log.info("listening on http://%s:%d (model names: %s)", settings.host, settings.port,
-             ", ".join(settings.model_names()))
-    server.run()
+    addresses = ", ".join(_url(sock) for sock in sockets)
+    log.info("listening on %s (model names: %s)", addresses, ", ".join(settings.model_names()))
+    try:
+        server.run(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
     if failed:
-        print(f"nova serve: {failed[0]}", file=sys.stderr)
+        print(f"nova serve: error: {one_line(failed[0])}", file=sys.stderr)
         return 1
     return 0
+
+
+def log_startup_warnings(settings: Settings, log: logging.Logger) -> None:
+    if settings.model is None:
+        log.warning("no MODEL given: serving the bundled tiny checkpoint with RANDOM WEIGHTS "
+                    "(generated on first use, offline); its embeddings are meaningless")
+    if settings.api_keys == [] and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without --api-key: anyone who can reach the port can use the server",
+                    settings.host)
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else f"http://{host}:{port}"

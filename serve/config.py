@@ -94,6 +94,8 @@ class Settings:
         for name, value in positive.items():
             if int(value) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be 0-65535 (0 = any free port), got {self.port}")
         if self.engine not in ENGINES:
             raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.max_wait_ms < 0:

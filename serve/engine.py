@@ -246,9 +246,12 @@ class ProcessEngine:
         context = multiprocessing.get_context("spawn")
         requests_in, requests_out = context.Pipe(duplex=False)
         replies_in, replies_out = context.Pipe(duplex=False)
-        self.process = context.Process(target=engine_main, args=(requests_in, replies_out, self.settings,
-                                                                 os.getpid()), name="nova-engine", daemon=True)
-        self.process.start()
+        with self._lock:  # stop() may run meanwhile (the server stopped while this thread starts the child)
+            if self._stopping:
+                raise EngineExited("the server stopped before the model process started")
+            self.process = context.Process(target=engine_main, args=(requests_in, replies_out, self.settings,
+                                                                     os.getpid()), name="nova-engine", daemon=True)
+            self.process.start()
         requests_in.close()
         replies_out.close()
         self._conn, self._replies = requests_out, replies_in
@@ -269,11 +272,12 @@ class ProcessEngine:
 
     async def stop(self) -> None:
         """Close the pipe (the child finishes its batch and exits); a child still loading is killed."""
-        self._stopping = True
+        with self._lock:  # after this, _spawn starts no child; one it started is self.process
+            self._stopping = True
         if self._loop is not None and self._replies is not None:
             self._loop.remove_reader(self._replies.fileno())
         if self.model is None and self.process is not None and self.process.is_alive():
-            self.process.kill()
+            self.process.kill()  # still loading: its reply pipe closes, which ends _spawn's wait
         elif self._conn is not None:
             with self._lock:
                 try:
@@ -426,7 +430,7 @@ def engine_main(requests, replies, settings, server_pid: int) -> None:
         model = load_model_for(settings)
         prepare_for_serving(model, settings)
     except Exception as exc:  # noqa: BLE001 - reported to the server, which exits with it
-        log.exception("model failed to load")
+        log.debug("model failed to load", exc_info=True)  # the server prints the message; --log-level debug
         send(("failed", f"{exc.__class__.__name__}: {exc}"))
         return
     runner = ModelRunner(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import __version__
+from .schemas import ITEM_FIELDS, LORA_LOAD_FIELDS, LORA_UNLOAD_FIELDS, REQUEST_FIELDS
 
 _ERROR = {
     "type": "object",
@@ -24,41 +25,17 @@ _ERROR = {
 _ITEM = {
     "type": "object",
     "description": "Nova / Jina item. At least one of text, image, image_embeds.",
-    "properties": {
-        "text": {"type": "string"},
-        "image": {"type": "string", "description": "base64, data: URL, or http(s) URL (only with --allow-image-urls)"},
-        "image_embeds": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
-        "image_grid_thw": {"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 3},
-        "task": {"type": "string", "description": "retrieval, retrieval.query, retrieval.passage, text-matching, code, code.query, code.passage"},
-        "adapter": {"type": ["string", "null"], "description": "adapter name, or 'none' for the base model"},
-        "instructions": {"type": ["string", "null"], "description": "overrides the request-level instructions"},
-    },
+    "properties": ITEM_FIELDS,
     "additionalProperties": False,
 }
 
-_REQUEST = {
-    "type": "object",
-    "required": ["input"],
-    "properties": {
-        "model": {"type": "string"},
-        "input": {
-            "oneOf": [
-                {"type": "string"},
-                {"$ref": "#/components/schemas/Item"},
-                {"type": "array", "items": {"oneOf": [{"type": "string"}, {"$ref": "#/components/schemas/Item"}]}},
-            ]
-        },
-        "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float"},
-        "embedding_type": {"type": "string", "enum": ["float", "base64"], "description": "Jina alias of encoding_format"},
-        "dimensions": {"type": "integer", "description": "matryoshka truncation (pooled vectors only)"},
-        "user": {"type": "string"},
-        "task": {"type": "string", "description": "request-level task (Jina form) for items without their own"},
-        "instructions": {"type": "string", "description": "applied to every item without its own"},
-        "return_multivector": {"type": "boolean"},
-        "truncate": {"type": "boolean", "description": "truncate items over --max-input-tokens instead of 413"},
-        "prompt_set": {"type": "string", "description": "alternative prompt set, e.g. 'descriptive'"},
-    },
-}
+_REQUEST = {"type": "object", "required": ["input"], "properties": REQUEST_FIELDS, "additionalProperties": False}
+
+
+def _body(fields: dict) -> dict:
+    return {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": list(fields), "properties": fields, "additionalProperties": False}}}}
+
 
 _RESPONSE = {
     "type": "object",
@@ -98,7 +75,6 @@ def _err(*codes: int) -> dict:
 
 
 def document(settings) -> dict:
-    json_body = {"application/json": {"schema": {"type": "object"}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "Nova Embeddings server", "version": __version__,
@@ -126,11 +102,11 @@ def document(settings) -> dict:
                                           "responses": {"200": {"description": "adapters"}, **_err(401, 403, 404)}}},
             "/v1/internal/lora/load": {"post": {
                 "summary": "Load a PEFT adapter from inside --lora-root (admin key)", "security": [{"bearer": []}],
-                "requestBody": {"content": json_body},
+                "requestBody": _body(LORA_LOAD_FIELDS),
                 "responses": {"200": {"description": "loaded"}, **_err(400, 401, 403, 404)}}},
             "/v1/internal/lora/unload": {"post": {
                 "summary": "Drain and unload an adapter (admin key)", "security": [{"bearer": []}],
-                "requestBody": {"content": json_body},
+                "requestBody": _body(LORA_UNLOAD_FIELDS),
                 "responses": {"200": {"description": "unloaded"}, **_err(400, 401, 403, 404, 503)}}},
         },
     }

@@ -24,7 +24,13 @@ from . import openapi
 from .adapters import lora_routes
 from .admission import wait_for_disconnect
 from .errors import ApiError, bad_request, request_id_var
-from .schemas import EmbeddingRequest, parse_embedding_request
+from .schemas import (
+    LORA_LOAD_FIELDS,
+    LORA_UNLOAD_FIELDS,
+    EmbeddingRequest,
+    parse_embedding_request,
+    refuse_unknown_fields,
+)
 from .server import Server
 
 log = logging.getLogger("serve")
@@ -34,6 +40,8 @@ ROUTES = (
     "/v1/embeddings", "/embeddings", "/v1/models", "/health", "/metrics", "/openapi.json",
     "/v1/internal/lora", "/v1/internal/lora/load", "/v1/internal/lora/unload",
 )
+# The JSON bodies of the admin routes (serve/adapters.py), by route: their fields are schemas.py's.
+ADMIN_BODY_FIELDS = {"/v1/internal/lora/load": LORA_LOAD_FIELDS, "/v1/internal/lora/unload": LORA_UNLOAD_FIELDS}
 PARSE_IN_POOL_BYTES = 64_000  # bodies larger than this are parsed in the worker pool, not on the event loop
 RENDER_INLINE_VALUES = 4096  # responses with up to this many values (two 2048-d vectors) render on the event loop
 
@@ -132,10 +140,12 @@ async def read_json(server: Server, request: Request):
         raise
 
 
-async def read_json_object(server: Server, request: Request) -> dict:
+async def read_json_object(server: Server, request: Request, fields) -> dict:
+    """The body as a JSON object with no field outside `fields` (a 400 naming every unknown one)."""
     payload = await read_json(server, request)
     if not isinstance(payload, dict):
         raise bad_request("request body must be a JSON object", code="invalid_json")
+    refuse_unknown_fields(payload, fields)
     return payload
 
 
@@ -303,7 +313,8 @@ def build_routes(server: Server) -> list[Route]:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi_doc, methods=["GET"]),
         *lora_routes(server, require_admin=lambda request: require_admin(server, request),
-                     read_json=lambda request: read_json_object(server, request)),
+                     read_json=lambda request: read_json_object(server, request,
+                                                                ADMIN_BODY_FIELDS[request.scope["route"].path])),
     ]
 
 

@@ -2,22 +2,84 @@
 
 - OpenAI: `input` is a string or a list of strings; `encoding_format`, `dimensions`, `user`.
 - Jina API: request-level `task`, `input` objects with `text` or `image`, `dimensions`,
-  `return_multivector` (`embedding_type` is read as `encoding_format`, `truncate` as auto-truncation).
+  `return_multivector` (`embedding_type` is read as `encoding_format`, `truncate` as auto-truncation;
+  `late_chunking` may only be false and `normalized` only true, as this server can only do that).
 - Nova: per-item objects `{task, adapter, text, image, image_embeds, instructions}`, request-level
-  `instructions`, `return_multivector`, `dimensions`.
+  `instructions`, `return_multivector`, `dimensions`, `prompt_set`.
 
 The three forms are one grammar (strings and objects can be mixed in one list), so a request is never
-rejected for mixing them. Every refusal names the offending field in `param` (`input[3].image`).
+rejected for mixing them. A field none of them has is refused (with a "did you mean" for a near miss).
+Every refusal names the offending field in `param` (`input[3].image`).
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 
 from .errors import ApiError, bad_request
 
-ITEM_KEYS = frozenset({"task", "adapter", "text", "image", "image_embeds", "image_grid_thw", "instructions"})
+# The fields of each JSON body, with their OpenAPI schemas: the parsers refuse any other field (a typo never
+# passes silently) and /openapi.json publishes these, so what is documented is what is accepted.
+ITEM_FIELDS: dict[str, dict] = {
+    "text": {"type": "string"},
+    "image": {"type": "string", "description": "base64, data: URL, or http(s) URL (only with --allow-image-urls)"},
+    "image_embeds": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+    "image_grid_thw": {"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 3},
+    "task": {"type": "string", "description": "retrieval, retrieval.query, retrieval.passage, text-matching, code, "
+                                              "code.query, code.passage"},
+    "adapter": {"type": ["string", "null"], "description": "adapter name, or 'none' for the base model"},
+    "instructions": {"type": ["string", "null"], "description": "overrides the request-level instructions"},
+}
+ITEM_KEYS = frozenset(ITEM_FIELDS)
 ENCODING_FORMATS = ("float", "base64")
+_FORMAT = {"type": "string", "enum": list(ENCODING_FORMATS)}
+REQUEST_FIELDS: dict[str, dict] = {
+    # OpenAI (what its SDK sends; Nova fields travel in its extra_body)
+    "model": {"type": "string"},
+    "input": {"oneOf": [
+        {"type": "string"},
+        {"$ref": "#/components/schemas/Item"},
+        {"type": "array", "items": {"oneOf": [{"type": "string"}, {"$ref": "#/components/schemas/Item"}]}},
+    ]},
+    "encoding_format": {**_FORMAT, "default": "float"},
+    "dimensions": {"type": "integer", "description": "matryoshka truncation (pooled vectors only)"},
+    "user": {"type": "string"},
+    # Jina API
+    "task": {"type": "string", "description": "request-level task (Jina form) for items without their own"},
+    "embedding_type": {**_FORMAT, "description": "Jina alias of encoding_format"},
+    "truncate": {"type": "boolean", "description": "truncate items over --max-input-tokens instead of 413"},
+    "late_chunking": {"type": "boolean", "description": "Jina API field; only false (late chunking is not supported)"},
+    "normalized": {"type": "boolean", "description": "Jina API field; only true (vectors are always L2-normalized)"},
+    "return_multivector": {"type": "boolean"},
+    # Nova
+    "instructions": {"type": "string", "description": "applied to every item without its own"},
+    "prompt_set": {"type": "string", "description": "alternative prompt set, e.g. 'descriptive'"},
+}
+LORA_LOAD_FIELDS: dict[str, dict] = {
+    "lora_name": {"type": "string", "description": "the name requests select it by ('model' or an item's 'adapter')"},
+    "lora_path": {"type": "string", "description": "a PEFT folder (or its adapter_model.safetensors) inside "
+                                                   "--lora-root; relative paths are relative to it"},
+}
+LORA_UNLOAD_FIELDS: dict[str, dict] = {"lora_name": LORA_LOAD_FIELDS["lora_name"]}
+
+
+def refuse_unknown_fields(payload: dict, known, *, where: str = "", prefix: str = "") -> None:
+    """A 400 naming every field of `payload` outside `known` (OpenAI refuses unrecognized arguments too), with a
+    "did you mean" for near misses, so that `"dimension": 32` is never read as "no truncation asked for".
+    `where` prefixes the param (`input[3].`), `prefix` the message (`item 3: `)."""
+    unknown = [key for key in payload if key not in known]
+    if not unknown:
+        return
+    named = []
+    for key in unknown:
+        near = difflib.get_close_matches(key.lower(), sorted(known), n=1, cutoff=0.6)
+        named.append(f"{key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    raise bad_request(
+        f"{prefix}unknown field{'s' if len(unknown) > 1 else ''} {', '.join(named)}; accepted fields: "
+        f"{', '.join(sorted(known))}",
+        param=f"{where}{unknown[0]}", code="unknown_field",
+    )
 
 
 @dataclass
@@ -63,6 +125,7 @@ def parse_embedding_request(
 ) -> EmbeddingRequest:
     if not isinstance(payload, dict):
         raise bad_request("request body must be a JSON object", code="invalid_json")
+    refuse_unknown_fields(payload, REQUEST_FIELDS)
 
     model = payload.get("model")
     if model is not None and not isinstance(model, str):
@@ -85,6 +148,9 @@ def parse_embedding_request(
     truncate = _opt_bool(payload, "truncate")
     if payload.get("late_chunking"):
         raise bad_request("late_chunking is not supported by this server", param="late_chunking")
+    if _opt_bool(payload, "normalized") is False:
+        raise bad_request("'normalized': false is not supported: this server's vectors are always L2-normalized",
+                          param="normalized")
     instructions = _opt_str(payload, "instructions")
     user = _opt_str(payload, "user")
     prompt_set = _opt_str(payload, "prompt_set")
@@ -146,12 +212,7 @@ def _parse_item(raw: object, i: int, request_task: str, known_tasks, forms: set[
         raise bad_request(f"item {i}: token-id input is not supported; send text", param=where)
     if not isinstance(raw, dict):
         raise bad_request(f"item {i}: must be a string or an object", param=where)
-    unknown = set(raw) - ITEM_KEYS
-    if unknown:
-        raise bad_request(
-            f"item {i}: unknown field(s) {sorted(unknown)}; allowed: {sorted(ITEM_KEYS)}",
-            param=f"{where}.{sorted(unknown)[0]}",
-        )
+    refuse_unknown_fields(raw, ITEM_FIELDS, where=f"{where}.", prefix=f"item {i}: ")
     item: dict = {}
     task = raw.get("task")
     if task is not None:

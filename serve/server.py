@@ -93,7 +93,9 @@ class Server:
         self.load_error = message if code != "model_load_failed" else f"the model failed to load: {message}"
         self.failure_code = code
         if self.on_load_failed is not None:
-            self.on_load_failed(self.load_error)
+            self.on_load_failed(self.load_error)  # the CLI ends with this one line
+        else:
+            log.error("%s", self.load_error)
 
     async def _load(self) -> None:
         try:
@@ -108,7 +110,7 @@ class Server:
         except Exception as exc:
             if self._shutting_down:
                 return
-            log.exception("model failed to load")
+            log.debug("model failed to load", exc_info=True)  # the message says what to fix; --log-level debug
             self._failed(str(exc) if isinstance(exc, ModelLoadFailed) else f"{exc.__class__.__name__}: {exc}")
             return
         self.model = model
@@ -119,8 +121,8 @@ class Server:
         if self.default_task is None:
             self.default_task = model.config.default_task
         if self.default_task not in self.known_tasks:
-            log.error("--default-task %r is not a task of this model", self.default_task)
-            self._failed(f"--default-task {self.default_task!r} is not a task of this model")
+            self._failed(f"--default-task {self.default_task!r} is not a task of this model; its tasks: "
+                         f"{', '.join(sorted(self.known_tasks))}", code="invalid_default_task")
             return
         self.metrics.adapters_loaded.set(len(model.list_adapters()))
         self.metrics.model_ready.set(1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -180,6 +181,32 @@ def test_bad_calls_are_clear_errors(st_model):
         st_model.encode(TEXTS, return_multivector=True)
     with pytest.raises(NotImplementedError, match="already is the saved model"):
         st_model.save(str(REPO_ROOT / ".nova-home" / "never-written"))
+
+
+def test_truncate_dim_beyond_the_model_is_an_error_everywhere(st_model, tiny_dir, tiny_model):
+    """sentence-transformers slices `[..., :truncate_dim]`, which beyond the vectors returns them full-size as if
+    truncated: refused instead, naming the sizes, as Nova's own encode refuses `dimensions` beyond them."""
+    full = tiny_model.config.text_config.hidden_size
+    sizes = ", ".join(str(d) for d in tiny_model.config.matryoshka_dims)
+    too_large = f"larger than this model's {full}-d vectors (its trained matryoshka sizes: {sizes})"
+    with pytest.raises(ValueError, match=re.escape(too_large)):
+        st_model.encode(TEXTS, truncate_dim=full * 2)
+    with pytest.raises(ValueError, match=re.escape(too_large)):
+        st_model.encode_document(TEXTS, truncate_dim=full + 1)
+    with pytest.raises(ValueError, match=re.escape(too_large)), st_model.truncate_embeddings(full * 4):
+        st_model.encode(TEXTS)
+    with pytest.raises(ValueError, match=re.escape(too_large)):
+        SentenceTransformer(str(tiny_dir), trust_remote_code=True, device="cpu", truncate_dim=full * 4)
+    with pytest.raises(ValueError, match="truncate_dim must be from 1 to"):
+        st_model.encode(TEXTS, truncate_dim=0)
+    # every size up to the model's is sentence-transformers' slice, unchanged
+    assert st_model.encode(TEXTS, truncate_dim=full).shape == (3, full)
+    assert np.array_equal(st_model.encode(TEXTS, truncate_dim=20), st_model.encode(TEXTS)[:, :20])
+    # and Nova's own calls refuse such sizes too
+    for call in (lambda: tiny_model.encode(TEXTS, dimensions=full * 2),
+                 lambda: tiny_model.encode_text(TEXTS, truncate_dim=full * 2)):
+        with pytest.raises(ValueError, match=rf"one of \[{sizes}\], got {full * 2}: larger than this model's {full}-d"):
+            call()
 
 
 def test_repository_files_agree():

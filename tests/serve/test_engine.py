@@ -164,8 +164,8 @@ def test_a_dead_model_process_stops_the_server_loudly(serve_process, tiny_dir, t
 def test_a_killed_server_leaves_no_model_process(serve_process, tiny_dir, tmp_path):
     """SIGKILL gives the server no chance to stop its model process: the closed pipe ends a serving one, and a
     watchdog ends one still loading (a large model can take minutes to load)."""
-    loading = subprocess.Popen([sys.executable, "-m", "nova.cli", "serve", str(tiny_dir), "--port",
-                                str(free_port())], env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    loading = subprocess.Popen([sys.executable, "-m", "nova.cli", "serve", str(tiny_dir), "--trust-remote-code",
+                                "--port", str(free_port())], env=dict(os.environ, HF_HUB_OFFLINE="1"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = None
     try:

@@ -1,0 +1,143 @@
+"""Nothing in a request body is ignored: a field no request form has is a 400 in OpenAI's error shape naming it
+(with "did you mean" for a near miss of Nova's own fields), on /v1/embeddings and the admin routes; what
+OpenAI's SDK and Jina's API send is still accepted, with unchanged vectors; `dimensions` beyond the model's
+size is refused naming the sizes."""
+
+from __future__ import annotations
+
+import shutil
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from serve_helpers import assert_close, assert_error, decode_embedding, reference
+
+from serve.schemas import ITEM_FIELDS, REQUEST_FIELDS
+
+ADMIN = {"Authorization": "Bearer admin-key"}
+
+
+@pytest.fixture(scope="module")
+def lora_root(tmp_path_factory, tiny_dir):
+    root = tmp_path_factory.mktemp("fields-lora-root")
+    shutil.copytree(tiny_dir / "adapters" / "code", root / "mine")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(start_server, lora_root):
+    return start_server(served_model_name=["nova-test"], enable_lora=True, lora_root=str(lora_root),
+                        admin_api_key="admin-key", max_wait_ms=5)
+
+
+def post(server, payload, path="/v1/embeddings", headers=None) -> httpx.Response:
+    return httpx.post(server.url + path, json=payload, headers=headers, timeout=60)
+
+
+TYPOS = [
+    # (payload, param, the near miss named, or None)
+    ({"input": "x", "instruction": "Find passages."}, "instruction", "instructions"),
+    ({"input": "x", "dimension": 32}, "dimension", "dimensions"),
+    ({"input": "x", "Dimensions": 32}, "Dimensions", "dimensions"),
+    ({"input": "x", "encoding": "float"}, "encoding", "encoding_format"),
+    ({"input": "x", "return_multivectors": True}, "return_multivectors", "return_multivector"),
+    ({"input": "x", "colour": "blue"}, "colour", None),
+    ({"input": ["ok", {"txt": "typo"}]}, "input[1].txt", "text"),
+    ({"input": [{"text": "x", "instruction": "Find passages."}]}, "input[0].instruction", "instructions"),
+    ({"input": [{"text": "x", "adaptor": "code"}]}, "input[0].adaptor", "adapter"),
+]
+
+
+@pytest.mark.parametrize("payload,param,near", TYPOS, ids=[t[1] for t in TYPOS])
+def test_an_unknown_field_is_a_400_naming_it(server, tiny_model, payload, param, near):
+    err = assert_error(post(server, payload), 400, "unknown_field", param)
+    assert err["type"] == "invalid_request_error"
+    field = param.rsplit(".", 1)[-1]
+    assert f"unknown field '{field}'" in err["message"], err
+    if near is None:
+        assert "did you mean" not in err["message"], err
+    else:
+        assert f"did you mean '{near}'?" in err["message"], err
+    response = post(server, {"input": ["still fine"]})
+    assert response.status_code == 200
+    assert_close(decode_embedding(response.json()["data"][0]), reference(tiny_model, {"task": "retrieval",
+                                                                                     "text": "still fine"}))
+
+
+def test_several_unknown_fields_are_all_named(server):
+    err = assert_error(post(server, {"input": "x", "dimension": 32, "instruction": "y"}), 400, "unknown_field",
+                       "dimension")
+    assert "'dimension' (did you mean 'dimensions'?)" in err["message"]
+    assert "'instruction' (did you mean 'instructions'?)" in err["message"]
+
+
+def test_the_openai_sdk_sends_only_accepted_fields(server, tiny_model):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    result = client.embeddings.create(model="nova-test", input=["hello world"], dimensions=32,
+                                      encoding_format="float", user="someone")
+    assert_close(np.asarray(result.data[0].embedding, dtype=np.float32),
+                 reference(tiny_model, {"task": "retrieval", "text": "hello world"}, dimensions=32))
+    # Nova's own fields travel in extra_body; a typo there is refused, not ignored
+    instructed = client.embeddings.create(model="nova-test", input=["hello world"],
+                                          extra_body={"instructions": "Find greetings."})
+    assert_close(np.asarray(instructed.data[0].embedding, dtype=np.float32),
+                 reference(tiny_model, {"task": "retrieval", "text": "hello world"}, instructions="Find greetings."))
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model="nova-test", input=["hello world"], extra_body={"instruction": "Find."})
+    assert info.value.body["param"] == "instruction"
+    assert "did you mean 'instructions'?" in info.value.body["message"]
+
+
+def test_every_jina_api_field_is_accepted_with_unchanged_vectors(server, tiny_model):
+    payload = {"model": "nova-test", "task": "retrieval.passage", "dimensions": 32, "late_chunking": False,
+               "embedding_type": "float", "truncate": True, "normalized": True, "return_multivector": False,
+               "input": [{"text": "a passage about cats"}, "a plain string"]}
+    response = post(server, payload)
+    assert response.status_code == 200, response.text
+    for entry, text in zip(response.json()["data"], ["a passage about cats", "a plain string"], strict=True):
+        assert_close(decode_embedding(entry), reference(tiny_model, {"task": "retrieval.passage", "text": text},
+                                                        dimensions=32))
+
+
+def test_what_the_server_cannot_do_is_refused_not_ignored(server):
+    err = assert_error(post(server, {"input": "x", "normalized": False}), 400, None, "normalized")
+    assert "always L2-normalized" in err["message"]
+    assert_error(post(server, {"input": "x", "normalized": "yes"}), 400, None, "normalized")
+    assert_error(post(server, {"input": "x", "late_chunking": True}), 400, None, "late_chunking")
+
+
+def test_dimensions_beyond_the_model_name_the_sizes(server, tiny_model):
+    sizes = tiny_model.config.matryoshka_dims
+    full = tiny_model.config.text_config.hidden_size
+    for dimensions in (full + 1, 2 * full, 4096):
+        err = assert_error(post(server, {"input": "x", "dimensions": dimensions}), 400, None, "dimensions")
+        assert f"one of {sizes}" in err["message"] and f"larger than this model's {full}-d vectors" in err["message"]
+    assert len(decode_embedding(post(server, {"input": "x", "dimensions": full}).json()["data"][0])) == full
+
+
+def test_admin_routes_refuse_unknown_fields(server, lora_root):
+    err = assert_error(post(server, {"lora_nmae": "mine", "lora_path": "mine"}, "/v1/internal/lora/load", ADMIN),
+                       400, "unknown_field", "lora_nmae")
+    assert "did you mean 'lora_name'?" in err["message"]
+    err = assert_error(post(server, {"lora_name": "mine", "path": "mine"}, "/v1/internal/lora/load", ADMIN),
+                       400, "unknown_field", "path")
+    assert "did you mean 'lora_path'?" in err["message"]
+    assert "mine" not in [a["lora_name"] for a in httpx.get(server.url + "/v1/internal/lora", headers=ADMIN).json()
+                          ["data"]]
+    response = post(server, {"lora_name": "mine", "lora_path": "mine"}, "/v1/internal/lora/load", ADMIN)
+    assert response.status_code == 200, response.text
+    err = assert_error(post(server, {"lora_name": "mine", "lora_path": "mine"}, "/v1/internal/lora/unload", ADMIN),
+                       400, "unknown_field", "lora_path")
+    assert "accepted fields: lora_name" in err["message"]
+    assert post(server, {"lora_name": "mine"}, "/v1/internal/lora/unload", ADMIN).status_code == 200
+
+
+def test_the_published_schema_is_what_is_accepted(server):
+    doc = httpx.get(server.url + "/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    assert set(schemas["EmbeddingRequest"]["properties"]) == set(REQUEST_FIELDS)
+    assert set(schemas["Item"]["properties"]) == set(ITEM_FIELDS)
+    assert schemas["EmbeddingRequest"]["additionalProperties"] is False
+    load = doc["paths"]["/v1/internal/lora/load"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(load["properties"]) == {"lora_name", "lora_path"} and load["additionalProperties"] is False
