@@ -5,7 +5,8 @@ On a GPU a forward of a few short rows is bound by launching operations, not by 
 torch operation costs Python, dispatcher and (for non-views) a kernel launch, so their count is the figure
 to drive down, and it does not depend on the machine or the width: this builds the full shape's depth (36
 text layers) at the tiny width with three random rank-32 adapters and counts the operations of one
-`encode()` per case with a `TorchDispatchMode`.
+`encode()` per case with a `TorchDispatchMode`. The image cases run the tiny shape's vision tower (2 blocks,
+one of them windowed): what they show is the count an additional image adds, whatever its size.
 
     .venv/bin/python bench/bench_ops.py                # 36 layers
     .venv/bin/python bench/bench_ops.py --layers 2     # the tiny checkpoint's depth
@@ -30,7 +31,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=36, help="text layers (default: %(default)s, the 3B shape's)")
     args = parser.parse_args()
     import torch
-    from gpu_check import INSTRUCTION, QUERIES, random_model
+    from gpu_check import INSTRUCTION, QUERIES, image, random_model
 
     from nova.op_count import count_ops
 
@@ -46,14 +47,25 @@ def main() -> int:
         "bs=32, three instructions (cached)": [dict(q, instructions=f"{INSTRUCTION} ({i % 3})")
                                                for i, q in enumerate(queries)],
     }
+    photos = [{"image": image(448, 448, seed), "task": "retrieval.passage"} for seed in range(8)]
+    cases.update({
+        "1 image 448x448": photos[:1],
+        "2 images 448x448": photos[:2],
+        "8 images 448x448": photos,
+        "448x448 + 896x896 (4x the windows)": [photos[0], dict(photos[1], image=image(896, 896, 1))],
+    })
     print(f"{args.layers} text layers, tiny width; torch operations dispatched by one encode()")
     print(f"{'case':36s} {'all':>7s} {'non-view':>9s}   most frequent")
+    totals = {}
     for label, batch in cases.items():
         model.encode(batch, batch_size=len(batch))  # fills the prefix cache where there is one
         counts = count_ops(lambda batch=batch: model.encode(batch, batch_size=len(batch)))
         kernels = sum(n for name, n in counts.items() if name not in VIEWS)
         top = ", ".join(f"{name} {n}" for name, n in counts.most_common(4))
-        print(f"{label:36s} {sum(counts.values()):7d} {kernels:9d}   {top}")
+        totals[label] = sum(counts.values())
+        print(f"{label:36s} {totals[label]:7d} {kernels:9d}   {top}")
+    extra = (totals["8 images 448x448"] - totals["1 image 448x448"]) / 7
+    print(f"an additional 448x448 image: {extra:.1f} operations")
     return 0
 
 
