@@ -247,9 +247,9 @@ def test_non_finite_image_embeds_are_a_400_never_invalid_json(server, tiny_model
     answers_normally(server, tiny_model)
 
 
-def test_a_model_that_returns_nan_answers_500_with_a_request_id(start_server, server_model_factory):
-    """The last guard: vectors are rendered with allow_nan=False, so a broken model (here: a final norm of NaN,
-    as a corrupted checkpoint would give) answers a 500 naming the request id, never a body with NaN in it."""
+def test_a_model_that_returns_nan_answers_400_naming_the_row(start_server, server_model_factory):
+    """A broken model (here: a final norm of NaN, as a corrupted checkpoint would give) gives a non-finite vector:
+    that row's request answers 400 naming the row, never a body with NaN in it."""
     import torch
 
     model = server_model_factory()
@@ -263,8 +263,9 @@ def test_a_model_that_returns_nan_answers_500_with_a_request_id(start_server, se
     try:
         response = httpx.post(broken.url + "/v1/embeddings", json={"input": ["x"]},
                               headers={"X-Request-Id": "nan-probe-1"}, timeout=60)
-        err = assert_error(response, 500, "internal_error")
-        assert "nan-probe-1" in err["message"]
+        err = assert_error(response, 400, "non_finite_embedding", "input[0]")
+        assert "non-finite" in err["message"]
+        assert response.headers["x-request-id"] == "nan-probe-1"
     finally:
         broken.stop()
 
