@@ -101,6 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pad-to-multiple-of", type=non_negative_int, default=d.pad_to_multiple_of, metavar="N",
                    help="round each batch's padded length up to a multiple of N: fewer distinct batch shapes, each "
                         "of which costs a GPU a slow first forward; 0 = 16 on CUDA, 1 on CPU (default: %(default)s)")
+    g.add_argument("--cuda-graphs", action="store_true", default=d.cuda_graphs,
+                   help="replay text-only batches through CUDA graphs, one per batch shape (rows, padded length), "
+                        "captured on first use; needs the model on CUDA (default: off)")
     g.add_argument("--prefix-cache-mb", type=non_negative_int, default=d.prefix_cache_mb, metavar="MB",
                    help="memory for cached instruction-prefix key/values (LRU); 0 disables (default: %(default)s)")
 
@@ -173,6 +176,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         preprocess_workers=args.preprocess_workers,
         prefix_cache_mb=args.prefix_cache_mb,
         pad_to_multiple_of=args.pad_to_multiple_of,
+        cuda_graphs=args.cuda_graphs,
         max_client_batch_size=args.max_client_batch_size,
         payload_limit=args.payload_limit,
         max_input_tokens=args.max_input_tokens,

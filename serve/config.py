@@ -58,6 +58,7 @@ class Settings:
     preprocess_workers: int = 0  # 0 -> min(4, cpu count)
     prefix_cache_mb: int = 256  # instruction prefix key/values kept for reuse; 0 disables the cache
     pad_to_multiple_of: int = 0  # batches' padded length rounded up to a multiple of it; 0 -> the model's auto
+    cuda_graphs: bool = False  # replay text-only batches through CUDA graphs (CUDA only)
     # limits
     max_client_batch_size: int = DEFAULT_MAX_CLIENT_BATCH_SIZE
     payload_limit: int = DEFAULT_PAYLOAD_LIMIT
@@ -100,6 +101,8 @@ class Settings:
             raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.max_wait_ms < 0:
             raise ValueError("--max-wait-ms must be >= 0")
+        if self.cuda_graphs and self.device.startswith("cpu"):
+            raise ValueError("--cuda-graphs needs the model on CUDA (--device cuda or auto on a GPU machine)")
         if self.allow_image_urls and not self.image_url_allowlist:
             raise ValueError(
                 "--allow-image-urls needs --image-url-allowlist HOST (repeatable; '*' allows any public host)"

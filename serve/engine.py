@@ -70,6 +70,8 @@ def prepare_for_serving(model, settings) -> None:
 
     model.prefix_cache.configure(settings.prefix_cache_mb << 20)
     model.pad_to_multiple_of = settings.pad_to_multiple_of or None
+    if settings.cuda_graphs:  # buckets up to the largest batch the batcher forms
+        model.configure_cuda_graphs(True, max_rows=settings.max_batch_size)
     for name, path in settings.load_lora:
         folder = os.path.realpath(peft_folder(path))
         resident = model.list_adapters().get(name)

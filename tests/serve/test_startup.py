@@ -129,6 +129,15 @@ def test_a_model_that_cannot_load_ends_the_server_and_its_model_process(tmp_path
         assert [line for line in run.lines if reason in line] == [run.lines[-1]], run.lines  # said once
 
 
+def test_cuda_graphs_on_a_machine_without_cuda_end_the_server():
+    """--cuda-graphs with the default device on a CPU-only machine: refused once the model is placed, never
+    silently served without graphs."""
+    run = run_serve("--cuda-graphs", "--port", "0")
+    assert run.returncode == 1, run.lines
+    assert "CUDA graphs need the model on a CUDA device; it is on cpu" in run.lines[-1], run.lines
+    assert_all_gone(run.children)
+
+
 def test_a_model_directory_with_code_needs_trust_remote_code(tiny_dir):
     run = run_serve(str(tiny_dir), "--port", "0")
     assert run.returncode == 2, run.lines
@@ -144,6 +153,7 @@ def test_a_model_directory_with_code_needs_trust_remote_code(tiny_dir):
     (["--max-batch-size", "0"], "--max-batch-size"),
     (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
     (["/no/such/model/dir"], "model /no/such/model/dir: not found"),
+    (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs the model on CUDA"),
 ])
 def test_a_bad_flag_is_one_line(flags, message):
     run = run_serve(*flags)
