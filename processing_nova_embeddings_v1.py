@@ -151,7 +151,9 @@ def check_dimensions(config, dimensions: int | None, return_multivector: bool = 
 def matryoshka_truncate(vectors: torch.Tensor, dimensions: int | None) -> torch.Tensor:
     """Matryoshka: the first `dimensions` values of each vector (last axis), re-normalized. The one
     implementation: the model, the server and `nova eval` (on its cached full-size vectors) all call it."""
-    if dimensions is None or dimensions >= vectors.shape[-1]:
+    if dimensions is not None and dimensions > vectors.shape[-1]:
+        raise ValueError(f"dimensions {dimensions} is larger than these {vectors.shape[-1]}-d vectors")
+    if dimensions is None or dimensions == vectors.shape[-1]:
         return vectors
     return torch.nn.functional.normalize(vectors[..., :dimensions], dim=-1)
 

@@ -21,7 +21,7 @@ from PIL import Image
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import InputModule
 
-from .modeling_nova_embeddings_v1 import NovaEmbeddingsV1Model
+from .modeling_nova_embeddings_v1 import NovaEmbeddingsV1Model, non_finite_error
 from .processing_nova_embeddings_v1 import INHERIT, ItemError
 
 # sentence-transformers' own roles: encode_query() passes task="query", encode_document() task="document".
@@ -180,7 +180,7 @@ class NovaEmbeddingsV1STModule(InputModule):
                                                               max_length=self.max_seq_length, fetch_urls=True))
             except ItemError as exc:  # sentence-transformers reorders inputs: name the input, not a position
                 raise ItemError(None, f"input {_describe(value)}: {exc}", exc.code, exc.field) from None
-        return {"nova_rows": rows}
+        return {"nova_rows": rows, "nova_inputs": [_describe(value) for value in inputs]}
 
     def forward(self, features: dict, **kwargs) -> dict:
         """Pooled vectors and multi-vector rows in one pass; `token_embeddings` holds each row's multi-vector
@@ -188,6 +188,11 @@ class NovaEmbeddingsV1STModule(InputModule):
         sentence-transformers' trimming returns exactly `encode(..., return_multivector=True)`."""
         rows = features["nova_rows"]
         pooled, tokens, token_mask = self.model.forward_rows(rows, pooled=True, multivector=True)
+        finite = torch.isfinite(pooled).all(-1) & (torch.isfinite(tokens).all(-1) | ~token_mask).all(-1)
+        if not bool(finite.all()):  # an overflowing dtype (float16): loud, never a NaN vector
+            bad = int((~finite).nonzero()[0, 0])
+            error = non_finite_error(rows[bad], self.model.model.embed_tokens.weight.dtype)
+            raise ItemError(None, f"input {features['nova_inputs'][bad]}: {error._message}", error.code)
         counts = token_mask.sum(1)
         width = int(counts.max())
         token_embeddings = tokens.new_zeros(len(rows), width, tokens.shape[-1])

@@ -199,3 +199,15 @@ def test_image_embeds_item_equals_image_item(tiny_model, image):
     via_embeds = tiny_model.encode([{"image_embeds": feats, "image_grid_thw": row.image_grid_thw[0].tolist(),
                                      "adapter": "none"}])[0]
     assert cos(via_pixels, via_embeds) >= 0.9999
+
+
+def test_matryoshka_truncation_beyond_the_vectors_size_is_an_error():
+    """The one truncation (model, server, nova eval): never a silently full-size vector for a larger request."""
+    from nova.repo import model_class
+
+    truncate = model_class("matryoshka_truncate")
+    vectors = torch.nn.functional.normalize(torch.randn(2, 64), dim=-1)
+    assert torch.equal(truncate(vectors, 64), vectors)
+    assert truncate(vectors, 16).shape == (2, 16)
+    with pytest.raises(ValueError, match="dimensions 128 is larger than these 64-d vectors"):
+        truncate(vectors, 128)

@@ -231,3 +231,15 @@ def test_a_converted_jina_directory_loads_in_sentence_transformers(tiny_model, t
     model = SentenceTransformer(str(tmp_path / "nova"), trust_remote_code=True, device="cpu")
     assert_same(model.encode(TEXTS, task="code", prompt_name="passage"),
                 tiny_model.encode_text(TEXTS, task="code", prompt_name="passage"))
+
+
+def test_a_float16_row_that_overflows_is_an_error_naming_it(tiny_dir, float16_overflow_adapter):
+    """In float16, a row whose activations pass 65504 is a loud error naming that input, never a NaN vector;
+    the same call without it gives finite vectors."""
+    model = SentenceTransformer(str(tiny_dir), trust_remote_code=True, device="cpu",
+                                model_kwargs={"default_task": "retrieval", "dtype": torch.float16})
+    model[0].model.load_adapter("loud", str(float16_overflow_adapter))
+    fine = model.encode([TEXTS[0], {"text": TEXTS[1], "adapter": "code"}], convert_to_tensor=True)
+    assert bool(torch.isfinite(fine).all())
+    with pytest.raises(ValueError, match=r"input .*the float16 forward gave a non-finite vector \(adapter 'loud'\)"):
+        model.encode([TEXTS[0], {"text": "an overflowing row", "adapter": "loud"}])
