@@ -166,7 +166,7 @@ def test_per_item_adapters_and_nova_items(st_model, tiny_model):
     assert_same(request_adapter, want[:1])
 
 
-def test_bad_calls_are_clear_errors(st_model):
+def test_bad_calls_are_clear_errors(st_model, tmp_path):
     with pytest.raises(ValueError, match="unknown task 'search'"):
         st_model.encode(TEXTS, task="search")
     with pytest.raises(ValueError, match="not one of Nova's trained prompts"):
@@ -180,7 +180,7 @@ def test_bad_calls_are_clear_errors(st_model):
     with pytest.raises(ValueError, match="does not use"):
         st_model.encode(TEXTS, return_multivector=True)
     with pytest.raises(NotImplementedError, match="already is the saved model"):
-        st_model.save(str(REPO_ROOT / ".nova-home" / "never-written"))
+        st_model.save(str(tmp_path / "never-written"))
 
 
 def test_truncate_dim_beyond_the_model_is_an_error_everywhere(st_model, tiny_dir, tiny_model):
