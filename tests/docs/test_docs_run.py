@@ -67,17 +67,19 @@ def runnable_docs() -> list:
 @pytest.mark.parametrize("path", runnable_docs(), ids=doc_id)
 def test_doc_runs_as_written(path, quick_start_server, tmp_path):
     session = DocSession.open(tmp_path, quick_start_server.port)
+    failure = ""
     try:
         for block in read_blocks(path):
             try:
                 session.run(block)
-            except BlockFailed as failure:
-                server_log = "\n".join(f"--- log of `{s.command}` ---\n{s.log_tail(1500)}"
-                                       for s in [quick_start_server, *session.servers])
-                pytest.fail(f"{failure}\n{server_log}", pytrace=False)
+            except BlockFailed as error:
+                failure = str(error) + "".join(f"\n--- log of `{s.command}` ---\n{s.log_tail(1500)}"
+                                               for s in [quick_start_server, *session.servers])
+                break
     finally:
         session.close()
         print("\n".join(f"{where}: {seconds:.1f}s" for where, seconds in session.seconds.items() if seconds > 0.05))
+    assert not failure, failure
 
 
 @pytest.mark.parametrize("path", doc_files(), ids=doc_id)
@@ -85,7 +87,11 @@ def test_what_the_tests_replace_is_told_to_the_reader(path):
     """A block run with a replacement (fewer training steps) names the replacement in the prose next to it:
     the marker is an HTML comment, which readers do not see."""
     lines = path.read_text().splitlines()
-    for block in read_blocks(path):
+    try:
+        blocks = read_blocks(path)
+    except MarkerError:
+        pytest.skip("its markers cannot be read: test_every_block_is_marked says why")
+    for block in blocks:
         prose = "\n".join(line for line in lines[max(0, block.line - 12):block.line + block.code.count("\n") + 12]
                           if "doc-test:" not in line)
         for _, new in block.replacements:
