@@ -40,7 +40,11 @@ class Block:
 
     @property
     def where(self) -> str:
-        return f"{self.path.relative_to(REPO)}:{self.line}"
+        return f"{shown(self.path)}:{self.line}"
+
+
+def shown(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def doc_files() -> list[Path]:
@@ -89,7 +93,7 @@ def read_blocks(path: Path) -> list[Block]:
             continue
         start, fence = i, opening["fence"]
         language = (opening["info"].split() or [""])[0]
-        where = f"{path.relative_to(REPO)}:{start + 1}"
+        where = f"{shown(path)}:{start + 1}"
         end = next((j for j in range(start + 1, len(lines))
                     if lines[j].strip().startswith(fence) and not lines[j].strip().strip(fence[0])), None)
         if end is None:
