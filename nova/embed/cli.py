@@ -88,6 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="padded tokens per forward pass (default: %(default)s)")
     g.add_argument("--max-batch-size", type=positive_int, default=DEFAULT_MAX_BATCH_SIZE,
                    help="rows per forward pass (default: %(default)s)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="replay text-only batches through CUDA graphs (same vectors; needs CUDA) (default: off)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = parser.add_argument_group("output folder")
     again = g.add_mutually_exclusive_group()
@@ -105,6 +107,7 @@ def build_job(args: argparse.Namespace, task: str) -> Job:
         multivector=args.multivector, dimensions=args.dimensions, max_pixels=args.max_pixels,
         max_length=args.max_length, prompt_set=args.prompt_set, max_batch_tokens=args.max_batch_tokens,
         max_batch_size=args.max_batch_size, load_lora=[(name, os.path.abspath(path)) for name, path in args.load_lora],
+        cuda_graphs=args.cuda_graphs,
     )
     return Job(plan=plan, model_ref=args.model, model=model_identity(args.model),
                defaults=ItemDefaults(task, args.adapter, args.instructions), options=options,
@@ -138,6 +141,8 @@ def check_settings(args: argparse.Namespace) -> ModelConfig:
     """Everything that can be checked before a model loads (on Ray: before a cluster starts)."""
     if args.no_ray and (args.workers is not None or args.gpus_per_worker is not None):
         raise UserInputError("--workers and --gpus-per-worker need Ray (drop --no-ray)")
+    if args.cuda_graphs and (args.device or "").startswith("cpu"):
+        raise UserInputError("--cuda-graphs needs CUDA (drop --device cpu)")
     if args.dimensions is not None and args.multivector:
         raise UserInputError("--dimensions applies to pooled vectors only, not with --multivector")
     model = read_model_config(args.model, trust_remote_code=args.trust_remote_code)

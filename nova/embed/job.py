@@ -24,10 +24,10 @@ class Job:
 
     def settings(self) -> dict:
         """What decides the output; a folder only takes runs whose settings are equal (workers, Ray address,
-        batch sizes and device do not change vectors beyond float tolerance, so they may differ)."""
+        batch sizes, CUDA graphs and device do not change vectors beyond float tolerance, so they may differ)."""
         options = asdict(self.options)
-        options.pop("max_batch_tokens")
-        options.pop("max_batch_size")
+        for how in ("max_batch_tokens", "max_batch_size", "cuda_graphs"):
+            options.pop(how)
         return {
             "format_version": FORMAT_VERSION,
             "model": self.model,

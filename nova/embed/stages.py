@@ -88,6 +88,7 @@ class EmbedOptions:
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     load_lora: list[tuple[str, str]] = field(default_factory=list)
+    cuda_graphs: bool = False  # replay text-only batches through CUDA graphs (same vectors; CUDA only)
 
 
 class ModelWorker:
@@ -105,6 +106,8 @@ class ModelWorker:
                 model.load_adapter(name, path)
         self.model = model
         model.check_dimensions(options.dimensions, options.multivector)
+        if options.cuda_graphs:
+            model.configure_cuda_graphs(True, max_rows=options.max_batch_size)
 
     def embed(self, records: list[dict]) -> list[dict]:
         o = self.options

@@ -99,6 +99,7 @@ def test_an_existing_out_dir_needs_resume_or_overwrite(run_cli, corpus, tmp_path
         (["--load-lora", "mine=/no/such/adapter"],
          "nova embed: error: --load-lora mine=/no/such/adapter: adapter folder not found: /no/such/adapter"),
         (["--model", "/no/such/model"], "nova embed: error: model /no/such/model: not found"),
+        (["--cuda-graphs", "--device", "cpu"], "nova embed: error: --cuda-graphs needs CUDA (drop --device cpu)"),
     ],
 )
 def test_settings_are_checked_before_anything_loads(run_cli, corpus, tmp_path, args, message):
@@ -126,3 +127,9 @@ def test_remote_code_needs_trust_and_a_failed_run_is_one_line(run_cli, corpus, t
     code, _, stderr = run_cli("embed", corpus, tmp_path / "out", "--no-ray", "--model", broken, "--no-progress",
                               "--resume", "--log-level", "debug")
     assert code == 1 and "Traceback (most recent call last)" in stderr
+
+
+def test_cuda_graphs_without_cuda_stop_the_run_loudly(run_cli, corpus, tmp_path):
+    """On a machine without CUDA the worker refuses the switch: never vectors quietly made without it."""
+    code, _, stderr = run_cli("embed", corpus, tmp_path / "out", "--no-ray", "--no-progress", "--cuda-graphs")
+    assert code == 1 and "CUDA graphs need the model on a CUDA device; it is on cpu" in stderr.splitlines()[-1], stderr
