@@ -438,7 +438,7 @@ def start(settings, args) -> None:
 
     from nova.ray_init import init_ray
 
-    init_ray(args.ray_address, namespace=NAMESPACE)
+    init_ray(args.ray_address, namespace=NAMESPACE, quiet=settings.log_level != "debug")  # Ray's noise only in debug
     options = deployment_options(settings, args, ray.cluster_resources().get("GPU", 0))
     ray.remote(AdapterCoordinator).options(
         name=COORDINATOR, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
