@@ -16,7 +16,8 @@ from starlette.exceptions import HTTPException
 
 from .config import Settings
 from .errors import ApiError, api_error_handler, http_exception_handler, unhandled_exception_handler
-from .routes import RequestContextMiddleware, RequestIdFilter, build_routes
+from .logs import RequestIdFilter
+from .routes import RequestContextMiddleware, build_routes
 from .server import Server
 
 __all__ = ["create_app", "RequestIdFilter", "Server"]

@@ -194,21 +194,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
-def setup_logging(level: str) -> None:
-    from .routes import RequestIdFilter
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).handlers[:] = []
-        logging.getLogger(name).propagate = True
-    logging.getLogger("uvicorn.access").disabled = True  # serve.access logs with request ids instead
-
-
 def bind_listening_sockets(host: str, port: int) -> list[socket.socket]:
     """Listening sockets for every address `host` resolves to, as uvicorn's own `create_server` would bind them.
     Bound here, before the app starts (and before a model process is spawned), so that a port that cannot be
@@ -254,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
     from nova.loading import check_model_source
 
     from .app import create_app
+    from .logs import setup_logging
 
     settings = settings_from_args(args)
     try:

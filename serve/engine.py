@@ -415,7 +415,7 @@ def engine_main(requests, replies, settings, server_pid: int) -> None:
     _exit_with_server(server_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from .cli import setup_logging
+    from .logs import setup_logging
 
     setup_logging(settings.log_level)
     send_lock = threading.Lock()

@@ -46,14 +46,6 @@ PARSE_IN_POOL_BYTES = 64_000  # bodies larger than this are parsed in the worker
 RENDER_INLINE_VALUES = 4096  # responses with up to this many values (two 2048-d vectors) render on the event loop
 
 
-class RequestIdFilter(logging.Filter):
-    """Adds `request_id` to every log record (the id of the request being handled, or '-')."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
-        return True
-
-
 # ---------------------------------------------------------------------- keys
 
 
