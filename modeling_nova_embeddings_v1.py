@@ -424,23 +424,18 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
 
     def collate_rows(self, rows: list[PreparedItem], adapters: list[str | None] | None = None, *,
                      for_training: bool = False) -> dict:
-        """The host-side half of `forward_rows`: rows grouped by adapter (LoRA works on contiguous slices; rows
-        are independent, so their order inside a batch changes nothing) and collated into padded tensors. No
-        lock and no device work, so a server can collate the next batch while the current one runs.
+        """The host-side half of `forward_rows`: rows collated into padded tensors, in their order (per-row
+        LoRA routing needs no grouping by adapter). No lock and no device work, so a server can collate the next
+        batch while the current one runs.
 
         For inference (the default) rows whose instruction prefix the prefix cache serves are collated without
         it (`drop_prefix`); `for_training=True` keeps every token, since gradients must flow through them."""
         adapters = [r.adapter for r in rows] if adapters is None else list(adapters)
-        order = sorted(range(len(rows)), key=lambda i: (adapters[i] is not None, adapters[i] or ""))
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-        ordered = [rows[i] for i in order]
-        drop_prefix = not for_training and self._prefix_cache_applies(ordered)
+        drop_prefix = not for_training and self._prefix_cache_applies(rows)
         multiple = self.pad_to_multiple_of or (16 if self.device.type == "cuda" else 1)
-        batch = self.processor.collate(ordered, drop_prefix=drop_prefix, pad_to_multiple_of=multiple)
+        batch = self.processor.collate(rows, drop_prefix=drop_prefix, pad_to_multiple_of=multiple)
         batch["position_ids"] = self.rope_positions(batch)
-        return {"batch": batch, "adapters": [adapters[i] for i in order], "inverse": inverse, "rows": ordered,
-                "drop_prefix": drop_prefix}
+        return {"batch": batch, "adapters": adapters, "rows": list(rows), "drop_prefix": drop_prefix}
 
     def forward_rows(
         self,
@@ -464,24 +459,22 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         elif collated["drop_prefix"] and torch.is_grad_enabled():
             raise ValueError("these rows were collated for inference (cached instruction prefixes left out); "
                              "collate them with collate_rows(..., for_training=True) to compute gradients")
-        batch, ordered_adapters = dict(collated["batch"]), collated["adapters"]
+        batch, row_adapters = dict(collated["batch"]), collated["adapters"]
         with self.lora.lock:
-            missing = [(r, a) for r, a in zip(collated["rows"], ordered_adapters, strict=True)
+            missing = [(r, a) for r, a in zip(collated["rows"], row_adapters, strict=True)
                        if a is not None and a not in self.lora.adapters]
             if missing:
                 raise ValueError(f"item {missing[0][0].index}: adapter {missing[0][1]!r} is not loaded")
-            rows_in_order = collated["rows"]
-            prefix_kv = self.prefix_states(rows_in_order, ordered_adapters) if collated["drop_prefix"] else None
+            prefix_kv = self.prefix_states(collated["rows"], row_adapters) if collated["drop_prefix"] else None
             batch["want_multi"] = multivector
-            hidden, projected = self.forward_hidden(batch, ordered_adapters, prefix_kv)
-        inverse = collated["inverse"].to(hidden.device)
+            hidden, projected = self.forward_hidden(batch, row_adapters, prefix_kv)
         pooled_out = tokens = token_mask = None
         if pooled:
             mask = batch["pool_mask"].to(hidden.device).unsqueeze(-1)
-            pooled_out = F.normalize((hidden.float() * mask).sum(1) / mask.sum(1), dim=-1)[inverse]
+            pooled_out = F.normalize((hidden.float() * mask).sum(1) / mask.sum(1), dim=-1)
         if multivector:
-            tokens = F.normalize(projected.float(), dim=-1)[inverse]
-            token_mask = batch["multi_mask"].to(hidden.device)[inverse]
+            tokens = F.normalize(projected.float(), dim=-1)
+            token_mask = batch["multi_mask"].to(hidden.device)
         return pooled_out, tokens, token_mask
 
     @torch.inference_mode()
