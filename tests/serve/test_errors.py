@@ -1,6 +1,7 @@
 """Every error path answers its status in OpenAI's error shape, and the server answers normally afterwards.
-Also: backpressure (429 + Retry-After), a disconnecting client frees its queued rows, bad rows never fail
-another client's rows, and no input yields a 500."""
+Also: backpressure (429 + Retry-After), a disconnecting client frees its queued rows, requests refused before
+batching never fail another client's rows, and no input yields a 500. (A bad row that reaches the model in one
+forward with other clients' rows: test_nonfinite.py.)"""
 
 from __future__ import annotations
 
@@ -144,7 +145,9 @@ def test_api_key(server, tiny_model):
     answers_normally(server, tiny_model)
 
 
-def test_bad_rows_never_fail_other_clients(server, tiny_model):
+def test_requests_refused_before_batching_never_fail_other_clients(server, tiny_model):
+    """Bad requests refused while parsing or preparing, sent concurrently with good ones, leave the good ones
+    answered with their vectors (rows that fail inside the model: test_nonfinite.py)."""
     good = [{"input": [f"good request {i}"]} for i in range(12)]
     bad = [{"input": ["ok", {"text": "x", "adapter": "missing"}]}, {"input": ["ok", {"image": "%%%"}]},
            {"input": "x", "dimensions": 3}] * 4

@@ -5,8 +5,10 @@ same through `nova serve --dtype float16` (the model in its own process, the err
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from serve_helpers import assert_close, assert_error, decode_embedding
@@ -24,38 +26,51 @@ def fp16_model(tiny_dir, float16_overflow_adapter):
     return model
 
 
+BATCH_METRICS = ("nova_batch_rows_count", "nova_batch_rows_sum", "nova_batch_requests_sum")
+
+
 def reference(model, item) -> list:
     return model.encode([item])[0].numpy()
 
 
-def test_an_overflowing_row_fails_its_own_request_only(start_server, fp16_model):
+def test_bad_rows_never_fail_other_clients(start_server, fp16_model):
+    """The bad row reaches the model in ONE forward with the other clients' rows (the server waits until the
+    batch holds every row, and the batch metrics show it), overflows float16 inside the model, and fails its own
+    request only: the others' vectors are bit for bit those of each item encoded alone."""
     good = {f"client {i}": [{"text": f"good client {i}", "task": task}]
             for i, task in enumerate(["retrieval.query", "code.query", "text-matching"])}
     good["base"] = [{"text": "the base model", "adapter": "none"}]
+    requests = {**good, "bad": ["a fine first item", LOUD]}
+    rows = sum(len(items) for items in requests.values())
     want = {key: reference(fp16_model, items[0]) for key, items in good.items()}
-    server = start_server(model=fp16_model, max_wait_ms=400, max_batch_tokens=100_000, max_batch_size=1000)
+    # a batch leaves when it holds `rows` rows; the long wait only bounds a failure
+    server = start_server(model=fp16_model, max_wait_ms=60_000, max_batch_size=rows, max_batch_tokens=100_000)
     try:
+        before = {name: server.metric(name) for name in BATCH_METRICS}
         results: dict = {}
+        together = threading.Barrier(len(requests))
 
         def send(key, items):
-            results[key] = httpx.post(server.url + "/v1/embeddings", json={"input": items}, timeout=60)
+            together.wait()
+            results[key] = httpx.post(server.url + "/v1/embeddings", json={"input": items, "encoding_format": "base64"},
+                                      timeout=120)
 
-        requests = {**good, "bad": ["a fine first item", LOUD]}
         threads = [threading.Thread(target=send, args=item) for item in requests.items()]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        # the bad request shared a forward with others: some batch held more than one request
-        assert server.metric("nova_batch_requests_sum") > server.metric("nova_batch_requests_count")
+        deadline = time.monotonic() + 10  # the batch metrics are recorded just after the answers go out
+        while server.metric("nova_batch_rows_count") == before["nova_batch_rows_count"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        batches, batch_rows, batch_requests = (server.metric(name) - before[name] for name in BATCH_METRICS)
+        assert (batches, batch_rows, batch_requests) == (1, rows, len(requests))  # one forward of every row
         for key in good:
             assert results[key].status_code == 200, results[key].text
-            assert_close(decode_embedding(results[key].json()["data"][0]), want[key])
+            got = decode_embedding(results[key].json()["data"][0])
+            assert np.array_equal(got, want[key]), (key, float(np.abs(got - want[key]).max()))
         error = assert_error(results["bad"], 400, "non_finite_embedding", "input[1]")
         assert error["message"] == MESSAGE
-        after = httpx.post(server.url + "/v1/embeddings", json={"input": good["base"]}, timeout=60)
-        assert after.status_code == 200, after.text
-        assert_close(decode_embedding(after.json()["data"][0]), want["base"])
     finally:
         server.stop()
 
