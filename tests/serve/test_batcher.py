@@ -3,7 +3,8 @@ cost per forward is small against the padding it saves."""
 
 from __future__ import annotations
 
-from serve.batcher import BatchCostModel, Row
+from serve.batcher import Row
+from serve.cost_model import BatchCostModel
 
 
 def _rows(lengths):
