@@ -1,7 +1,7 @@
 """Nothing in a request body is ignored: a field no request form has is a 400 in OpenAI's error shape naming it
 (with "did you mean" for a near miss of Nova's own fields), on /v1/embeddings and the admin routes; what
 OpenAI's SDK and Jina's API send is still accepted, with unchanged vectors; `dimensions` beyond the model's
-size is refused naming the sizes."""
+size is refused naming the sizes; /openapi.json documents exactly the fields each route accepts."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from serve_helpers import assert_close, assert_error, decode_embedding, reference
-
-from serve.schemas import ITEM_FIELDS, REQUEST_FIELDS
+from serve_helpers import assert_close, assert_error, b64_png, decode_embedding, reference
 
 ADMIN = {"Authorization": "Bearer admin-key"}
 
@@ -133,11 +131,116 @@ def test_admin_routes_refuse_unknown_fields(server, lora_root):
     assert post(server, {"lora_name": "mine"}, "/v1/internal/lora/unload", ADMIN).status_code == 200
 
 
-def test_the_published_schema_is_what_is_accepted(server):
+# ------------------------------------------------------------------ /openapi.json against what the parsers do
+
+SCHEMA_REFS = "#/components/schemas/"
+
+
+def resolve(doc: dict, schema: dict) -> dict:
+    while "$ref" in schema:
+        schema = doc["components"]["schemas"][schema["$ref"].removeprefix(SCHEMA_REFS)]
+    return schema
+
+
+def conforms(doc: dict, value, schema: dict) -> bool:
+    """`value` against the JSON-schema keywords the document uses (type, enum, const, oneOf, items, sizes)."""
+    schema = resolve(doc, schema)
+    if "oneOf" in schema:
+        return sum(conforms(doc, value, option) for option in schema["oneOf"]) == 1
+    if "const" in schema and value != schema["const"]:
+        return False
+    if "enum" in schema and value not in schema["enum"]:
+        return False
+    kinds = {"string": str, "boolean": bool, "integer": int, "number": (int, float), "array": list, "object": dict,
+             "null": type(None)}
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if types and not any(isinstance(value, kinds[t]) and not (t in ("integer", "number") and isinstance(value, bool))
+                         for t in types):
+        return False
+    if isinstance(value, list):
+        if not schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", len(value)):
+            return False
+        return all(conforms(doc, v, schema["items"]) for v in value) if "items" in schema else True
+    if isinstance(value, dict) and "properties" in schema:
+        return all(k in schema["properties"] and conforms(doc, v, schema["properties"][k]) for k, v in value.items())
+    return True
+
+
+def request_schemas(doc: dict) -> dict[str, dict]:
+    """Each POST route's request body schema, and the item schema inside /v1/embeddings' `input`."""
+    found = {path: resolve(doc, ops["post"]["requestBody"]["content"]["application/json"]["schema"])
+             for path, ops in doc["paths"].items() if "post" in ops}
+    refs = [o for o in found["/v1/embeddings"]["properties"]["input"]["oneOf"] if "$ref" in o]
+    found["item"] = resolve(doc, refs[0])
+    return found
+
+
+def accepted_fields(server, route: str) -> set[str]:
+    """The fields a route's parser accepts, as its refusal of an unknown field lists them."""
+    path, payload, headers = ("/v1/embeddings", {"input": [{"text": "x", "zz_probe": 1}]}, None) if route == "item" \
+        else (route, {"zz_probe": 1}, ADMIN)
+    err = assert_error(post(server, payload, path, headers), 400, "unknown_field")
+    return set(err["message"].split("accepted fields: ", 1)[1].split(", "))
+
+
+def field_examples(hidden: int) -> dict[str, dict]:
+    """A value of every documented field, per route (the admin routes' load what they unload)."""
+    return {
+        "/v1/embeddings": {
+            "input": "x", "model": "nova-test", "encoding_format": "base64", "dimensions": 32, "user": "someone",
+            "task": "retrieval.query", "embedding_type": "base64", "truncate": True, "late_chunking": False,
+            "normalized": True, "return_multivector": True, "instructions": "Find it.", "prompt_set": "descriptive",
+        },
+        "item": {
+            "text": "x", "image": b64_png(seed=5), "task": "code.query", "adapter": "code",
+            "instructions": "Find code.", "image_embeds": [[0.01] * hidden], "image_grid_thw": [1, 2, 2],
+        },
+        "/v1/internal/lora/load": {"lora_name": "docs-example", "lora_path": "mine"},
+        "/v1/internal/lora/unload": {"lora_name": "docs-example"},
+    }
+
+
+COMPANIONS = {"image_embeds": "image_grid_thw", "image_grid_thw": "image_embeds"}  # one needs the other
+
+
+def example_requests(route: str, examples: dict) -> list[tuple[str, dict]]:
+    """(path, body) pairs that send every documented field of `route`: on /v1/embeddings and in its items one
+    field at a time beside the required ones; the admin routes' bodies whole (every field is required)."""
+    fields = examples[route]
+    if route == "item":
+        return [("/v1/embeddings", {"input": [{**({COMPANIONS[name]: fields[COMPANIONS[name]]} if name in COMPANIONS
+                                                   else {"text": "x"}), name: value}]})
+                for name, value in fields.items()]
+    if route == "/v1/embeddings":
+        return [(route, {"input": "x", name: value}) for name, value in fields.items()]
+    return [(route, fields)]
+
+
+def test_the_openapi_document_matches_what_the_parsers_accept(server, tiny_model):
+    """/openapi.json is checked against the server's behaviour, not against the dicts it is built from: each
+    route's documented fields are exactly the ones its parser accepts (as its unknown-field refusal lists
+    them), bodies refuse other fields, and a value of each documented field, conforming to the documented
+    schema, is accepted (the admin routes' examples load and unload an adapter)."""
     doc = httpx.get(server.url + "/openapi.json").json()
-    schemas = doc["components"]["schemas"]
-    assert set(schemas["EmbeddingRequest"]["properties"]) == set(REQUEST_FIELDS)
-    assert set(schemas["Item"]["properties"]) == set(ITEM_FIELDS)
-    assert schemas["EmbeddingRequest"]["additionalProperties"] is False
-    load = doc["paths"]["/v1/internal/lora/load"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert set(load["properties"]) == {"lora_name", "lora_path"} and load["additionalProperties"] is False
+    assert doc["openapi"].startswith("3.")
+    schemas = request_schemas(doc)
+    hidden = tiny_model.config.text_config.hidden_size
+    examples = field_examples(hidden)
+    assert set(schemas) == set(examples)  # a new route with a body needs its examples here
+    for route in examples:  # in order: the load route's example loads what the unload route's unloads
+        schema = schemas[route]
+        assert schema["additionalProperties"] is False, route
+        documented = set(schema["properties"])
+        assert documented == accepted_fields(server, route), route
+        assert set(examples[route]) == documented, route
+        assert set(schema.get("required", [])) <= documented, route
+        for field, value in examples[route].items():
+            assert conforms(doc, value, schema["properties"][field]), (route, field, value)
+        for path, body in example_requests(route, examples):
+            response = post(server, body, path, None if path == "/v1/embeddings" else ADMIN)
+            assert response.status_code == 200, (route, body, response.text[:300])
+    assert "docs-example" not in [a["lora_name"] for a in
+                                  httpx.get(server.url + "/v1/internal/lora", headers=ADMIN).json()["data"]]
+
+
