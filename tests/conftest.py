@@ -26,10 +26,45 @@ def tiny_dir():
     return ensure_tiny_checkpoint()
 
 
+_SHARED_MODEL: dict = {}  # the session's `tiny_model` and its fingerprint, once some test has asked for it
+
+
+def _fingerprint(model) -> tuple[dict, object]:
+    """(adapter name -> folder, a probe vector per adapter and the base model): what a test that mutated the
+    model (adapters loaded or unloaded, weights, dtype) would change."""
+    import torch
+
+    adapters = {name: str(info.get("path")) for name, info in model.list_adapters().items()}
+    probe = model.encode([{"text": "shared fixture probe", "adapter": name} for name in [*sorted(adapters), "none"]])
+    return adapters, torch.stack(probe)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
-    """Shared, read-only: tests that load or unload adapters use `fresh_model`."""
-    return load_model(tiny_dir)
+    """Shared, read-only: tests that load or unload adapters use `fresh_model` (`shared_model_left_unchanged`
+    fails the module that changes it)."""
+    model = load_model(tiny_dir)
+    _SHARED_MODEL.update(model=model, fingerprint=_fingerprint(model))
+    return model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def shared_model_left_unchanged(request):
+    """After each module: the shared `tiny_model` still has its adapters and gives the same vectors, else the
+    module that changed it fails loudly (the reference vectors of every later test would be wrong)."""
+    yield
+    if "model" not in _SHARED_MODEL:
+        return
+    import torch
+
+    adapters, probe = _fingerprint(_SHARED_MODEL["model"])
+    want_adapters, want_probe = _SHARED_MODEL["fingerprint"]
+    _SHARED_MODEL["fingerprint"] = (adapters, probe)  # the next module is judged from here: one culprit named
+    where = f"{request.module.__name__} changed the shared, read-only `tiny_model` fixture (use `fresh_model`)"
+    if adapters != want_adapters:
+        pytest.fail(f"{where}: its adapters were {want_adapters}, now {adapters}")
+    if not torch.allclose(probe, want_probe, rtol=0, atol=1e-5):
+        pytest.fail(f"{where}: its vectors moved by up to {float((probe - want_probe).abs().max()):.3g}")
 
 
 @pytest.fixture

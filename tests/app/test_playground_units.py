@@ -127,17 +127,17 @@ def test_cli_arguments(monkeypatch):
     assert args.model == "some/model" and args.host == "0.0.0.0"
 
 
-def test_in_process_backend_runtime_adapter_and_token_labels(tiny_model):
+def test_in_process_backend_runtime_adapter_and_token_labels(fresh_model):
     from nova.playground.backends import InProcessBackend
 
-    path = Path(tiny_model.list_adapters()["code"]["path"])
-    closed = InProcessBackend(tiny_model)  # no --adapter-root: run-time loading is off (a public Space)
+    path = Path(fresh_model.list_adapters()["code"]["path"])
+    closed = InProcessBackend(fresh_model)  # no --adapter-root: run-time loading is off (a public Space)
     assert not closed.can_load_adapters
     with pytest.raises(PlaygroundError, match="off: start the playground with --adapter-root"):
         closed.load_adapter("my-code", str(path))
-    assert "my-code" not in tiny_model.list_adapters()
+    assert "my-code" not in fresh_model.list_adapters()
 
-    backend = InProcessBackend(tiny_model, adapter_root=str(path.parent))
+    backend = InProcessBackend(fresh_model, adapter_root=str(path.parent))
     assert backend.random_weights
     assert backend.dimension_choices()[-1] == backend.full_dim()
     backend.load_adapter("my-code", str(path / "adapter_model.safetensors"))  # the weights file names its folder
@@ -151,14 +151,14 @@ def test_in_process_backend_runtime_adapter_and_token_labels(tiny_model):
             backend.unload_adapter("code")  # the checkpoint's own task adapter stays
     finally:
         backend.unload_adapter("my-code")
-    assert "my-code" not in tiny_model.list_adapters() and "code" in tiny_model.list_adapters()
+    assert "my-code" not in fresh_model.list_adapters() and "code" in fresh_model.list_adapters()
     for bad_path, message in [("/etc", "must be inside --adapter-root"), ("../..", "must be inside --adapter-root"),
                               ("nonexistent", "not a PEFT folder")]:
         with pytest.raises(PlaygroundError, match=message):
             backend.load_adapter("bad", bad_path)
     with pytest.raises(PlaygroundError, match="lora_name"):
         backend.load_adapter("none", "code")
-    assert "bad" not in tiny_model.list_adapters()
+    assert "bad" not in fresh_model.list_adapters()
 
     item = {"task": "retrieval.query", "text": "hello world", "instructions": "be brief"}
     rows = backend.encode([item], multivector=True, dimensions=None)[0]
