@@ -254,25 +254,63 @@ def test_an_item_error_raised_by_the_model_reaches_its_client_as_that_items_erro
 # ---------------------------------------------------------------- who reads the request pipe (pure threading)
 
 
+class WatchedPipe:
+    """The request pipe's reading end, noting when the model thread (the test's thread) starts a read: the
+    signal that it holds the pipe, so a message sent then is one it reads itself."""
+
+    def __init__(self, connection, model_thread: threading.Thread):
+        self.connection = connection
+        self.model_thread = model_thread
+        self.model_thread_reads = threading.Event()
+
+    def fileno(self) -> int:
+        return self.connection.fileno()
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        return self.connection.poll(timeout)
+
+    def recv(self):
+        if threading.current_thread() is self.model_thread:
+            self.model_thread_reads.set()
+        return self.connection.recv()
+
+
 class Turns:
-    """`RequestTurns` over a real pipe, with a `handle` that records which thread collated each request."""
+    """`RequestTurns` over a real pipe, with a `handle` that records which thread collated each request (and
+    read the stop), and signals each one."""
 
     def __init__(self):
-        self.reader, self.writer = multiprocessing.Pipe(duplex=False)
-        self.collated_on: dict[int, str] = {}
-        self.turns = RequestTurns(self.reader, self.handle)
+        reader, self.writer = multiprocessing.Pipe(duplex=False)
+        self.pipe = WatchedPipe(reader, threading.current_thread())
+        self.collated_on: dict[object, str] = {}
+        self._handled: dict[object, threading.Event] = {}
+        self._lock = threading.Lock()
+        self.turns = RequestTurns(self.pipe, self.handle)
         threading.Thread(target=self.turns.receive_while_forwarding, name="receive", daemon=True).start()
 
+    def handled(self, key) -> threading.Event:
+        with self._lock:
+            return self._handled.setdefault(key, threading.Event())
+
     def handle(self, message):
-        if message[0] == "stop":
-            return STOP
         if message[0] == "call":
             return None
-        self.collated_on[message[1]] = threading.current_thread().name
-        return message[1]
+        key = "stop" if message[0] == "stop" else message[1]
+        self.collated_on[key] = threading.current_thread().name
+        self.handled(key).set()
+        return STOP if key == "stop" else key
 
-    def send_later(self, seconds: float, *message) -> None:
-        threading.Timer(seconds, self.writer.send, (message,)).start()
+    def send_when_the_model_thread_reads(self, *messages) -> None:
+        """Send `messages` once the model thread is reading the pipe (after 10 s regardless, so that a
+        regression fails the test's assertions rather than hanging it)."""
+        self.pipe.model_thread_reads.clear()
+
+        def send() -> None:
+            self.pipe.model_thread_reads.wait(10)
+            for message in messages:
+                self.writer.send(message)
+
+        threading.Thread(target=send, daemon=True).start()
 
 
 def test_an_idle_model_thread_collates_a_lone_request_itself():
@@ -280,17 +318,16 @@ def test_an_idle_model_thread_collates_a_lone_request_itself():
     hand-over between threads); one that arrives during a forward is collated by the receive thread."""
     t = Turns()
     me = threading.current_thread().name
-    t.send_later(0.1, "embed", 1)
+    t.send_when_the_model_thread_reads(("embed", 1))  # arrives while this thread waits on the pipe
     assert t.turns.next_batch() == 1 and t.collated_on[1] == me
     t.writer.send(("embed", 2))  # while "forward 1" runs
-    time.sleep(0.3)
+    assert t.handled(2).wait(10)  # read and collated meanwhile
     assert t.turns.next_batch() == 2 and t.collated_on[2] == "receive"
-    time.sleep(0.3)  # "forward 2" ends with nothing waiting: this thread takes the pipe back
-    t.send_later(0.1, "call")
-    t.send_later(0.2, "embed", 3)
+    # "forward 2" ends with nothing waiting: this thread takes the pipe back and reads what comes next itself
+    t.send_when_the_model_thread_reads(("call",), ("embed", 3))
     assert t.turns.next_batch() == 3 and t.collated_on[3] == me
     t.writer.send(("stop",))  # during "forward 3"
-    time.sleep(0.3)
+    assert t.handled("stop").wait(10) and t.collated_on["stop"] == "receive"
     assert t.turns.next_batch() is STOP
 
 
