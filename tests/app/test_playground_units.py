@@ -153,7 +153,7 @@ def test_in_process_backend_runtime_adapter_and_token_labels(fresh_model):
         backend.unload_adapter("my-code")
     assert "my-code" not in fresh_model.list_adapters() and "code" in fresh_model.list_adapters()
     for bad_path, message in [("/etc", "must be inside --adapter-root"), ("../..", "must be inside --adapter-root"),
-                              ("nonexistent", "not a PEFT folder")]:
+                              ("nonexistent", "does not exist")]:
         with pytest.raises(PlaygroundError, match=message):
             backend.load_adapter("bad", bad_path)
     with pytest.raises(PlaygroundError, match="lora_name"):
