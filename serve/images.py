@@ -1,6 +1,6 @@
 """Images from clients: sources, URL policy (SSRF-safe fetching) and bounded decoding.
 
-Policy (DESIGN §4, issue §7):
+Policy (image URLs are fetched only when enabled, from public addresses, within size and time limits):
 - an image is a base64 string, a `data:` URL, or (only with --allow-image-urls) an http(s) URL;
 - local paths and `file:` URLs are never read on a client's behalf;
 - URLs: allowlisted host, every resolved address must be public (no private, loopback, link-local,

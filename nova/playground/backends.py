@@ -102,7 +102,7 @@ class Backend:
     def token_labels(self, item: dict, n_rows: int) -> list[str] | None:
         """One label per multi-vector row of ``item``, or None when they cannot be aligned.
 
-        The rows are the item's tokens outside the instruction turn (DESIGN §3.1). For a text item
+        The rows are the item's tokens outside the instruction turn (the instruction is context, never content). For a text item
         they are the tokens of ``{prompt}{text}``, with and without instructions (the user-turn markup of an
         instructed item is context, not a row).
         """
