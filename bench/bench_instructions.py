@@ -8,7 +8,7 @@ without it (the naive figure: every row computes its instruction in full).
                                                               # (prefix cache on / --prefix-cache-mb 0)
 
 Prints items/s per case (median of interleaved rounds, so drift on a noisy machine hits every case alike) and
-each case's ratio to the no-instruction throughput. Targets (issue 9): one instruction >= 0.8x, three >= 0.75x.
+each case's ratio to the no-instruction throughput. Targets: one instruction >= 0.8x, three >= 0.75x.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Torch operations per forward: what a GPU pays at small batch sizes, counted on any CPU.
 
-On a GPU a forward of a few short rows is bound by launching operations, not by arithmetic (an H100,
-2026-11-27: the 3B shape took 56 ms at bs=1 and 57 ms at bs=32, docs/performance.md). Every dispatched
+On a GPU a forward of a few short rows is bound by launching operations, not by arithmetic (on an H100 the
+3B shape takes about as long at bs=1 as at bs=32: docs/performance.md). Every dispatched
 torch operation costs Python, dispatcher and (for non-views) a kernel launch, so their count is the figure
 to drive down, and it does not depend on the machine or the width: this builds the full shape's depth (36
 text layers) at the tiny width with three random rank-32 adapters and counts the operations of one

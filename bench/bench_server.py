@@ -187,9 +187,8 @@ def server_activity(before: dict[str, float], after: dict[str, float], wall_seco
 def measured(url: str, run) -> dict:
     """`run()` (a client run returning its figures and `elapsed_s`, its own timed window) with the server's
     activity during it added. The model's busy share is over that window: every forward of the run falls in
-    it, while the snapshots also enclose the clients' set-up (32 threads building httpx clients: with a
-    stand-in for a GPU's fixed forward time, 2026-11-27 18:25, the snapshots' window read 38% busy where the
-    clients' own window reads 96%)."""
+    it, while the snapshots also enclose the clients' set-up (32 threads building httpx clients), which would
+    understate the share by half or more when a forward is short beside that set-up."""
     before = server_metrics(url)
     result = run()
     result.update(server_activity(before, server_metrics(url), result["elapsed_s"]))
@@ -228,7 +227,7 @@ def run_sentence_clients(url: str, sentences: list[str], concurrency: int, proce
 
     Each thread builds its client and opens its connection before the clock starts, as an application does
     once (building an httpx.Client costs milliseconds of CPU: timed, it would be the client's cost, not the
-    server's, and with a few requests per thread it dominated this measurement before 2026-11-27 11:00).
+    server's, and with a few requests per thread it would dominate this measurement).
     Several processes: one Python process of client threads shares one GIL, which on a GPU's throughput
     (thousands of requests a second) can pace the run instead of the server; the processes start their
     clocks together and the run lasts from the first start to the last end."""
@@ -306,8 +305,8 @@ def _client_threads(url: str, sentences: list[str], concurrency: int, start=None
 
 
 def curl_ms(url: str, sentence: str) -> float:
-    """curl's own `time_total` for one request (a new connection, as curl makes): how issue 10 first measured
-    the lone request (26.7 ms against 12.6 for `encode()` before the pipelined core)."""
+    """curl's own `time_total` for one request (a new connection, as curl makes): the lone request as a shell
+    script or a client without connection reuse sees it, without httpx's own cost in Python."""
     body = json.dumps({"input": sentence, "encoding_format": "base64"})
     done = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{time_total}", "-H",
                            "Content-Type: application/json", "-d", body, url + "/v1/embeddings"],
@@ -460,8 +459,8 @@ def main() -> int:
     single = make_items(texts, mixed_adapters=False, instructions=False)
     mixed = make_items(texts, mixed_adapters=True, instructions=False)
     instructed = make_items(texts, mixed_adapters=False, instructions=True)
-    # warm-up over every length: on a GPU the first batch of a shape was several times slower than the next
-    # (an H100, 2026-11-27: 266 against 1973 items/s for the first and second pass over the same items)
+    # warm-up over every length: on a GPU the first batch of a shape is several times slower than the next
+    # (bench/results/2026-11-27-h100/README.md), which a cold in-process side would pay inside its ratio
     model.encode(single, batch_size=args.batch_size)
     model.encode(instructed, batch_size=args.batch_size)
 

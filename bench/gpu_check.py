@@ -359,7 +359,7 @@ def throughput(device, args, rounds, failures) -> dict:
 def new_shapes(device, args, rounds, failures) -> dict:
     """A stream of batches whose shapes (rows x padded length) the model has not run, as a server meets them,
     then the same stream again: the difference is the one-time cost per new shape (kernel selection, memory
-    growth), what a server's batch cost model must not learn as per-token cost (serve/batcher.py). Run with
+    growth), what a server's batch cost model must not learn as per-token cost (serve/cost_model.py). Run with
     batches padded to a multiple of 16 (the CUDA default), then of 1, each on its own stream of shapes."""
     import random
 
