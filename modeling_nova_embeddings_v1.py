@@ -33,6 +33,7 @@ from .processing_nova_embeddings_v1 import (
     item_error,
     matryoshka_truncate,
 )
+from .scoring_nova_embeddings_v1 import rerank as _rerank
 from .vision_nova_embeddings_v1 import BatchedVisionTransformer
 
 logger = logging.get_logger(__name__)
@@ -563,6 +564,10 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
                 vector = self.truncate(vector, dimensions) if not return_multivector else vector
                 results[row.index] = vector.numpy() if return_numpy else vector
         return results
+
+    # model.rerank(query, documents, *, task, instructions, adapter, scoring, normalize, top_n, ...):
+    # defined in the scoring module, so the model class holds only its name.
+    rerank = _rerank
 
     # ---- Jina V4-compatible API ----------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ MODEL_CODE_FILES = (
     "caching_nova_embeddings_v1.py",
     "vision_nova_embeddings_v1.py",
     "graphs_nova_embeddings_v1.py",
+    "scoring_nova_embeddings_v1.py",
     "modeling_nova_embeddings_v1.py",
 )
 # The sentence-transformers module (modules.json points at it); it imports the model code above.
@@ -51,6 +52,8 @@ def model_class(name: str = "NovaEmbeddingsV1Model"):
         "NO_ADAPTER": "processing_nova_embeddings_v1",
         "decode_image": "processing_nova_embeddings_v1",
         "matryoshka_truncate": "processing_nova_embeddings_v1",
+        **dict.fromkeys(("maxsim_scores", "padded", "maxsim", "score_documents", "ranked", "rerank_tasks",
+                         "RerankResult", "SCORINGS"), "scoring_nova_embeddings_v1"),
     }[name]
     repo_file(f"{module}.py")
     return get_class_from_dynamic_module(f"{module}.{name}", str(REPO_ROOT))
