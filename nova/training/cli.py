@@ -42,8 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="passes over the data; ignored with --steps (default: %(default)s)")
     opt.add_argument("--steps", type=int, help="optimizer steps, instead of --epochs (default: from --epochs)")
     opt.add_argument("--batch-size", type=int, default=16,
-                     help="triplets per micro-batch; in-batch negatives come from it (default: %(default)s)")
-    opt.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
+                     help="the contrastive batch, in triplets, all processes together: every positive and hard "
+                          "negative of it is a candidate for every query (default: %(default)s)")
+    opt.add_argument("--mini-batch-size", type=int, default=16,
+                     help="triplets embedded with a graph at once, per process; smaller than a process's share of "
+                          "the batch: the exact gradient through GradCache, at this many triplets' activation "
+                          "memory, for about one more forward pass (default: %(default)s)")
+    opt.add_argument("--grad-accum", type=int, default=1,
+                     help="contrastive batches per optimizer step; they do not see each other's candidates "
+                          "(default: %(default)s)")
     opt.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature (default: %(default)s)")
     opt.add_argument("--max-negatives", type=int,
                      help="use at most this many hard negatives per example (default: all of them)")
@@ -57,7 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="truncate items to this many tokens (default: %(default)s)")
     opt.add_argument("--seed", type=int, default=0, help="data order and initialization (default: %(default)s)")
     opt.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (large models)")
-    opt.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    opt.add_argument("--precision", choices=["fp32", "bf16"],
+                     help="bf16: weights in bfloat16 and bf16 autocast, LoRA parameters kept in fp32 (default: the "
+                          "model's dtype, bf16 on CUDA and fp32 on the CPU, without autocast)")
+    opt.add_argument("--device", help="cpu, cuda, ... (default: cuda when available; under torchrun each process "
+                                      "uses the GPU of its local rank)")
     ck = parser.add_argument_group("checkpoints and the output folder")
     ck.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                     help="save a resumable checkpoint every N steps, 0 = none (default: %(default)s)")
@@ -86,11 +97,11 @@ def config_from_args(args) -> TrainConfig:
         alpha=args.alpha, dropout=args.dropout, init_adapter=args.init_adapter, lr=args.lr,
         weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup_steps,
         max_grad_norm=args.max_grad_norm, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, temperature=args.temperature, max_negatives=args.max_negatives,
+        mini_batch_size=args.mini_batch_size, grad_accum=args.grad_accum, temperature=args.temperature, max_negatives=args.max_negatives,
         query_task=args.query_task, passage_task=args.passage_task, vectors=args.vectors, max_length=args.max_length,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
         overwrite=args.overwrite, seed=args.seed, eval_dataset=args.eval_dataset, eval_split=args.eval_split,
-        eval_instructions=args.eval_instructions, device=args.device, gradient_checkpointing=args.gradient_checkpointing,
+        eval_instructions=args.eval_instructions, device=args.device, precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
         progress=False if args.no_progress else None, log_every=args.log_every,
     )
 
@@ -102,6 +113,8 @@ def run(args) -> int:
 
         hf_logging.disable_progress_bar()  # the model load's own bar
     result = train(config_from_args(args))
+    if not result.is_main:  # one process speaks for a torchrun group
+        return 0
     print(f"adapter written to {result.out}; load it with model.load_adapter({result.name!r}, {str(result.out)!r}) "
           f"or POST /v1/internal/lora/load")
     return 0

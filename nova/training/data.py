@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,3 +118,25 @@ def load_triplets(path: str | Path, query_task: str = "retrieval.query", passage
 def item_key(item: dict) -> tuple:
     """Identity of a passage, to mask false negatives (the same passage as another row's positive)."""
     return (item.get("text"), item.get("image"), item.get("instructions"))
+
+
+@dataclass
+class BatchOrder:
+    """Which triplets form contrastive batch number `index`: a function of the seed and the index alone (the
+    epoch's shuffle), never of the number of processes, so a run resumes on any number of them."""
+
+    count: int
+    batch_size: int
+    seed: int
+
+    @property
+    def per_epoch(self) -> int:
+        return max(1, self.count // self.batch_size) if self.count >= self.batch_size else 1
+
+    def indices(self, index: int) -> list[int]:
+        if self.count < self.batch_size:
+            return list(range(self.count))
+        epoch, position = divmod(index, self.per_epoch)
+        order = list(range(self.count))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order[position * self.batch_size : (position + 1) * self.batch_size]

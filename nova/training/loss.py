@@ -16,19 +16,27 @@ import torch.nn.functional as F
 from nova.maxsim import maxsim_scores as summed_maxsim
 
 
-def info_nce(scores: torch.Tensor, temperature: float, ignore: torch.Tensor | None = None) -> torch.Tensor:
-    """``scores`` [B, P] (P >= B, column i is row i's positive); ``ignore`` [B, P] bool: columns to drop."""
+def info_nce(scores: torch.Tensor, temperature: float, ignore: torch.Tensor | None = None,
+             positives: torch.Tensor | None = None) -> torch.Tensor:
+    """``scores`` [B, P]; ``positives`` [B]: each row's positive column (default: column i for row i, P >= B);
+    ``ignore`` [B, P] bool: columns to drop. Mean over the rows.
+
+    A process that holds some of the queries of a larger batch passes its rows of the score matrix and their
+    positives' columns in the whole batch's candidate list."""
     if temperature <= 0:
         raise ValueError("temperature must be positive")
     batch = scores.shape[0]
-    if scores.shape[1] < batch:
-        raise ValueError("need at least one candidate per query (its positive)")
+    if positives is None:
+        if scores.shape[1] < batch:
+            raise ValueError("need at least one candidate per query (its positive)")
+        positives = torch.arange(batch)
+    positives = positives.to(scores.device)
     logits = scores.float() / temperature
     if ignore is not None:
-        ignore = ignore.clone()
-        ignore[torch.arange(batch), torch.arange(batch)] = False  # never drop the positive itself
-        logits = logits.masked_fill(ignore.to(logits.device), float("-inf"))
-    return F.cross_entropy(logits, torch.arange(batch, device=logits.device))
+        ignore = ignore.clone().to(logits.device)
+        ignore[torch.arange(batch, device=logits.device), positives] = False  # never drop the positive itself
+        logits = logits.masked_fill(ignore, float("-inf"))
+    return F.cross_entropy(logits, positives)
 
 
 def cosine_scores(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -44,10 +52,12 @@ def maxsim_scores(queries: torch.Tensor, query_mask: torch.Tensor, candidates: t
 
 
 def duplicate_mask(positive_keys: list, candidate_keys: list) -> torch.Tensor:
-    """[B, P] True where candidate j is the same passage as row i's positive (but j != i)."""
-    mask = torch.zeros(len(positive_keys), len(candidate_keys), dtype=torch.bool)
-    for i, key in enumerate(positive_keys):
-        for j, other in enumerate(candidate_keys):
-            if j != i and other == key:
-                mask[i, j] = True
+    """[B, P] True where candidate j is the same passage as row i's positive (but j != i). Keys become integer
+    ids first, so a batch of thousands of candidates costs one tensor comparison, not B x P Python steps."""
+    ids: dict = {}
+    positives = torch.tensor([ids.setdefault(key, len(ids)) for key in positive_keys], dtype=torch.long)
+    candidates = torch.tensor([ids.setdefault(key, len(ids)) for key in candidate_keys], dtype=torch.long)
+    mask = positives[:, None] == candidates[None, :]
+    diagonal = torch.arange(min(len(positive_keys), len(candidate_keys)))
+    mask[diagonal, diagonal] = False
     return mask

@@ -1,0 +1,273 @@
+"""One contrastive batch's gradient, at any batch size, on one or several processes (GradCache).
+
+InfoNCE needs every candidate of the batch for every query, so its memory would grow with the batch if the
+whole batch were embedded with a graph. Instead (Gao et al., "Scaling Deep Contrastive Learning Batch Size
+under Memory Limited Setup", the method of sentence-transformers' CachedMultipleNegativesRankingLoss):
+
+1. embed the batch without a graph, one mini-batch at a time, recording the random state before each;
+2. treat those embeddings as leaf tensors: compute the loss over the whole batch and its gradient with respect
+   to every embedding (cheap: vectors, not activations);
+3. replay each mini-batch with a graph under the same random state (dropout draws the same masks) and
+   backpropagate its cached embedding gradients into the adapter.
+
+The parameter gradients equal the full batch's exactly (up to rounding), at one mini-batch's activation
+memory, for about one extra forward pass. When the process's share fits in one mini-batch, step 1 keeps its
+graph and step 3 is skipped.
+
+Across processes, each one embeds its shard; the candidates (positives, then hard negatives) are all-gathered,
+each process scores its own queries against all of them, and the gradients with respect to the gathered
+candidates are summed over processes, so each candidate's owner receives the gradient of the whole batch's
+loss. The loss and the gradients are then those of one process holding the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data import Triplet, item_key
+from .distributed import Processes, shard_bounds
+from .loss import cosine_scores, duplicate_mask, info_nce, maxsim_scores
+
+
+@dataclass
+class Embeddings:
+    """A set of rows' embeddings: pooled vectors and/or multi-vectors (padded tokens + mask)."""
+
+    pooled: torch.Tensor | None = None  # [N, H]
+    tokens: torch.Tensor | None = None  # [N, T, d]
+    mask: torch.Tensor | None = None  # [N, T] bool: real multi-vector rows
+
+    def differentiable(self) -> list[torch.Tensor]:
+        return [t for t in (self.pooled, self.tokens) if t is not None]
+
+    def leaves(self) -> Embeddings:
+        """Detached copies that collect their own gradient (GradCache's cached embeddings)."""
+        def leaf(t):
+            return None if t is None else t.detach().requires_grad_(True)
+
+        return Embeddings(leaf(self.pooled), leaf(self.tokens), self.mask)
+
+    def rows(self, start: int, stop: int) -> Embeddings:
+        def cut(t):
+            return None if t is None else t[start:stop]
+
+        return Embeddings(cut(self.pooled), cut(self.tokens), cut(self.mask))
+
+    def padded_to(self, length: int) -> Embeddings:
+        """Multi-vectors padded (zeros, masked out) to `length` tokens; differentiable."""
+        if self.tokens is None or self.tokens.shape[1] == length:
+            return self
+        extra = length - self.tokens.shape[1]
+        return Embeddings(self.pooled, F.pad(self.tokens, (0, 0, 0, extra)), F.pad(self.mask, (0, extra), value=False))
+
+    @property
+    def length(self) -> int:
+        return 0 if self.tokens is None else self.tokens.shape[1]
+
+    @staticmethod
+    def cat(parts: list[Embeddings]) -> Embeddings:
+        """Rows of several sets in order; multi-vectors padded to the longest."""
+        length = max(p.length for p in parts)
+        parts = [p.padded_to(length) for p in parts]
+
+        def joined(name):
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        return Embeddings(joined("pooled"), joined("tokens"), joined("mask"))
+
+
+Encoder = Callable[[list], Embeddings]  # prepared rows -> their embeddings (with a graph when grad is enabled)
+
+
+@dataclass
+class ContrastiveBatch:
+    """One contrastive batch: its triplets (the same on every process) and this process's shard of them.
+
+    Candidates are ordered as on one process: every positive of the batch, then every hard negative triplet by
+    triplet. Rank r holds the contiguous triplets bounds[r]:bounds[r + 1], so the gathered shards in rank
+    order are that same order."""
+
+    triplets: list[Triplet]
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self):
+        if len(self.triplets) < self.world:
+            raise ValueError(f"a contrastive batch of {len(self.triplets)} triplets cannot be split across "
+                             f"{self.world} processes")
+        self.bounds = shard_bounds(len(self.triplets), self.world)
+        self.positive_sizes = [self.bounds[r + 1] - self.bounds[r] for r in range(self.world)]
+        self.negative_sizes = [sum(len(t.negatives) for t in self.triplets[self.bounds[r]:self.bounds[r + 1]])
+                               for r in range(self.world)]
+
+    @property
+    def local(self) -> list[Triplet]:
+        return self.triplets[self.bounds[self.rank]:self.bounds[self.rank + 1]]
+
+    @property
+    def candidates(self) -> list[dict]:
+        return [t.positive for t in self.triplets] + [n for t in self.triplets for n in t.negatives]
+
+    def ignore(self) -> torch.Tensor:
+        """[B, P]: candidates that are the same passage as a row's positive (not counted as negatives)."""
+        return duplicate_mask([item_key(t.positive) for t in self.triplets], [item_key(c) for c in self.candidates])
+
+    def negatives_per_query(self, ignore: torch.Tensor) -> float:
+        """What the loss contrasts each query with, on average: every candidate but its positive and duplicates."""
+        return float(ignore.shape[1] - 1 - ignore.float().sum(1).mean()) if len(self.triplets) else 0.0
+
+
+@dataclass
+class RandomState:
+    """The generators dropout draws from, captured before a mini-batch's first pass, restored for its replay."""
+
+    cpu: torch.Tensor
+    cuda: torch.Tensor | None
+    device: torch.device
+
+    @classmethod
+    def capture(cls, device: torch.device) -> RandomState:
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return cls(torch.get_rng_state(), cuda, device)
+
+    @contextmanager
+    def replay(self):
+        """The generators start from this state inside the block; the outer state is kept."""
+        with torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+@dataclass
+class MiniBatch:
+    query_rows: list
+    candidate_rows: list  # its positives, then its hard negatives
+    positives: int
+    random_state: RandomState | None = None
+    queries: Embeddings | None = None
+    candidates: Embeddings | None = None
+
+
+@dataclass
+class BatchOutcome:
+    loss: float  # the whole batch's loss (the same on every process)
+    tokens: int  # tokens embedded by this process (each once, replays not counted)
+    reached_adapter: bool  # False: no embedding depended on a trainable parameter (no gradient)
+
+
+def split_mini_batches(local: list[Triplet], query_rows: list, positive_rows: list, negative_rows: list,
+                       size: int) -> list[MiniBatch]:
+    """Consecutive groups of `size` triplets with their prepared rows."""
+    starts = [0]
+    for t in local:
+        starts.append(starts[-1] + len(t.negatives))
+    out = []
+    for first in range(0, len(local), size):
+        last = min(first + size, len(local))
+        out.append(MiniBatch(query_rows[first:last], positive_rows[first:last] + negative_rows[starts[first]:starts[last]],
+                             last - first))
+    return out
+
+
+def batch_loss(queries: Embeddings, candidates: Embeddings, positives: torch.Tensor, ignore: torch.Tensor,
+               temperature: float, scale: float) -> torch.Tensor:
+    """InfoNCE of these queries against every candidate of the batch (cosine and/or MaxSim, summed), times
+    `scale` (the share of the batch's queries these are, so the processes' losses add up to the batch's)."""
+    loss = torch.zeros((), device=(queries.pooled if queries.pooled is not None else queries.tokens).device)
+    if queries.pooled is not None:
+        loss = loss + info_nce(cosine_scores(queries.pooled, candidates.pooled), temperature, ignore, positives)
+    if queries.tokens is not None:
+        scores = maxsim_scores(queries.tokens, queries.mask, candidates.tokens, candidates.mask)
+        loss = loss + info_nce(scores, temperature, ignore, positives)
+    return loss * scale
+
+
+def _gather(local: Embeddings, sizes: list[int], processes: Processes) -> list[Embeddings]:
+    def parts(t):
+        return [None] * len(sizes) if t is None else processes.gather_rows(t.detach(), sizes)
+
+    mask = None if local.mask is None else local.mask.to(torch.uint8)
+    masks = [None if m is None else m.bool() for m in parts(mask)]
+    return [Embeddings(p, t, m) for p, t, m in zip(parts(local.pooled), parts(local.tokens), masks, strict=True)]
+
+
+def embedding_gradients(batch: ContrastiveBatch, queries: Embeddings, positives: Embeddings,
+                        negatives: Embeddings, ignore: torch.Tensor, temperature: float,
+                        processes: Processes, weight: float = 1.0) -> tuple[float, list[torch.Tensor]]:
+    """The whole batch's loss (times `weight`) and its gradient with respect to this process's embeddings (their
+    `differentiable()` tensors, queries, positives, negatives). Multi-vectors of positives and negatives must
+    be padded to the same length on every process."""
+    rank = batch.rank
+    gathered_p = _gather(positives, batch.positive_sizes, processes)
+    gathered_n = _gather(negatives, batch.negative_sizes, processes)
+    gathered_p[rank], gathered_n[rank] = positives, negatives  # this process's own rows, exact
+    candidates = Embeddings.cat([*gathered_p, *[n for n, size in zip(gathered_n, batch.negative_sizes, strict=True)
+                                                if size]]).leaves()
+    own = queries.leaves()
+    offset = batch.bounds[rank]
+    rows = slice(offset, batch.bounds[rank + 1])
+    targets = torch.arange(offset, batch.bounds[rank + 1])
+    share = len(batch.local) / len(batch.triplets)
+    loss = batch_loss(own, candidates, targets, ignore[rows], temperature, share * weight)
+    loss.backward()
+    # a candidate's gradient comes from every process's queries: sum them, keep this process's rows
+    candidate_grads = [processes.sum_(t.grad) for t in candidates.differentiable()]
+    first_negative = len(batch.triplets) + sum(batch.negative_sizes[:rank])
+    p_rows = slice(offset, batch.bounds[rank + 1])
+    n_rows = slice(first_negative, first_negative + batch.negative_sizes[rank])
+    total = processes.sum_(loss.detach().clone())
+    grads = [t.grad for t in own.differentiable()]
+    grads += [g[p_rows] for g in candidate_grads] + [g[n_rows] for g in candidate_grads]
+    return float(total), grads
+
+
+def contrastive_backward(batch: ContrastiveBatch, query_rows: list, positive_rows: list, negative_rows: list,
+                         encode: Encoder, *, mini_batch_size: int, temperature: float, processes: Processes,
+                         device: torch.device, weight: float = 1.0) -> BatchOutcome:
+    """Accumulate the batch's gradient (of its loss times `weight`: 1 / gradient accumulation) into the
+    trainable parameters' `.grad`, this process's part (the processes' parts still to be summed)."""
+    minis = split_mini_batches(batch.local, query_rows, positive_rows, negative_rows, mini_batch_size)
+    cached = len(minis) > 1
+    for mini in minis:  # pass 1: without a graph when cached
+        mini.random_state = RandomState.capture(device) if cached else None
+        with torch.no_grad() if cached else nullcontext():
+            mini.queries = encode(mini.query_rows)
+            mini.candidates = encode(mini.candidate_rows)
+        if cached:
+            mini.queries, mini.candidates = mini.queries.leaves(), mini.candidates.leaves()
+
+    ignore = batch.ignore()
+    queries = Embeddings.cat([m.queries for m in minis])
+    positives = Embeddings.cat([m.candidates.rows(0, m.positives) for m in minis])
+    negative_parts = [m.candidates.rows(m.positives, len(m.candidate_rows)) for m in minis]
+    negatives = Embeddings.cat(negative_parts)
+    length = processes.max_int(max(positives.length, negatives.length), device)
+    positives, negatives = positives.padded_to(length), negatives.padded_to(length)
+    loss, grads = embedding_gradients(batch, queries, positives, negatives, ignore, temperature, processes, weight)
+
+    outputs = queries.differentiable() + positives.differentiable() + negatives.differentiable()
+    pairs = [(t, g) for t, g in zip(outputs, grads, strict=True) if t.requires_grad and t.numel()]
+    if pairs:  # into the mini-batches' outputs: the model itself, or GradCache's leaves
+        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+    reached = not cached and bool(pairs)
+    if cached:  # pass 2: replay each mini-batch with a graph, feed it its cached gradients
+        for mini in minis:
+            with mini.random_state.replay():
+                replayed_q = encode(mini.query_rows)
+                replayed_c = encode(mini.candidate_rows)
+            replayed = replayed_q.differentiable() + replayed_c.differentiable()
+            cached_grads = [t.grad for t in mini.queries.differentiable() + mini.candidates.differentiable()]
+            live = [(t, g) for t, g in zip(replayed, cached_grads, strict=True) if t.requires_grad]
+            if live:
+                torch.autograd.backward([t for t, _ in live], [g for _, g in live])
+                reached = True
+    tokens = sum(len(r.input_ids) for m in minis for r in (*m.query_rows, *m.candidate_rows))
+    return BatchOutcome(loss, tokens, reached)
