@@ -8,9 +8,6 @@ the item itself. Without instructions the rendered ids are exactly Jina V4's.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 import os
 import pathlib
@@ -23,6 +20,7 @@ from PIL import Image
 from transformers import Qwen2Tokenizer, Qwen2VLImageProcessorPil
 
 from .fetching_nova_embeddings_v1 import FetchError, UrlFetcher
+from .images_nova_embeddings_v1 import ImageRefused, base64_bytes, checked_rgb, data_url_bytes, open_image
 
 CHAT_TEMPLATE_FILE = "chat_template.json"
 IMAGE_PLACEHOLDER = "<|image_pad|>"
@@ -189,27 +187,15 @@ def load_chat_templates(path: str | os.PathLike | None) -> dict:
 
 def decode_image(source, *, index: int | None, allow_paths: bool, max_image_pixels: int,
                  fetcher: UrlFetcher | None = None) -> Image.Image:
-    """PIL image, path, bytes, base64, data: URL or (only when a `fetcher` is given) http(s) URL -> RGB image.
-    Refuses decompression bombs from the header, before any pixel is decoded."""
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        data = _image_bytes(source, index=index, allow_paths=allow_paths, fetcher=fetcher)
-        try:
-            image = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as exc:
-            raise item_error(index, f"image refused as a decompression bomb: {exc}") from None
-        except Exception as exc:  # PIL raises many types for garbage input
-            raise item_error(index, f"image could not be decoded ({type(exc).__name__}: {exc})") from None
-    width, height = image.size
-    if width * height > max_image_pixels:
-        raise item_error(
-            index, f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_image_pixels}"
-        )
+    """PIL image, path, bytes, base64, data: URL or (only when a `fetcher` is given) http(s) URL -> RGB image,
+    by the rules the server applies too (images_nova_embeddings_v1)."""
     try:
-        return image.convert("RGB")
-    except Exception as exc:
-        raise item_error(index, f"image could not be decoded ({type(exc).__name__}: {exc})") from None
+        if isinstance(source, Image.Image):
+            return checked_rgb(source, max_pixels=max_image_pixels)
+        data = _image_bytes(source, index=index, allow_paths=allow_paths, fetcher=fetcher)
+        return open_image(data, max_pixels=max_image_pixels)
+    except ImageRefused as exc:
+        raise item_error(index, str(exc), code=exc.code, field="image") from None
 
 
 def _image_bytes(source, *, index: int | None, allow_paths: bool, fetcher: UrlFetcher | None) -> bytes:
@@ -219,11 +205,8 @@ def _image_bytes(source, *, index: int | None, allow_paths: bool, fetcher: UrlFe
         source = str(source)
     if not isinstance(source, str):
         raise item_error(index, f"image must be a PIL image, path, bytes, base64 or data: URL, not {type(source).__name__}")
-    if source.startswith("data:"):
-        header, _, payload = source.partition(",")
-        if ";base64" not in header:
-            raise item_error(index, "data: URL images must be base64-encoded")
-        return _b64(payload, index)
+    if source[:5].lower() == "data:":
+        return data_url_bytes(source)
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", source):
         if fetcher is None:
             raise item_error(index, "image URLs are not fetched by the model; pass the image bytes instead")
@@ -235,14 +218,10 @@ def _image_bytes(source, *, index: int | None, allow_paths: bool, fetcher: UrlFe
         if not allow_paths:
             raise item_error(index, "local file paths are not accepted here; send the image as base64 or a data: URL")
         return pathlib.Path(source).read_bytes()
-    return _b64(source, index)
-
-
-def _b64(payload: str, index: int | None) -> bytes:
     try:
-        return base64.b64decode("".join(payload.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise item_error(index, "image is not an existing file, a data: URL or valid base64") from None
+        return base64_bytes(source)
+    except ImageRefused:
+        raise ImageRefused("image is not an existing file, a data: URL or valid base64") from None
 
 
 class NovaEmbeddingsV1Processor:
@@ -371,11 +350,13 @@ class NovaEmbeddingsV1Processor:
         allow_paths: bool = True,
         fetch_urls: bool = False,
         prompt_set: str | None = None,
+        route: Route | None = None,
     ) -> PreparedItem:
         """Validate, render, tokenize and (for images) decode + patchify one item. CPU only, thread-safe.
 
         `fetch_urls`: fetch http(s) image URLs with `self.url_fetcher` (the in-process API sets it; a
-        server never does: it applies its own URL policy and passes bytes)."""
+        server never does: it applies its own URL policy and passes bytes). `route`: the item's
+        `resolve_item(...)`, when the caller resolved it already (a server checks adapters before any work)."""
         if isinstance(item, str):
             item = {"text": item}
         if not isinstance(item, dict):
@@ -391,7 +372,7 @@ class NovaEmbeddingsV1Processor:
             raise item_error(index, "an item needs 'text', 'image' or 'image_embeds'")
         if item.get("image") is not None and item.get("image_embeds") is not None:
             raise item_error(index, "give either 'image' or 'image_embeds', not both")
-        task, prompt, adapter = astuple(self.resolve_item(item, index=index, prompt_set=prompt_set))
+        task, prompt, adapter = astuple(route or self.resolve_item(item, index=index, prompt_set=prompt_set))
         instructions = item.get("instructions", instructions)
         if instructions is not None and not isinstance(instructions, str):
             raise item_error(index, f"'instructions' must be a string, not {type(instructions).__name__}")
@@ -423,7 +404,7 @@ class NovaEmbeddingsV1Processor:
             segments = self._truncate_text(segments, prompt, max_length - len(prefix_ids), index)
             truncated = True
         item_ids = [token for _, ids in segments for token in ids]
-        # The item's own tokens (DESIGN 3.1): with instructions, a text item's user-turn markup is context, not
+        # The item's own tokens: with instructions, a text item's user-turn markup is context, not
         # content; its {prompt}{text} tokens are exactly those it has without instructions. Image items keep
         # all their tokens (their image turn is the same with and without instructions).
         own = [plain or has_image or not instructions for plain, ids in segments for _ in ids]

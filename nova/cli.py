@@ -24,6 +24,10 @@ SUBCOMMANDS = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nova", description="Nova Embeddings V1")
+    # Unrecognized arguments are reported by this parser, not the sub-command's: one line naming the
+    # sub-command, not argparse's usage block.
+    prog = f"nova {command}" if command in SUBCOMMANDS else "nova"
+    parser.error = lambda message: parser.exit(2, f"{prog}: error: {message} (see {prog} --help)\n")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)

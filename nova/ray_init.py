@@ -18,6 +18,8 @@ import sys
 import tempfile
 import warnings
 
+INSTALL_RAY = "pip install 'nova-embeddings[ray]'"  # what a command without Ray tells its user
+
 # A local Ray's workers get the driver's Nova and Hugging Face settings (caches, offline mode, import path);
 # on a cluster these belong in the image or the RayCluster spec, since the driver's paths mean nothing there.
 FORWARDED_ENV = ("PYTHONPATH", "NOVA_HOME", "HF_HOME", "HF_MODULES_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")

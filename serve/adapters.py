@@ -72,7 +72,7 @@ def check_lora_name(name: object) -> str:
 
 
 def lora_routes(server, *, require_admin, read_json) -> list[Route]:
-    """The admin routes. `server` is the app's `Server` (settings, model, gate, metrics); `require_admin(request)`
+    """The admin routes. `server` is the app's `ServerState` (settings, model, gate, metrics); `require_admin(request)`
     and `read_json(request) -> dict` are the HTTP layer's key check and body reader (serve/routes.py)."""
     lock = asyncio.Lock()
 

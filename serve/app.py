@@ -4,7 +4,7 @@ Serve replicas build on it).
 With `model=None` the app answers at once and loads the model in the background, in a process of its own
 unless `settings.engine` is "thread" (`/health` is 503 until it is ready); a model object runs on this
 process's threads and is ready as soon as the lifespan starts. Where each part of a
-request is handled: see serve/server.py's docstring.
+request is handled: see serve/state.py's docstring.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from .config import Settings
 from .errors import ApiError, api_error_handler, http_exception_handler, unhandled_exception_handler
 from .logs import RequestIdFilter
 from .routes import RequestContextMiddleware, build_routes
-from .server import Server
+from .state import ServerState
 
-__all__ = ["create_app", "RequestIdFilter", "Server"]
+__all__ = ["create_app", "RequestIdFilter", "ServerState"]
 
 
 def create_app(settings: Settings, model=None) -> Starlette:
     settings.validate()
     settings.engine_kind(model_given=model is not None)  # a model object cannot run in another process
-    server = Server(settings, model)
+    server = ServerState(settings, model)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

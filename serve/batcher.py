@@ -1,9 +1,9 @@
-"""The queue and batch forming: rows from many requests -> token-budget batches -> the backend (backend.py).
+"""The queue and batch forming: rows from many requests -> token-budget batches -> the dispatcher (dispatcher.py).
 
 - Rows wait in one queue (FIFO for fairness). A batch always contains the oldest row (so nothing starves)
   plus the rows closest to it in length, packed while `rows x longest row <= max_batch_tokens` and
   `rows <= max_batch_size`; rows of any adapter, task, instruction and modality share a batch (the model
-  routes adapters per row). A row's length counts its image's vision-tower patches too (routes.batch_cost).
+  routes adapters per row). A row's length counts its image's vision-tower patches too (rows.budget_tokens).
 - No fixed wait (TEI's way): when the model is idle a batch leaves at once. `--max-wait-ms` (default 0) is only
   how long a row may wait for company while the model is idle; rows of requests that are received and still
   being tokenized (`preparing`) are worth a short grace (a quarter of the measured batch time, at most 50 ms),
@@ -31,23 +31,34 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .cost_model import BatchCostModel
+from .dispatcher import Dispatcher
 from .errors import ApiError
 from .metrics import Metrics
+from .rows import EmbeddingRow
 
 log = logging.getLogger("serve.batcher")
 
 
 @dataclass(eq=False)
-class Row:
-    prepared: object  # PreparedItem
-    multivector: bool
-    dimensions: int | None
+class QueuedRow:
+    """A row in the queue: the request's `EmbeddingRow`, its request's ticket, and where it stands."""
+
+    row: EmbeddingRow
     ticket: Ticket
-    position: int  # index of the row in its request
-    tokens: int
-    adapter: str | None
     enqueued: float = 0.0
     state: str = "new"  # new -> queued -> running -> done | cancelled
+
+    @property
+    def tokens(self) -> int:
+        return self.row.tokens
+
+    @property
+    def adapter(self) -> str | None:
+        return self.row.adapter
+
+    @property
+    def position(self) -> int:
+        return self.row.position
 
 
 @dataclass(eq=False)
@@ -59,7 +70,7 @@ class Ticket:
     results: list = field(default_factory=list)
     remaining: int = 0
     cancelled: bool = False
-    rows: list[Row] = field(default_factory=list)
+    rows: list[QueuedRow] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.results = [None] * self.n_rows
@@ -69,23 +80,23 @@ class Ticket:
 class Batcher:
     def __init__(
         self,
-        backend,
+        dispatcher: Dispatcher,
         *,
         max_batch_tokens: int,
         max_batch_size: int,
         max_wait_ms: float,
         max_queue_tokens: int,
         metrics: Metrics,
-        on_row_done: Callable[[Row], None] | None = None,
+        on_row_done: Callable[[QueuedRow], None] | None = None,
     ):
-        self.backend = backend
+        self.dispatcher = dispatcher
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue_tokens = max_queue_tokens
         self.metrics = metrics
         self.on_row_done = on_row_done or (lambda row: None)
-        self._pending: list[Row] = []
+        self._pending: list[QueuedRow] = []
         self.queued_tokens = 0
         self.queued_rows = 0
         self._wakeup: asyncio.Event | None = None
@@ -96,7 +107,7 @@ class Batcher:
         metrics.watch_batch_cost(self.cost)
         self.preparing = 0  # rows of admitted requests still being decoded/tokenized
         self._stopping = False
-        backend.on_batch_done = self._batch_done
+        dispatcher.on_batch_done = self._batch_done
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -123,11 +134,11 @@ class Batcher:
         rate = self._tokens_per_s or 2000.0
         return int(min(60, max(1, math.ceil((self.queued_tokens + extra_tokens) / rate))))
 
-    def submit(self, rows_spec: list[dict]) -> Ticket:
+    def submit(self, rows: list[EmbeddingRow]) -> Ticket:
         """Enqueue one request's rows atomically; 429 if the queue is over its token budget."""
         if self._stopping:
             raise ApiError(503, "server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
-        tokens = sum(spec["tokens"] for spec in rows_spec)
+        tokens = sum(row.tokens for row in rows)
         if self.queued_tokens > 0 and self.queued_tokens + tokens > self.max_queue_tokens:
             self.metrics.rejected.labels("queue_full").inc()
             retry = self.retry_after(tokens)
@@ -139,18 +150,14 @@ class Batcher:
                 headers={"Retry-After": str(retry)},
             )
         loop = asyncio.get_running_loop()
-        ticket = Ticket(n_rows=len(rows_spec), future=loop.create_future())
+        ticket = Ticket(n_rows=len(rows), future=loop.create_future())
         now = time.monotonic()
-        for position, spec in enumerate(rows_spec):
-            row = Row(
-                prepared=spec["prepared"], multivector=spec["multivector"], dimensions=spec["dimensions"],
-                ticket=ticket, position=position, tokens=spec["tokens"], adapter=spec["adapter"],
-                enqueued=now, state="queued",
-            )
-            ticket.rows.append(row)
-            self._pending.append(row)
+        for row in rows:
+            queued = QueuedRow(row, ticket, enqueued=now, state="queued")
+            ticket.rows.append(queued)
+            self._pending.append(queued)
         self.queued_tokens += tokens
-        self.queued_rows += len(rows_spec)
+        self.queued_rows += len(rows)
         self._update_gauges()
         self._wake()
         return ticket
@@ -194,7 +201,7 @@ class Batcher:
     def _budget_full(self) -> bool:
         return self.queued_rows >= self.max_batch_size or self.queued_tokens >= self.max_batch_tokens
 
-    def _take_batch(self) -> list[Row]:
+    def _take_batch(self) -> list[QueuedRow]:
         pending = [r for r in self._pending if r.state == "queued"]
         if not pending:
             self._pending = []
@@ -223,18 +230,18 @@ class Batcher:
         return batch
 
     def _take_at(self) -> float:
-        """When the next batch should leave (monotonic seconds; 0 = now), given the backend's state."""
+        """When the next batch should leave (monotonic seconds; 0 = now), given the dispatcher's state."""
         oldest = next(r for r in self._pending if r.state == "queued")
-        if self.backend.idle():
+        if self.dispatcher.idle():
             # nothing to wait behind: leave at once, or after a bounded wait for company
             deadline = oldest.enqueued + self.max_wait
             if self.preparing > 0:
                 deadline = max(deadline, oldest.enqueued + min(0.05, 0.25 * self._batch_seconds))
             return deadline
-        if not self.backend.has_room():
+        if not self.dispatcher.has_room():
             return math.inf  # a batch is already collated and waiting: gather until the model takes it
         # one batch running: take the next so that it is collated just before the model frees up
-        return self.backend.expected_free_at() - self.backend.collate_lead()
+        return self.dispatcher.expected_free_at() - self.dispatcher.collate_lead()
 
     async def _loop(self) -> None:
         assert self._wakeup is not None
@@ -244,7 +251,7 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            while not (self._budget_full() and self.backend.has_room()):
+            while not (self._budget_full() and self.dispatcher.has_room()):
                 take_at = self._take_at()
                 now = time.monotonic()
                 if now >= take_at:
@@ -264,11 +271,11 @@ class Batcher:
             for row in batch:
                 self.metrics.queue_wait.observe(started - row.enqueued)
             predicted = self.cost.predict(len(batch) * batch[-1].tokens, len({r.adapter for r in batch}))
-            self.backend.submit(batch, predicted if predicted is not None else self._batch_seconds)
+            self.dispatcher.submit(batch, predicted if predicted is not None else self._batch_seconds)
 
-    # ------------------------------------------------------------------ results (called by the backend)
+    # ------------------------------------------------------------------ results (called by the dispatcher)
 
-    def _batch_done(self, batch: list[Row], outcomes: list, elapsed: float) -> None:
+    def _batch_done(self, batch: list[QueuedRow], outcomes: list, elapsed: float) -> None:
         """Results first: the waiting handlers are scheduled before anything else runs. What the batch teaches
         (throughput, the cost fit, the batch metrics) is learned in the loop's next turn, after those handlers
         have resumed: with the fit's former numpy code it had been ~0.2 ms of a lone request's latency."""
@@ -280,7 +287,7 @@ class Batcher:
         self._wake()
         asyncio.get_running_loop().call_soon(self._learn, batch, max(elapsed, 1e-6))
 
-    def _learn(self, batch: list[Row], elapsed: float) -> None:
+    def _learn(self, batch: list[QueuedRow], elapsed: float) -> None:
         tokens = sum(r.tokens for r in batch)
         rate = tokens / elapsed
         self._tokens_per_s = rate if not self._tokens_per_s else 0.8 * self._tokens_per_s + 0.2 * rate
@@ -298,7 +305,7 @@ class Batcher:
         for row in batch:
             m.adapter_rows.labels(row.adapter or "none").inc()
 
-    def _deliver(self, row: Row, value) -> None:
+    def _deliver(self, row: QueuedRow, value) -> None:
         row.state = "done"
         self.on_row_done(row)
         ticket = row.ticket
@@ -309,7 +316,7 @@ class Batcher:
         if ticket.remaining == 0:
             ticket.future.set_result(ticket.results)
 
-    def _fail(self, row: Row, exc: BaseException) -> None:
+    def _fail(self, row: QueuedRow, exc: BaseException) -> None:
         row.state = "done"
         self.on_row_done(row)
         ticket = row.ticket

@@ -15,7 +15,8 @@ import numpy as np
 
 
 class CostedRow(Protocol):
-    """What the cost model reads of a row (batcher.Row): its length in tokens and its adapter."""
+    """What the cost model reads of a row (rows.EmbeddingRow, batcher.QueuedRow): its length in tokens and its
+    adapter."""
 
     tokens: int
     adapter: str | None

@@ -13,11 +13,7 @@ Policy (image URLs are fetched only when enabled, from public addresses, within 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
 import socket
-import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
@@ -25,11 +21,11 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from PIL import Image
 
-# One definition of "a public address" for the server and the in-process API (a standard-library-only module
-# of the model's remote code).
+# One definition of "a public address", and one of image bytes and their decoding, for the server and the
+# in-process API (modules of the model's remote code that import nothing else of it).
 from fetching_nova_embeddings_v1 import address_is_public as ip_is_public
+from images_nova_embeddings_v1 import ImageRefused, base64_bytes, data_url_bytes, open_image
 
-ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 MAX_REDIRECTS = 3
 
 
@@ -55,16 +51,14 @@ class ImagePolicy:
 
 
 def classify_source(value: str) -> tuple[str, object]:
-    """("url", url) for http(s) URLs, ("bytes", data) for data: URLs and base64; ImageError otherwise."""
+    """("url", url) for http(s) URLs, ("bytes", data) for data: URLs and base64 (the model's one base64 rule);
+    ImageError otherwise."""
     stripped = value.strip()
     lowered = stripped[:16].lower()
     if lowered.startswith(("http://", "https://")):
         return "url", stripped
     if lowered.startswith("data:"):
-        header, sep, payload = stripped.partition(",")
-        if not sep or not header.lower().endswith(";base64"):
-            raise ImageError("a data: URL image must be base64-encoded (data:image/...;base64,...)")
-        return "bytes", _b64(payload)
+        return "bytes", _refused_as_image_error(data_url_bytes, stripped)
     if lowered.startswith("file:"):
         raise ImageError("file: URLs are never read; send the image bytes as base64 or a data: URL",
                          code="image_source_refused")
@@ -73,28 +67,20 @@ def classify_source(value: str) -> tuple[str, object]:
         raise ImageError(f"unsupported image URL scheme {scheme!r}; only http(s) URLs (when enabled), "
                          "data: URLs and base64 are accepted", code="image_source_refused")
     try:
-        return "bytes", _b64(stripped)
-    except ImageError:
+        return "bytes", base64_bytes(stripped)
+    except ImageRefused:
         raise ImageError(
             "image must be base64, a data: URL or an http(s) URL; local file paths are never read",
             code="image_source_refused",
         ) from None
 
 
-def _b64(payload: str) -> bytes:
-    compact = "".join(payload.split())
+def _refused_as_image_error(function, *args, **kwargs):
+    """The shared image rules' refusal as the server's ImageError (413 for an image over a limit)."""
     try:
-        data = base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError):
-        try:
-            data = base64.urlsafe_b64decode(compact)
-            if base64.urlsafe_b64encode(data).rstrip(b"=") != compact.encode().rstrip(b"="):
-                raise ValueError("not canonical")
-        except (binascii.Error, ValueError):
-            raise ImageError("image is not valid base64") from None
-    if not data:
-        raise ImageError("image is empty")
-    return data
+        return function(*args, **kwargs)
+    except ImageRefused as exc:
+        raise ImageError(str(exc), status=413 if exc.code == "image_too_large" else 400, code=exc.code) from None
 
 
 # ---------------------------------------------------------------- decoding
@@ -102,35 +88,7 @@ def _b64(payload: str) -> bytes:
 
 def decode_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
     """Decode to an RGB PIL image; refuse unknown formats and images over `max_pixels` before decoding."""
-    if max_bytes is not None and len(data) > max_bytes:
-        raise ImageError(f"image is {len(data)} bytes, over the limit of {max_bytes}", status=413,
-                         code="image_too_large")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError("image dimensions are too large (decompression bomb refused)", status=413,
-                             code="image_too_large") from None
-        except Exception:
-            raise ImageError(f"not a supported image (formats: {', '.join(ALLOWED_FORMATS)})") from None
-        width, height = img.size
-        if width <= 0 or height <= 0:
-            raise ImageError("image has no pixels")
-        if width * height > max_pixels:
-            raise ImageError(
-                f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
-                "(decompression bombs are refused before decoding)", status=413, code="image_too_large",
-            )
-        try:
-            img.load()
-            rgb = img.convert("RGB")
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError("image refused as a decompression bomb", status=413,
-                             code="image_too_large") from None
-        except Exception as exc:
-            raise ImageError(f"image could not be decoded: {exc.__class__.__name__}") from None
-    return rgb
+    return _refused_as_image_error(open_image, data, max_pixels=max_pixels, max_bytes=max_bytes)
 
 
 # ---------------------------------------------------------------- URL policy and fetching

@@ -13,11 +13,12 @@ from .admission import adapter_not_found
 from .config import Settings
 from .errors import ApiError, from_item_error
 from .images import ImageError, ImageFetcher, classify_source, decode_image
+from .rows import EmbeddingRow
 from .schemas import ITEM_KEYS, EmbeddingRequest
 
 # A request whose items are texts of at most this many characters in all (instructions included) is tokenized
-# on the event loop: ~50 us for a 15-word query (2026-11-27, this repo's 2-core sandbox), where the hop to the
-# worker pool and back cost several times that in a lone request's latency.
+# on the event loop: a 15-word query tokenizes in tens of microseconds, where the hop to the worker pool and
+# back costs several times that in a lone request's latency.
 PREPARE_INLINE_CHARS = 1000
 TEXT_ITEM_KEYS = ITEM_KEYS - {"image", "image_embeds", "image_grid_thw"}
 
@@ -32,19 +33,23 @@ class Preparer:
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def route_adapters(self, model, req: EmbeddingRequest, model_adapter: str | None, gate) -> None:
-        """Check every item's adapter against the gate before any work: the `model` field may name an adapter
-        (OpenAI clients), items may name their own, and tasks route by the model's own rule."""
+    def resolve_routes(self, model, req: EmbeddingRequest, model_adapter: str | None, gate) -> list:
+        """Every item's route (task, prompt, adapter: the model's one resolver), checked against the gate before
+        any work. The `model` field may name an adapter (OpenAI clients) for items that name none. The routes
+        are handed to `prepare`, so an item's adapter is resolved once."""
+        routes = []
         for i, item in enumerate(req.items):
             if model_adapter is not None and "adapter" not in item:
-                item["adapter"] = model_adapter
+                item = {**item, "adapter": model_adapter}
             try:
-                name = model.processor.resolve_item(item, index=i).adapter
+                route = model.processor.resolve_item(item, index=i, prompt_set=req.prompt_set)
             except ValueError as exc:
                 raise from_item_error(exc) from None
-            if name is not None and not gate.ready(name):
+            if route.adapter is not None and not gate.ready(route.adapter):
                 where = f"input[{i}].adapter" if "adapter" in item else f"input[{i}].task"
-                raise adapter_not_found(name, gate.ready_names(), param=where)
+                raise adapter_not_found(route.adapter, gate.ready_names(), param=where)
+            routes.append(route)
+        return routes
 
     async def fetch_images(self, req: EmbeddingRequest) -> dict[int, bytes]:
         images: dict[int, bytes] = {}
@@ -58,13 +63,14 @@ class Preparer:
                 raise ApiError(exc.status, f"item {i}: {exc}", param=f"input[{i}].image", code=exc.code) from None
         return images
 
-    async def prepare(self, model, req: EmbeddingRequest, images: dict[int, bytes]) -> list:
+    async def prepare(self, model, req: EmbeddingRequest, routes: list, images: dict[int, bytes]) -> list[EmbeddingRow]:
+        """The request's rows, in its order: images decoded, items tokenized (`routes`: `resolve_routes`)."""
         if not images and _text_chars(req) <= PREPARE_INLINE_CHARS:
-            return self._prepare_all(model, req, images)
+            return self._prepare_all(model, req, routes, images)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self._prepare_all, model, req, images)
+        return await loop.run_in_executor(self.pool, self._prepare_all, model, req, routes, images)
 
-    def _prepare_all(self, model, req: EmbeddingRequest, images: dict[int, bytes]) -> list:
+    def _prepare_all(self, model, req: EmbeddingRequest, routes: list, images: dict[int, bytes]) -> list[EmbeddingRow]:
         """Worker thread: decode images and tokenize every item."""
         s = self.settings
         processor = model.processor
@@ -80,20 +86,20 @@ class Preparer:
                     raise ApiError(exc.status, f"item {i}: {exc}", param=f"input[{i}].image", code=exc.code) \
                         from None
             kwargs = dict(index=i, instructions=req.instructions, max_pixels=s.resize_max_pixels,
-                          allow_paths=False, prompt_set=req.prompt_set)
+                          allow_paths=False, route=routes[i])
             try:
-                row = processor.prepare_item(item, max_length=None, truncate=False, **kwargs)
-                if row.num_tokens > s.max_input_tokens:
+                prepared = processor.prepare_item(item, max_length=None, truncate=False, **kwargs)
+                if prepared.num_tokens > s.max_input_tokens:
                     if not truncate:
                         raise ApiError(
-                            413, f"item {i}: {row.num_tokens} tokens, over the limit of {s.max_input_tokens} "
+                            413, f"item {i}: {prepared.num_tokens} tokens, over the limit of {s.max_input_tokens} "
                             "(--max-input-tokens; send \"truncate\": true or start with --auto-truncate)",
                             param=f"input[{i}]", code="input_too_long",
                         )
-                    row = processor.prepare_item(item, max_length=s.max_input_tokens, truncate=True, **kwargs)
+                    prepared = processor.prepare_item(item, max_length=s.max_input_tokens, truncate=True, **kwargs)
             except ValueError as exc:
                 raise from_item_error(exc) from None
-            rows.append(row)
+            rows.append(EmbeddingRow.of(prepared, multivector=req.return_multivector, dimensions=req.dimensions))
         return rows
 
 

@@ -19,7 +19,6 @@ Ray is imported lazily: without it, `nova serve` works as before and `--ray` say
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import json
@@ -29,6 +28,10 @@ import sys
 import threading
 import time
 
+from nova.ray_init import INSTALL_RAY
+
+from .config import Settings
+
 log = logging.getLogger("serve.ray")
 
 COORDINATOR = "nova-adapter-coordinator"
@@ -37,39 +40,6 @@ HEARTBEAT_S = 1.0  # replicas report to the coordinator this often
 REPLICA_TTL_S = 6.0  # a replica silent for this long is no longer waited for (it died; Serve replaces it)
 POLL_S = 2.0  # long-poll timeout for adapter changes
 ADMIN_ROUTES = {"/v1/internal/lora/load": "load", "/v1/internal/lora/unload": "unload"}
-INSTALL_RAY = "pip install 'nova-embeddings[ray]'"
-
-
-def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("replicated serving on Ray Serve (docs/scale-out.md)")
-    g.add_argument("--ray", action="store_true",
-                   help=f"serve as Ray Serve replicas behind one HTTP entry point (needs {INSTALL_RAY}) (default: off)")
-    g.add_argument("--replicas", type=int, default=None,
-                   help="fixed number of replicas (default: 1, unless --min/--max-replicas ask for autoscaling)")
-    g.add_argument("--min-replicas", type=int, default=None,
-                   help="autoscaling lower bound (default: 1 when --max-replicas is given, else no autoscaling)")
-    g.add_argument("--max-replicas", type=int, default=None,
-                   help="autoscaling upper bound (default: --min-replicas when only that is given)")
-    g.add_argument("--ray-address", default=None, help="join a Ray cluster (default: start a local Ray)")
-    g.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica (default: %(default)s)")
-    g.add_argument("--replica-gpus", type=float, default=None,
-                   help="GPUs per replica (default: 1 when the cluster has GPUs, else 0)")
-    g.add_argument("--adapter-apply-timeout", type=float, default=120.0, metavar="SECONDS",
-                   help="how long an adapter change waits for every replica (default: %(default)s)")
-
-
-def ray_requested(args: argparse.Namespace) -> bool:
-    """True with --ray; a Ray-only flag without --ray is an error, not a silently ignored setting."""
-    if not args.ray:
-        given = [flag for flag, value in (("--replicas", args.replicas), ("--min-replicas", args.min_replicas),
-                                          ("--max-replicas", args.max_replicas), ("--ray-address", args.ray_address),
-                                          ("--replica-gpus", args.replica_gpus)) if value is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} only apply with --ray")
-    elif getattr(args, "engine", "auto") == "process":
-        raise ValueError("--engine process does not apply with --ray: each replica is a Ray actor process of "
-                         "its own and runs its model on its threads (--engine thread)")
-    return bool(args.ray)
 
 
 # ---------------------------------------------------------------------------------------------- coordinator
@@ -406,44 +376,44 @@ def _escape(value: str) -> str:
 # --------------------------------------------------------------------------------------------------- start
 
 
-def deployment_options(settings, args, cluster_gpus: float) -> dict:
-    gpus = args.replica_gpus if args.replica_gpus is not None else (1.0 if cluster_gpus >= 1 else 0.0)
+def deployment_options(settings: Settings, cluster_gpus: float) -> dict:
+    gpus = settings.replica_gpus if settings.replica_gpus is not None else (1.0 if cluster_gpus >= 1 else 0.0)
     options = {
         "name": "nova",
-        "ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": gpus},
+        "ray_actor_options": {"num_cpus": settings.replica_cpus, "num_gpus": gpus},
         "max_ongoing_requests": settings.max_concurrent_requests,
         "graceful_shutdown_timeout_s": settings.graceful_shutdown_timeout,
         "health_check_period_s": 5,
     }
-    if args.min_replicas is not None or args.max_replicas is not None:
-        if args.replicas is not None:
+    if settings.min_replicas is not None or settings.max_replicas is not None:
+        if settings.replicas is not None:
             raise ValueError("give --replicas or --min-replicas/--max-replicas, not both")
-        low = args.min_replicas if args.min_replicas is not None else 1
-        high = args.max_replicas if args.max_replicas is not None else max(low, 1)
+        low = settings.min_replicas if settings.min_replicas is not None else 1
+        high = settings.max_replicas if settings.max_replicas is not None else max(low, 1)
         if not 0 <= low <= high or high < 1:
             raise ValueError(f"autoscaling bounds must satisfy 0 <= min <= max, max >= 1 (got {low}, {high})")
         options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high}
     else:
-        replicas = 1 if args.replicas is None else args.replicas
+        replicas = 1 if settings.replicas is None else settings.replicas
         if replicas < 1:
             raise ValueError(f"--replicas must be at least 1, got {replicas}")
         options["num_replicas"] = replicas
     return options
 
 
-def start(settings, args) -> None:
+def start(settings: Settings) -> None:
     """Start (or join) Ray, the coordinator and the Serve application; returns once replicas are ready."""
     import ray
     from ray import serve
 
     from nova.ray_init import init_ray
 
-    init_ray(args.ray_address, namespace=NAMESPACE, quiet=settings.log_level != "debug")  # Ray's noise only in debug
-    options = deployment_options(settings, args, ray.cluster_resources().get("GPU", 0))
+    init_ray(settings.ray_address, namespace=NAMESPACE, quiet=settings.log_level != "debug")  # Ray's noise only in debug
+    options = deployment_options(settings, ray.cluster_resources().get("GPU", 0))
     ray.remote(AdapterCoordinator).options(
         name=COORDINATOR, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
         max_concurrency=1000,
-    ).remote(args.adapter_apply_timeout)
+    ).remote(settings.adapter_apply_timeout)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     deployment = serve.deployment(NovaReplica, **options)
     serve.run(deployment.bind(settings), name="nova", route_prefix="/")
@@ -460,18 +430,18 @@ def stop() -> None:
         pass
 
 
-def run_replicated(settings, args) -> int:
+def run_replicated(settings: Settings) -> int:
     try:
         import ray  # noqa: F401
     except ImportError:
         print(f"nova serve: --ray needs Ray: {INSTALL_RAY}", file=sys.stderr)
         return 2
     try:
-        deployment_options(settings, args, 0)
+        deployment_options(settings, 0)
     except ValueError as exc:
         print(f"nova serve: {exc}", file=sys.stderr)
         return 2
-    start(settings, args)
+    start(settings)
     log.info("Ray Serve: listening on http://%s:%d", settings.host, settings.port)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,8 +1,8 @@
 """HTTP: the routes, API-key checks, body reading and JSON parsing, response rendering, request ids.
 
 `POST /v1/embeddings` reads here top-down: keys and readiness, a request slot, the body (bounded), JSON (parsed
-off the event loop when large), the request forms (schemas.py), adapters and images (preparation.py), the
-queue (batcher.py), then the vectors rendered to JSON or base64 in the worker pool.
+off the event loop when large), the request forms (schemas.py), the request's vectors (pipeline.py), then the
+vectors rendered to JSON or base64 (in the worker pool when large).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from starlette.routing import Route
 
 from . import openapi
 from .adapters import lora_routes
-from .admission import wait_for_disconnect
 from .errors import ApiError, bad_request, request_id_var
+from .pipeline import ClientGone, EmbeddingResult, embed_request
 from .schemas import (
     LORA_LOAD_FIELDS,
     LORA_UNLOAD_FIELDS,
@@ -31,9 +31,8 @@ from .schemas import (
     parse_embedding_request,
     refuse_unknown_fields,
 )
-from .server import Server
+from .state import ServerState
 
-log = logging.getLogger("serve")
 access_log = logging.getLogger("serve.access")
 
 ROUTES = (
@@ -65,7 +64,7 @@ def _matches(token: str | None, keys: list[str]) -> bool:
     return ok and token is not None
 
 
-def require_api_key(server: Server, request: Request) -> None:
+def require_api_key(server: ServerState, request: Request) -> None:
     keys = list(server.settings.api_keys)
     if not keys:
         return
@@ -76,7 +75,7 @@ def require_api_key(server: Server, request: Request) -> None:
         raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
 
-def require_admin(server: Server, request: Request) -> None:
+def require_admin(server: ServerState, request: Request) -> None:
     key = server.settings.admin_api_key
     if not key:
         raise ApiError(403, "admin routes need the server to be started with --admin-api-key", code="admin_disabled")
@@ -88,7 +87,7 @@ def require_admin(server: Server, request: Request) -> None:
 # ---------------------------------------------------------------------- bodies
 
 
-async def read_body(server: Server, request: Request) -> bytes:
+async def read_body(server: ServerState, request: Request) -> bytes:
     limit = server.settings.payload_limit
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
@@ -121,7 +120,7 @@ def _parse_json(body: bytes):
         raise bad_request("request body is not valid JSON", code="invalid_json") from None
 
 
-async def read_json(server: Server, request: Request):
+async def read_json(server: ServerState, request: Request):
     body = await read_body(server, request)
     try:
         if len(body) > PARSE_IN_POOL_BYTES and server.preparer is not None:
@@ -132,7 +131,7 @@ async def read_json(server: Server, request: Request):
         raise
 
 
-async def read_json_object(server: Server, request: Request, fields) -> dict:
+async def read_json_object(server: ServerState, request: Request, fields) -> dict:
     """The body as a JSON object with no field outside `fields` (a 400 naming every unknown one)."""
     payload = await read_json(server, request)
     if not isinstance(payload, dict):
@@ -144,104 +143,40 @@ async def read_json_object(server: Server, request: Request, fields) -> dict:
 # ---------------------------------------------------------------------- embeddings
 
 
-async def embeddings(server: Server, request: Request) -> Response:
+async def embeddings(server: ServerState, request: Request) -> Response:
     require_api_key(server, request)
     server.require_ready()
     with server.slots.hold(server.batcher.retry_after):
         return await _embeddings(server, request)
 
 
-async def _embeddings(server: Server, request: Request) -> Response:
-    s, model, metrics = server.settings, server.model, server.metrics
-    started = time.perf_counter()
+async def _embeddings(server: ServerState, request: Request) -> Response:
+    s = server.settings
     payload = await read_json(server, request)
     try:
         req = parse_embedding_request(
             payload, default_task=server.default_task, default_multivector=s.is_multi_vector_embeddings,
             max_items=s.max_client_batch_size, known_tasks=server.known_tasks,
         )
-        model_adapter = server.resolve_model_name(req.model)
-        req.model_label = req.model or s.primary_model_name
-        try:
-            model.check_dimensions(req.dimensions, req.return_multivector)
-        except ValueError as exc:
-            raise bad_request(str(exc), param="dimensions") from None
-        if req.prompt_set is not None and req.prompt_set not in model.config.prompt_sets:
-            raise bad_request(f"unknown prompt_set {req.prompt_set!r}; known: {sorted(model.config.prompt_sets)}",
-                              param="prompt_set")
-        server.preparer.route_adapters(model, req, model_adapter, server.gate)
-        images = await server.preparer.fetch_images(req)
-        server.batcher.preparing_started(len(req.items))
-        try:
-            rows = await server.preparer.prepare(model, req, images)
-        finally:
-            server.batcher.preparing_done(len(req.items))
     except ApiError as exc:
-        metrics.rejected.labels(exc.code or str(exc.status)).inc()
-        raise
-
-    # admission: adapters (drain-aware) then queue budget, atomically on the event loop
-    adapters = [row.adapter for row in rows]
-    try:
-        server.gate.acquire(adapters)
-    except ApiError as exc:
-        metrics.rejected.labels(exc.code).inc()
+        server.metrics.rejected.labels(exc.code or str(exc.status)).inc()
         raise
     try:
-        ticket = server.batcher.submit([
-            {"prepared": row, "tokens": batch_cost(row), "adapter": row.adapter, "multivector": req.return_multivector,
-             "dimensions": None if req.return_multivector else req.dimensions}
-            for row in rows
-        ])
-    except ApiError:
-        for name in adapters:
-            server.gate.release(name)
-        raise
-    for item in req.items:
-        metrics.items.labels("+".join(k for k in ("text", "image", "image_embeds") if k in item)).inc()
-    queued = time.perf_counter()
-    metrics.request_preparation.observe(queued - started)
-
-    # The handler awaits its ticket alone (one wake-up when the rows are done); a client that goes away
-    # cancels the ticket from the watcher's callback, dropping its queued rows.
-    def client_gone(watcher: asyncio.Future) -> None:
-        if not watcher.cancelled():
-            log.info("client went away; dropped %d queued row(s)", server.batcher.cancel(ticket))
-
-    disconnect = asyncio.ensure_future(wait_for_disconnect(request))
-    disconnect.add_done_callback(client_gone)
-    try:
-        vectors = await ticket.future  # an ApiError of a row, or a bug (500), is raised here
-    except asyncio.CancelledError:
-        if not ticket.cancelled:  # this handler was cancelled (shutdown), not its client gone
-            server.batcher.cancel(ticket)
-            raise
-        metrics.rejected.labels("client_disconnected").inc()
+        result = await embed_request(server, request, req)
+    except ClientGone:
         return Response(status_code=499)
-    finally:
-        disconnect.cancel()
     answered = time.perf_counter()
-    metrics.request_inference.observe(answered - queued)
-    if sum(vector.size for vector in vectors) <= RENDER_INLINE_VALUES:  # cheaper than a hop to the pool
-        body = render_embeddings(req, vectors, rows)
+    if sum(vector.size for vector in result.vectors) <= RENDER_INLINE_VALUES:  # cheaper than a hop to the pool
+        body = render_embeddings(req, result)
     else:
-        body = await asyncio.get_running_loop().run_in_executor(server.preparer.pool, render_embeddings, req,
-                                                                 vectors, rows)
-    metrics.request_rendering.observe(time.perf_counter() - answered)
+        body = await asyncio.get_running_loop().run_in_executor(server.preparer.pool, render_embeddings, req, result)
+    server.metrics.request_rendering.observe(time.perf_counter() - answered)
     return Response(body, media_type="application/json")
 
 
-def batch_cost(row) -> int:
-    """A row's weight in the token budgets: its tokens, plus its image's patches before the 2x2 merge (the vision
-    tower runs on those, so an image costs more than its merged tokens say)."""
-    if row.pixel_values is None or row.image_grid_thw is None:
-        return row.num_tokens
-    return row.num_tokens + int(row.image_grid_thw.prod())
-
-
-def render_embeddings(req: EmbeddingRequest, vectors: list[np.ndarray], rows: list) -> bytes:
+def render_embeddings(req: EmbeddingRequest, result: EmbeddingResult) -> bytes:
     data = []
-    for i, vector in enumerate(vectors):
+    for i, (vector, row) in enumerate(zip(result.vectors, result.rows, strict=True)):
         entry: dict = {"object": "embedding", "index": i}
         if req.encoding_format == "base64":
             entry["embedding"] = base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode()
@@ -249,10 +184,10 @@ def render_embeddings(req: EmbeddingRequest, vectors: list[np.ndarray], rows: li
                 entry["shape"] = list(vector.shape)
         else:
             entry["embedding"] = vector.tolist()
-        if getattr(rows[i], "truncated", False):
+        if row.prepared.truncated:
             entry["truncated"] = True
         data.append(entry)
-    tokens = sum(row.num_tokens for row in rows)
+    tokens = result.tokens
     return json.dumps({
         "object": "list",
         "data": data,
@@ -264,7 +199,7 @@ def render_embeddings(req: EmbeddingRequest, vectors: list[np.ndarray], rows: li
 # ---------------------------------------------------------------------- the other routes
 
 
-def build_routes(server: Server) -> list[Route]:
+def build_routes(server: ServerState) -> list[Route]:
     settings = server.settings
 
     async def embeddings_route(request: Request) -> Response:
@@ -313,7 +248,7 @@ def build_routes(server: Server) -> list[Route]:
 class RequestContextMiddleware:
     """Pure ASGI: request id (X-Request-Id in and out), access log, per-route metrics."""
 
-    def __init__(self, app, server: Server):
+    def __init__(self, app, server: ServerState):
         self.app = app
         self.server = server
 

@@ -207,6 +207,8 @@ def test_no_import_cycles():
 
 def test_nothing_imports_the_command_lines():
     """`nova.cli` and `serve.cli` (`nova serve`) are the top of the graph: what they hold (flags, startup) is
-    theirs alone, and what another module needs from them belongs in a module below."""
-    back = [edge for edge in import_edges(REPO, PACKAGES) if edge.imported in COMMAND_LINES]
+    theirs alone, and what another module needs from them belongs in a module below. (`python -m nova`'s
+    `__main__` is the command line's other entry point, above it.)"""
+    back = [edge for edge in import_edges(REPO, PACKAGES)
+            if edge.imported in COMMAND_LINES and not edge.importer.endswith(".__main__")]
     assert not back, "modules importing a command line:\n" + "\n".join(f"  {edge}" for edge in back)

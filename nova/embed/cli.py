@@ -21,6 +21,7 @@ from nova.command import (
 )
 from nova.evaluation.errors import UserInputError
 from nova.model_config import ModelConfig, read_model_config
+from nova.ray_init import INSTALL_RAY
 
 from .inputs import plan_input
 from .job import Job
@@ -28,7 +29,6 @@ from .output import MANIFEST, RUN_FILES, OutputFolder, model_identity
 from .stages import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, EmbedOptions, ItemDefaults
 
 PROG = "nova embed"
-INSTALL_RAY = "pip install 'nova-embeddings[ray]'"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

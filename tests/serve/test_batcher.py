@@ -3,12 +3,14 @@ cost per forward is small against the padding it saves."""
 
 from __future__ import annotations
 
-from serve.batcher import Row
+from types import SimpleNamespace
+
 from serve.cost_model import BatchCostModel
+from serve.rows import EmbeddingRow
 
 
 def _rows(lengths):
-    return [Row(prepared=None, multivector=False, dimensions=None, ticket=None, position=i, tokens=n, adapter=None)
+    return [EmbeddingRow(SimpleNamespace(index=i, adapter=None), multivector=False, dimensions=None, tokens=n)
             for i, n in enumerate(lengths)]
 
 
@@ -83,21 +85,22 @@ def test_a_window_without_per_token_cost_drops_the_old_fit():
 def _batcher(max_wait_ms=0.0):
     import asyncio
 
-    from serve.backend import Backend
     from serve.batcher import Batcher
+    from serve.dispatcher import Dispatcher
     from serve.metrics import Metrics
 
     async def make():
-        batcher = Batcher(Backend(), max_batch_tokens=10_000, max_batch_size=64, max_wait_ms=max_wait_ms,
+        batcher = Batcher(Dispatcher(), max_batch_tokens=10_000, max_batch_size=64, max_wait_ms=max_wait_ms,
                           max_queue_tokens=100_000, metrics=Metrics())
-        batcher.submit([{"prepared": None, "tokens": 12, "adapter": None, "multivector": False, "dimensions": None}])
+        batcher.submit([EmbeddingRow(SimpleNamespace(index=0, adapter=None), multivector=False, dimensions=None,
+                                     tokens=12)])
         return batcher
 
     return asyncio.run(make())
 
 
 def test_an_idle_model_takes_a_lone_row_at_once_and_a_busy_one_paces_on_its_prediction():
-    """Pacing (pure logic, no clock asserted): no fixed wait when the backend is idle; `--max-wait-ms` only
+    """Pacing (pure logic, no clock asserted): no fixed wait when the dispatcher is idle; `--max-wait-ms` only
     bounds a wait for company; while one batch runs, the next is due one collation lead before its predicted
     end; with a batch already waiting, nothing is taken until the model frees a slot."""
     import math
@@ -105,14 +108,14 @@ def test_an_idle_model_takes_a_lone_row_at_once_and_a_busy_one_paces_on_its_pred
 
     batcher = _batcher()
     oldest = batcher._pending[0]
-    assert batcher.backend.idle() and batcher._take_at() <= time.monotonic()
+    assert batcher.dispatcher.idle() and batcher._take_at() <= time.monotonic()
     waiting = _batcher(max_wait_ms=200)
     assert waiting._take_at() == waiting._pending[0].enqueued + 0.2
-    backend = batcher.backend
-    backend._collate_seconds = 0.01
-    backend._in_backend, backend._busy_until = 1, time.monotonic() + 0.5  # one batch in, predicted to take 0.5 s
-    assert batcher._take_at() == backend._busy_until - 0.011
+    dispatcher = batcher.dispatcher
+    dispatcher._collate_seconds = 0.01
+    dispatcher._in_flight, dispatcher._busy_until = 1, time.monotonic() + 0.5  # one batch in, predicted to take 0.5 s
+    assert batcher._take_at() == dispatcher._busy_until - 0.011
     assert batcher._take_at() > oldest.enqueued
-    backend._in_backend = 2
+    dispatcher._in_flight = 2
     assert math.isinf(batcher._take_at())
 

@@ -68,11 +68,40 @@ def test_vllm_flag_name_is_an_alias_of_max_batch_tokens():
     (["--allow-image-urls"], "allowlist"),
     (["--load-lora", "a=/tmp"], "--enable-lora"),
     (["--lora-root", "/no/such/dir"], "not a directory"),
+    (["--replicas", "2"], "--replicas only apply with --ray"),
+    (["--ray", "--engine", "process"], "--engine process does not apply with --ray"),
 ])
 def test_bad_flag_combinations_exit_2(flags, message, capsys):
     args = _parser().parse_args(flags)
     assert cli.run(args) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["serve", "--bogus"], ["serve", "--max-batch-size", "0"]])
+def test_a_bad_flag_is_one_line_naming_the_subcommand(argv, capsys):
+    from nova.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nova serve: error: ") and "usage:" not in err, err
+
+
+def test_every_setting_has_exactly_one_flag_and_round_trips():
+    """Settings are defined once (config.py): every field is a flag, and flags -> Settings keeps every value."""
+    import dataclasses
+
+    from serve.config import Settings
+
+    parser = _parser()
+    dests = {action.dest for action in parser._actions if action.dest != "help"}
+    assert dests == {f.name for f in dataclasses.fields(Settings)}
+    settings = cli.settings_from_args(parser.parse_args(["--port", "9", "--api-key", "k", "--ray", "--replicas", "2",
+                                                         "--cuda-graphs", "--dtype", "float16"]))
+    assert (settings.port, settings.api_keys, settings.ray, settings.replicas, settings.cuda_graphs,
+            settings.dtype) == (9, ["k"], True, 2, True, "float16")
+    assert cli.settings_from_args(parser.parse_args([])) == Settings()
 
 
 

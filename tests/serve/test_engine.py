@@ -27,9 +27,11 @@ from serve_helpers import assert_close, assert_error, b64_png, decode_embedding,
 
 from nova.loading import load_model
 from serve.app import create_app
-from serve.backend import _row_error
 from serve.config import Settings
-from serve.engine import STOP, Job, ModelRunner, RequestTurns, _portable
+from serve.dispatcher import _row_error
+from serve.engine import ModelRunner
+from serve.engine.child import STOP, RequestTurns, _portable
+from serve.rows import EmbeddingRow
 
 ADMIN = {"Authorization": "Bearer admin-test-key"}
 
@@ -43,7 +45,7 @@ def children(pid: int) -> list[int]:
 
 
 def engine_pid(pid: int) -> int:
-    """The child running `serve.engine.engine_main` (multiprocessing also starts a resource tracker)."""
+    """The child running `serve.engine.child.engine_main` (multiprocessing also starts a resource tracker)."""
     for kid in children(pid):
         with open(f"/proc/{kid}/cmdline", "rb") as fh:
             if b"spawn_main" in fh.read():
@@ -217,7 +219,7 @@ def test_rows_and_item_errors_cross_processes_whole(tiny_model):
 def test_an_item_error_raised_by_the_model_reaches_its_client_as_that_items_error(tiny_model):
     """No valid request makes the forward raise an item error (preparation refuses bad items first), so this
     path is checked at its joints: the runner isolates the failing row, its error crosses the pipe's pickling
-    whole, and the backend names the row's place in its own request."""
+    whole, and the dispatcher names the row's place in its own request."""
     with pytest.raises(ValueError) as caught:
         tiny_model.processor.resolve("nope", index=0)
     item_error = type(caught.value)
@@ -232,8 +234,9 @@ def test_an_item_error_raised_by_the_model_reaches_its_client_as_that_items_erro
             return tiny_model.embed_prepared(rows, return_multivector, collated=collated)
 
     runner = ModelRunner(FailsOnRowOne())
-    jobs = [Job(tiny_model.processor.prepare_item(text, index=i), False, None) for i, text in enumerate(["a", "b"])]
-    outcomes, _ = runner.run(jobs, runner.collate(jobs))
+    rows = [EmbeddingRow.of(tiny_model.processor.prepare_item(text, index=i), multivector=False, dimensions=None)
+            for i, text in enumerate(["a", "b"])]
+    outcomes, _ = runner.run(rows, runner.collate(rows))
     outcomes = pickle.loads(pickle.dumps([_portable(o) for o in outcomes]))
     assert_close(outcomes[0], reference(tiny_model, "a"))
     error = _row_error(SimpleNamespace(position=3), outcomes[1])

@@ -22,7 +22,8 @@ def prepared_on(model, items, image_bytes=None) -> str:
     model.processor.prepare_item = recording
     try:
         req = EmbeddingRequest(model=None, items=items)
-        asyncio.run(preparer.prepare(model, req, image_bytes or {}))
+        routes = [model.processor.resolve_item(item) for item in items]
+        asyncio.run(preparer.prepare(model, req, routes, image_bytes or {}))
     finally:
         del model.processor.prepare_item
         preparer.close()

@@ -92,14 +92,14 @@ def test_ray_flags_without_ray_are_refused(run_cli):
 def test_replica_count_or_autoscaling_bounds_and_gpus():
     import argparse
 
-    from serve.config import Settings
-    from serve.ray_serve import add_ray_arguments, deployment_options
+    from serve import cli
+    from serve.ray_serve import deployment_options
 
     parser = argparse.ArgumentParser()
-    add_ray_arguments(parser)
+    cli.add_arguments(parser)
 
     def options(*argv, gpus=0.0):
-        return deployment_options(Settings(), parser.parse_args(["--ray", *argv]), gpus)
+        return deployment_options(cli.settings_from_args(parser.parse_args(["--ray", *argv])), gpus)
 
     assert options("--replicas", "3")["num_replicas"] == 3
     assert options()["num_replicas"] == 1 and options()["ray_actor_options"]["num_gpus"] == 0.0

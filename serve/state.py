@@ -1,10 +1,11 @@
-"""The server's parts and their life cycle: load the model (in a thread, `/health` is 503 meanwhile), load
-`--load-lora` adapters, warm up, start and stop the batcher and backend.
+"""The server's shared state and its life cycle: load the model (in a thread, `/health` is 503 meanwhile), load
+`--load-lora` adapters, warm up, start and stop the batcher and the dispatcher.
 
-A request's path, top-down: routes.py (auth, body, parse, render) -> schemas.py (three request forms -> items)
--> preparation.py (adapters routed, images fetched, items tokenized in a pool) -> admission.py (slots, adapter
-gate) -> batcher.py (queue, batch forming) -> backend.py -> engine.py (collate, forward: in the model's own
-process, or on threads of this one).
+A request's path, top-down: routes.py (auth, body, parse, render) -> schemas.py (three request forms -> one
+`EmbeddingRequest`) -> pipeline.py (the request's rows, admission, the queue, its vectors): preparation.py
+(adapters resolved, images fetched, items tokenized into `EmbeddingRow`s, rows.py) -> admission.py (slots,
+adapter gate) -> batcher.py (queue, batch forming) -> dispatcher.py -> engine/ (collate, forward: in the model's
+own process, or on threads of this one).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import logging
 import time
 
 from .admission import AdapterGate, RequestSlots
-from .backend import Backend
 from .batcher import Batcher
 from .config import Settings
+from .dispatcher import Dispatcher
 from .engine import ModelLoadFailed, ProcessEngine, ThreadEngine, load_model_for, prepare_for_serving
 from .errors import ApiError
 from .images import ImageFetcher, ImagePolicy
@@ -26,8 +27,8 @@ from .preparation import Preparer
 log = logging.getLogger("serve")
 
 
-class Server:
-    """Everything the routes share: settings, model, metrics, admission, batcher, backend, image fetcher."""
+class ServerState:
+    """Everything the routes share: settings, model, metrics, admission, batcher, dispatcher, image fetcher."""
 
     def __init__(self, settings: Settings, model=None):
         self.settings = settings
@@ -46,7 +47,7 @@ class Server:
             max_pixels=settings.max_image_pixels,
         ))
         self.preparer: Preparer | None = None
-        self.backend = Backend()
+        self.dispatcher = Dispatcher()
         self.batcher: Batcher | None = None
         self.known_tasks: frozenset[str] | None = None
         self.default_task = settings.default_task
@@ -81,7 +82,7 @@ class Server:
         s = self.settings
         self.preparer = Preparer(s, self.fetcher)
         self.batcher = Batcher(
-            self.backend, max_batch_tokens=s.max_batch_tokens, max_batch_size=s.max_batch_size,
+            self.dispatcher, max_batch_tokens=s.max_batch_tokens, max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms, max_queue_tokens=s.max_queue_tokens, metrics=self.metrics,
             on_row_done=lambda row: self.gate.release(row.adapter),
         )
@@ -114,7 +115,7 @@ class Server:
             self._failed(str(exc) if isinstance(exc, ModelLoadFailed) else f"{exc.__class__.__name__}: {exc}")
             return
         self.model = model
-        self.backend.engine = engine
+        self.dispatcher.engine = engine
         self.metrics.watch_prefix_cache(engine.prefix_cache_stats)
         self.gate = AdapterGate(list(model.list_adapters()))
         self.known_tasks = frozenset(model.config.task_routing)
@@ -136,13 +137,13 @@ class Server:
 
     async def shutdown(self) -> None:
         self._shutting_down = True
-        if self.backend.engine is None and self._starting_engine is not None:
+        if self.dispatcher.engine is None and self._starting_engine is not None:
             await self._starting_engine.stop()  # still loading: nothing to drain
         if hasattr(self, "_load_task") and not self._load_task.done():
             self._load_task.cancel()
         if self.batcher is not None:
             await self.batcher.stop()
-        await self.backend.stop()
+        await self.dispatcher.stop()
         await self.fetcher.aclose()
         if self.preparer is not None:
             self.preparer.close()

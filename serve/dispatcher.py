@@ -1,7 +1,7 @@
-"""The batch path's last stop: hand a batch to the engine (engine.py: the model's own process, or threads of
-this one) and its results back to the batcher.
+"""The batch path's last stop in the event loop: hand a batch to the engine (engine/: the model's own process,
+or threads of this one) and its results back to the batcher.
 
-Two batches at most are in the backend at once: one running and the next one being collated (or collated and
+Two batches at most are in flight at once: one running and the next one being collated (or collated and
 waiting), so that the forward never waits for host-side work. The engine returns float32 numpy vectors,
 matryoshka-truncated, with one device-to-host copy per batch; response encoding happens in the HTTP layer's
 worker pool.
@@ -17,20 +17,31 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
-from .engine import EngineExited, Job
+from .engine import Engine, EngineExited
 from .errors import ApiError, from_item_error
+from .rows import EmbeddingRow, RowOutcome
 
-log = logging.getLogger("serve.backend")
+log = logging.getLogger("serve.dispatcher")
 
-DEPTH = 2  # batches in the backend at once: one running, one collated ahead
+DEPTH = 2  # batches in flight at once: one running, one collated ahead
 
 
-class Backend:
-    def __init__(self, engine=None):
-        self.engine = engine  # set once the model is loaded (server.py)
-        self.on_batch_done: Callable[[list, list, float], None] = lambda batch, outcomes, elapsed: None
-        self._in_backend = 0  # batches collating, waiting or running
+class QueuedRow(Protocol):
+    """What the dispatcher reads of the batcher's queue entries (batcher.QueuedRow): the row to embed."""
+
+    row: EmbeddingRow
+
+
+class Dispatcher:
+    """Keeps the engine fed: batches from the batcher go to the engine at once (the engine collates one while
+    the other runs); the batcher paces itself on the predicted end of the running one."""
+
+    def __init__(self, engine: Engine | None = None):
+        self.engine = engine  # set once the model is loaded (state.py)
+        self.on_batch_done: Callable[[list[QueuedRow], list[RowOutcome], float], None] = lambda batch, outcomes, elapsed: None
+        self._in_flight = 0  # batches collating, waiting or running
         self._busy_until = 0.0  # predicted end of the last batch handed to the engine (monotonic)
         self._collate_seconds = 0.0
         self._tasks: set[asyncio.Task] = set()
@@ -38,10 +49,10 @@ class Backend:
     # ------------------------------------------------------------------ state the batcher paces on
 
     def idle(self) -> bool:
-        return self._in_backend == 0
+        return self._in_flight == 0
 
     def has_room(self) -> bool:
-        return self._in_backend < DEPTH
+        return self._in_flight < DEPTH
 
     def expected_free_at(self) -> float:
         """When the model thread should be free again (monotonic seconds): each batch submitted adds its
@@ -53,23 +64,23 @@ class Backend:
 
     # ------------------------------------------------------------------ running batches
 
-    def submit(self, batch: list, predicted_seconds: float) -> None:
+    def submit(self, batch: list[QueuedRow], predicted_seconds: float) -> None:
         """Start collating `batch` now and run it when the model thread is free (returns at once)."""
-        self._in_backend += 1
+        self._in_flight += 1
         now = time.monotonic()
         self._busy_until = max(self._busy_until, now + self.collate_lead()) + predicted_seconds
         task = asyncio.create_task(self._process(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _process(self, batch: list) -> None:
+    async def _process(self, batch: list[QueuedRow]) -> None:
         started = time.monotonic()
         try:
-            jobs = [Job(row.prepared, row.multivector, row.dimensions) for row in batch]
-            outcomes, collate_seconds, elapsed = await self.engine.embed(jobs)
-            self._collate_seconds = 0.8 * self._collate_seconds + 0.2 * collate_seconds
-            outcomes = [_row_error(row, o) if isinstance(o, Exception) else o
-                        for row, o in zip(batch, outcomes, strict=True)]
+            result = await self.engine.embed([queued.row for queued in batch])
+            self._collate_seconds = 0.8 * self._collate_seconds + 0.2 * result.collate_seconds
+            elapsed = result.forward_seconds
+            outcomes = [_row_error(queued.row, o) if isinstance(o, Exception) else o
+                        for queued, o in zip(batch, result.outcomes, strict=True)]
         except asyncio.CancelledError:
             raise
         except EngineExited as exc:  # logged once by the engine; the server is going down
@@ -79,8 +90,8 @@ class Backend:
             log.exception("the model engine failed a batch")
             outcomes, elapsed = [exc] * len(batch), time.monotonic() - started
         finally:
-            self._in_backend -= 1
-            if self._in_backend == 0:
+            self._in_flight -= 1
+            if self._in_flight == 0:
                 self._busy_until = time.monotonic()
         self.on_batch_done(batch, outcomes, elapsed)
 
@@ -91,7 +102,7 @@ class Backend:
             await self.engine.stop()
 
 
-def _row_error(row, exc: Exception) -> Exception:
+def _row_error(row: EmbeddingRow, exc: Exception) -> Exception:
     """An item error of this row -> its OpenAI error (naming the row's position in its request); anything else
     (a bug, a device failure) stays as it is and becomes a 500."""
     if isinstance(exc, ValueError):

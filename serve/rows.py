@@ -1,0 +1,64 @@
+"""The typed objects that cross the server's layers: one `EmbeddingRow` per input item, from the route that
+prepared it through admission, the batcher and the engine (in this process or the model's), and one
+`BatchResult` per forward on the way back.
+
+A row is built once (`EmbeddingRow.of`), after its item is tokenized and its adapter resolved; nothing
+downstream resolves, re-validates or reshapes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# What a row comes back as: its vector (float32; [dim] pooled, or [n_tokens, 128] multi-vector), or the
+# exception that row raised (its own request fails with it; the batch's other rows are unaffected).
+RowOutcome = np.ndarray | BaseException
+
+
+@dataclass(frozen=True, eq=False)
+class EmbeddingRow:
+    """One item on its way to the model: the tokenized item (a `PreparedItem` of the model's processor), what
+    to return, and its weight in the batcher's token budgets."""
+
+    prepared: Any  # PreparedItem (the model's remote code defines the class; the server never imports it)
+    multivector: bool  # per-token vectors instead of the pooled one
+    dimensions: int | None  # matryoshka truncation of the pooled vector; None: full size (always for multi)
+    tokens: int  # the weight in the token budgets: tokens, plus an image's vision-tower patches
+
+    @classmethod
+    def of(cls, prepared, *, multivector: bool, dimensions: int | None) -> EmbeddingRow:
+        return cls(prepared, multivector, None if multivector else dimensions, budget_tokens(prepared))
+
+    @property
+    def adapter(self) -> str | None:
+        """The adapter the processor resolved for this item (None: the base model)."""
+        return self.prepared.adapter
+
+    @property
+    def position(self) -> int:
+        """The item's index in its own request (errors name it)."""
+        return self.prepared.index
+
+    @property
+    def carries_image(self) -> bool:
+        return self.prepared.pixel_values is not None or self.prepared.image_embeds is not None
+
+
+def budget_tokens(prepared) -> int:
+    """A row's weight in the token budgets: its tokens, plus its image's patches before the 2x2 merge (the vision
+    tower runs on those, so an image costs more than its merged tokens say)."""
+    if prepared.pixel_values is None or prepared.image_grid_thw is None:
+        return prepared.num_tokens
+    return prepared.num_tokens + int(prepared.image_grid_thw.prod())
+
+
+@dataclass
+class BatchResult:
+    """One batch's answer from an engine: an outcome per row (in the batch's order) and where the time went."""
+
+    outcomes: list[RowOutcome]
+    collate_seconds: float
+    forward_seconds: float
