@@ -226,8 +226,8 @@ def measure_rate(clients: OpenLoopClients, url: str, rate: float, duration: floa
 
 
 def sweep(clients: OpenLoopClients, url: str, args, server_pid: int | None) -> list[RatePoint]:
-    """Doubling from --start-rate until the server falls behind, then --refine bisection steps (geometric)
-    between the last rate it kept up with and the first it did not."""
+    """Doubling from --start-rate until the server falls behind (halving instead if it falls behind at once),
+    then --refine bisection steps (geometric) between the last rate it kept up with and the first it did not."""
     points: list[RatePoint] = []
 
     def at(rate: float) -> RatePoint:
@@ -244,6 +244,11 @@ def sweep(clients: OpenLoopClients, url: str, args, server_pid: int | None) -> l
         else:
             bad = rate
             break
+    while good is None and bad is not None and bad > args.start_rate / 16:  # --start-rate was already too high
+        if at(bad / 2).kept_up:
+            good = bad / 2
+        else:
+            bad /= 2
     for _ in range(args.refine if good is not None and bad is not None else 0):
         middle = (good * bad) ** 0.5
         if at(middle).kept_up:
@@ -283,7 +288,9 @@ def start_server(args, port: int) -> subprocess.Popen:
                "--stand-in-row-ms", str(args.stand_in_row_ms), *common]
     else:
         cmd = [sys.executable, "-m", "nova.cli", "serve", args.model_dir, "--trust-remote-code", *common,
-               "--device", args.device, *(["--engine", args.engine] if args.engine else [])]
+               "--device", args.device, *(["--engine", args.engine] if args.engine else []),
+               *(["--torch-threads", str(args.torch_threads)] if args.torch_threads else []),
+               *(["--cuda-graphs"] if args.cuda_graphs else [])]
     print("server:", " ".join(cmd[1:]), flush=True)
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -323,8 +330,15 @@ def reference(args, sentences: list[str], row_budget: int) -> tuple[float, str]:
         return row_budget / cost.seconds(row_budget), f"the stand-in forward's capacity at {row_budget} rows a batch"
     from nova.loading import load_model
 
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     model = load_model(args.model_dir, device=None if args.device == "auto" else args.device)
-    model.encode(sentences, batch_size=32, show_progress=False)  # warm-up
+    if args.cuda_graphs:
+        model.configure_cuda_graphs(True, max_rows=max(args.encode_batch_sizes))
+    for size in args.encode_batch_sizes:  # warm-up: every batch shape's first forward (and graph capture)
+        model.encode(sentences, batch_size=size, show_progress=False)
     best, best_size = 0.0, 0
     for size in args.encode_batch_sizes:
         rate = max(in_process(model, sentences, size) for _ in range(2))
@@ -346,6 +360,11 @@ def main() -> int:
                         help="random-weight config without --model (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="(default: %(default)s)")
     parser.add_argument("--engine", default=None, choices=["process", "thread"], help="server --engine")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="intra-op threads of the forward, server (--torch-threads) and in-process alike; 1 keeps "
+                             "a busy shared machine from spin-waiting (default: torch's own)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="the forward replayed through CUDA graphs, server (--cuda-graphs) and in-process alike")
     parser.add_argument("--stand-in-ms", type=float, default=None,
                         help="serve a stand-in forward of this fixed cost per batch (serve/stand_in.py)")
     parser.add_argument("--stand-in-row-ms", type=float, default=0.0, help="the stand-in's cost per row")

@@ -5,10 +5,12 @@
 #      one-time cost of new batch shapes (padded to a multiple of 16 and of 1), fp16 and bf16 against fp32
 #      on the full shape;
 #   2. bench/bench_server.py --device cuda, unchanged, on the "small" random config: one sentence per request,
-#      with the client threads in one process, then in four (4 items per request on this config: measured
-#      twice, bench/results/2026-11-27-h100*);
-#   3. 4 items per request and one sentence per request on the full 3B shape, random bf16 weights written on
-#      the GPU (`nova tiny --size full`).
+#      client threads in one process (4 items per request on this config: measured twice,
+#      bench/results/2026-11-27-h100*);
+#   3. on the full 3B shape, random bf16 weights written on the GPU (`nova tiny --size full`): open-loop load
+#      (bench/bench_load.py: Poisson arrivals from 8 client processes, swept to saturation, with the clients'
+#      own CPU use; extra flags in OPEN_LOOP_ARGS, e.g. --cuda-graphs), then 4 items per request and one
+#      sentence per request, closed loop.
 # Each step has its own time limit, so one that hangs does not hide the others; logs go to $OUT (or
 # /tmp/nova-gpu) and the key lines are printed again at the end.
 #
@@ -49,11 +51,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 
 step check 220 "$PY" bench/gpu_check.py --device "$DEVICE" --size "${SIZE_CHECK:-full}" --json "$OUT/check.json"
 step small-sentences 90 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" --mode sentences
-# the same with the client threads in 4 processes: is one Python load generator what paces the server?
-step small-sentences-4p 60 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" \
-    --mode sentences --client-processes 4
+# whether one Python load generator paces the server: the open-loop step prints its client processes' CPU use
+load_model=(--model /tmp/nova-full)
+[ -z "${SKIP_FULL:-}" ] || load_model=(--size tiny)
+[ -n "${SKIP_FULL:-}" ] || step full-write 40 "$PY" -m nova.cli tiny /tmp/nova-full --size full --device "$DEVICE"
+# ~25 s to load the server and the in-process model, a few to warm up, ~6 s per rate: 80 s with these settings
+# shellcheck disable=SC2086  # OPEN_LOOP_ARGS: extra flags, word-split on purpose
+step open-loop 80 "$PY" bench/bench_load.py --device "$DEVICE" "${load_model[@]}" --client-processes 8 \
+    --start-rate 100 --duration 2 --drain 4 --refine 1 --sentences 256 --encode-batch-sizes 32,64 --closed-loop 32 \
+    ${OPEN_LOOP_ARGS:-}
 if [ -z "${SKIP_FULL:-}" ]; then
-    step full-write 40 "$PY" -m nova.cli tiny /tmp/nova-full --size full --device "$DEVICE"
     step full-items 70 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" --model /tmp/nova-full
     step full-sentences 100 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" --model /tmp/nova-full \
         --mode sentences
@@ -61,11 +68,12 @@ fi
 
 echo "=== summary"
 grep -h -e "^device:" -e " ok$" -e "FAIL" -e "P50" -e "here (" -e "padded to a multiple" -e "target " -e "cuda graphs:" -e "three adapters / one" "$OUT/check.log"
-for name in small-sentences small-sentences-4p full-items full-sentences; do
+for name in small-sentences open-loop full-items full-sentences; do
     [ -f "$OUT/$name.log" ] || continue
     echo "--- $name"
     grep -h -e "^model:" -e "in-process encode" -e "^ \+[0-9]\+ " -e "target" -e "mixed-adapter" -e "instructions" \
-        -e "beyond" -e "HTTP errors" -e "server over the run" -e "where a request" "$OUT/$name.log"
+        -e "beyond" -e "HTTP errors" -e "server over the run" -e "where a request" -e "^ *rate " -e "^ \+[0-9.]\+ " \
+        -e "^saturation" -e "^lone request" -e "^closed loop" -e "^reference" "$OUT/$name.log"
 done
 if [ ${#failed[@]} -gt 0 ]; then
     echo "FAILED: ${failed[*]}"
