@@ -79,6 +79,8 @@ def test_bad_training_data(tmp_path, lines, message):
         (lambda d: write_jsonl(d / "t.jsonl", [{"query": "q", "positive": "p"}]), ["--resume"], "no checkpoint under"),
         (lambda d: write_jsonl(d / "t.jsonl", [{"query": "q", "positive": "p"}]), ["--temperature", "0"],
          "--temperature must be positive"),
+        (lambda d: write_jsonl(d / "t.jsonl", [{"query": "q", "positive": "p"}]), ["--mini-batch-size", "0"],
+         "--mini-batch-size must be at least 1"),
         (lambda d: write_jsonl(d / "t.jsonl", [{"query": "q", "positive": "p"}]), ["--targets", "projector"],
          "only reaches the vision tower, but"),
     ],
