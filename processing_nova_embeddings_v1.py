@@ -20,7 +20,15 @@ from PIL import Image
 from transformers import Qwen2Tokenizer, Qwen2VLImageProcessorPil
 
 from .fetching_nova_embeddings_v1 import FetchError, UrlFetcher
-from .images_nova_embeddings_v1 import ImageRefused, base64_bytes, checked_rgb, data_url_bytes, open_image
+from .inputs_nova_embeddings_v1 import (
+    ImageRefused,
+    InputRefused,
+    base64_bytes,
+    check_item,
+    checked_rgb,
+    data_url_bytes,
+    open_image,
+)
 
 CHAT_TEMPLATE_FILE = "chat_template.json"
 IMAGE_PLACEHOLDER = "<|image_pad|>"
@@ -28,7 +36,6 @@ IMAGE_PLACEHOLDER = "<|image_pad|>"
 PLAIN_VARIABLES = ("instructions", "prompt", "text")
 _SENTINEL = "\ue000nova:{}\ue000"
 _SENTINELS = re.compile("\ue000nova:(" + "|".join(PLAIN_VARIABLES) + ")\ue000")
-ITEM_KEYS = {"task", "text", "image", "image_embeds", "image_grid_thw", "adapter", "instructions"}
 NO_ADAPTER = ("none", "base")
 
 DEFAULT_INSTRUCTION_TEMPLATE = "<|im_start|>system\n{{ instructions }}<|im_end|>\n"
@@ -188,7 +195,7 @@ def load_chat_templates(path: str | os.PathLike | None) -> dict:
 def decode_image(source, *, index: int | None, allow_paths: bool, max_image_pixels: int,
                  fetcher: UrlFetcher | None = None) -> Image.Image:
     """PIL image, path, bytes, base64, data: URL or (only when a `fetcher` is given) http(s) URL -> RGB image,
-    by the rules the server applies too (images_nova_embeddings_v1)."""
+    by the rules the server applies too (inputs_nova_embeddings_v1)."""
     try:
         if isinstance(source, Image.Image):
             return checked_rgb(source, max_pixels=max_image_pixels)
@@ -361,24 +368,18 @@ class NovaEmbeddingsV1Processor:
             item = {"text": item}
         if not isinstance(item, dict):
             raise item_error(index, f"an item must be a string or an object, not {type(item).__name__}")
-        unknown = set(item) - ITEM_KEYS
-        if unknown:
-            raise item_error(index, f"unknown field(s) {sorted(unknown)}; allowed: {sorted(ITEM_KEYS)}")
+        try:
+            check_item(item)
+        except InputRefused as exc:
+            raise item_error(index, str(exc), code=exc.code, field=exc.field) from None
         text = item.get("text")
-        if text is not None and not isinstance(text, str):
-            raise item_error(index, f"'text' must be a string, not {type(text).__name__}")
         has_image = item.get("image") is not None or item.get("image_embeds") is not None
-        if text is None and not has_image:
-            raise item_error(index, "an item needs 'text', 'image' or 'image_embeds'")
-        if item.get("image") is not None and item.get("image_embeds") is not None:
-            raise item_error(index, "give either 'image' or 'image_embeds', not both")
         task, prompt, adapter = astuple(route or self.resolve_item(item, index=index, prompt_set=prompt_set))
         instructions = item.get("instructions", instructions)
         if instructions is not None and not isinstance(instructions, str):
-            raise item_error(index, f"'instructions' must be a string, not {type(instructions).__name__}")
+            raise item_error(index, f"'instructions' must be a string, not {type(instructions).__name__}",
+                             field="instructions")
         instructions = instructions or None
-        if text == "":
-            raise item_error(index, "'text' is empty")
         for name, value in (("text", text), ("instructions", instructions)):
             if value:
                 _check_text(value, name, index)

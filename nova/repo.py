@@ -11,7 +11,7 @@ MODEL_CODE_FILES = (
     "processing_nova_embeddings_v1.py",
     "lora_nova_embeddings_v1.py",
     "fetching_nova_embeddings_v1.py",
-    "images_nova_embeddings_v1.py",
+    "inputs_nova_embeddings_v1.py",
     "caching_nova_embeddings_v1.py",
     "vision_nova_embeddings_v1.py",
     "graphs_nova_embeddings_v1.py",

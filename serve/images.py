@@ -24,7 +24,7 @@ from PIL import Image
 # One definition of "a public address", and one of image bytes and their decoding, for the server and the
 # in-process API (modules of the model's remote code that import nothing else of it).
 from fetching_nova_embeddings_v1 import address_is_public as ip_is_public
-from images_nova_embeddings_v1 import ImageRefused, base64_bytes, data_url_bytes, open_image
+from inputs_nova_embeddings_v1 import ImageRefused, base64_bytes, data_url_bytes, open_image
 
 MAX_REDIRECTS = 3
 

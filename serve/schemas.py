@@ -14,23 +14,14 @@ Every refusal names the offending field in `param` (`input[3].image`).
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
+
+from inputs_nova_embeddings_v1 import ITEM_FIELDS, InputRefused, check_item, unknown_fields_message
 
 from .errors import ApiError, bad_request
 
 # The fields of each JSON body, with their OpenAPI schemas: the parsers refuse any other field (a typo never
 # passes silently) and /openapi.json publishes these, so what is documented is what is accepted.
-ITEM_FIELDS: dict[str, dict] = {
-    "text": {"type": "string"},
-    "image": {"type": "string", "description": "base64, data: URL, or http(s) URL (only with --allow-image-urls)"},
-    "image_embeds": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
-    "image_grid_thw": {"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 3},
-    "task": {"type": "string", "description": "retrieval, retrieval.query, retrieval.passage, text-matching, code, "
-                                              "code.query, code.passage"},
-    "adapter": {"type": ["string", "null"], "description": "adapter name, or 'none' for the base model"},
-    "instructions": {"type": ["string", "null"], "description": "overrides the request-level instructions"},
-}
 ITEM_KEYS = frozenset(ITEM_FIELDS)
 ENCODING_FORMATS = ("float", "base64")
 _FORMAT = {"type": "string", "enum": list(ENCODING_FORMATS)}
@@ -68,18 +59,10 @@ def refuse_unknown_fields(payload: dict, known, *, where: str = "", prefix: str 
     """A 400 naming every field of `payload` outside `known` (OpenAI refuses unrecognized arguments too), with a
     "did you mean" for near misses, so that `"dimension": 32` is never read as "no truncation asked for".
     `where` prefixes the param (`input[3].`), `prefix` the message (`item 3: `)."""
-    unknown = [key for key in payload if key not in known]
-    if not unknown:
-        return
-    named = []
-    for key in unknown:
-        near = difflib.get_close_matches(key.lower(), sorted(known), n=1, cutoff=0.6)
-        named.append(f"{key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-    raise bad_request(
-        f"{prefix}unknown field{'s' if len(unknown) > 1 else ''} {', '.join(named)}; accepted fields: "
-        f"{', '.join(sorted(known))}",
-        param=f"{where}{unknown[0]}", code="unknown_field",
-    )
+    message = unknown_fields_message(payload, known)
+    if message:
+        first = next(key for key in payload if key not in known)
+        raise bad_request(prefix + message, param=f"{where}{first}", code="unknown_field")
 
 
 @dataclass
@@ -229,8 +212,8 @@ def _parse_item(raw: object, i: int, request_task: str, known_tasks, forms: set[
             continue
         if not isinstance(value, str):
             raise bad_request(f"item {i}: '{key}' must be a string", param=f"{where}.{key}")
-        if key in ("text", "image") and not value:
-            raise bad_request(f"item {i}: '{key}' is empty", param=f"{where}.{key}")
+        if key == "image" and not value:
+            raise bad_request(f"item {i}: 'image' is empty", param=f"{where}.image")
         item[key] = value
     if "instructions" in raw:
         item["instructions"] = raw["instructions"] or None  # explicit null/"" overrides request-level
@@ -248,10 +231,10 @@ def _parse_item(raw: object, i: int, request_task: str, known_tasks, forms: set[
         forms.add("nova")
     elif raw.get("image_grid_thw") is not None:
         raise bad_request(f"item {i}: 'image_grid_thw' only goes with 'image_embeds'", param=f"{where}.image_grid_thw")
-    if "image" in item and "image_embeds" in item:
-        raise bad_request(f"item {i}: give either 'image' or 'image_embeds', not both", param=where)
-    if not any(k in item for k in ("text", "image", "image_embeds")):
-        raise bad_request(f"item {i}: needs at least one of 'text', 'image', 'image_embeds'", param=where)
+    try:
+        check_item(item)
+    except InputRefused as exc:
+        raise bad_request(f"item {i}: {exc}", param=f"{where}.{exc.field}" if exc.field else where) from None
     return item
 
 

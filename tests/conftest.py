@@ -203,7 +203,7 @@ def _write_embed_corpus(folder: Path, n: int = 1000):
         if "image" in item:
             item["image"] = str(folder / item["image"])
         good[row["id"]] = item
-    bad = {"bad-empty": "'text' is empty", "bad-image": "image could not be decoded",
+    bad = {"bad-empty": "'text' is empty", "bad-image": "not a supported image",
            "#no-id": "no 'id'", "#not-json": "not valid JSON", "bad-task": "unknown task"}
     bad_rows = [json.dumps({"id": "bad-empty", "text": ""}), json.dumps({"id": "bad-image", "image": "broken.png"}),
                 json.dumps({"text": "a row without an id"}), "{not json", json.dumps({"id": "bad-task", "text": "x",

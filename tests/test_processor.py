@@ -132,7 +132,7 @@ def test_truncation_keeps_markup_and_image(tiny_model, image):
         ({"task": "retrieval"}, "item 4: an item needs 'text', 'image' or 'image_embeds'"),
         ({"text": 5}, "item 4: 'text' must be a string"),
         ({"text": "x", "colour": 1}, "item 4: unknown field"),
-        ({"image": "bm90IGFuIGltYWdl"}, "item 4: image could not be decoded"),
+        ({"image": "bm90IGFuIGltYWdl"}, "item 4: not a supported image"),
         ({"image": "%%%"}, "item 4: image is not an existing file, a data: URL or valid base64"),
         ({"image": "http://example.com/a.png"}, "item 4: image URLs are not fetched"),
         ({"text": "a \ue000nova:text\ue000 b"}, "item 4: 'text' contains the processor's internal marker"),

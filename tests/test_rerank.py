@@ -113,7 +113,7 @@ def test_top_n_keeps_the_best_and_ties_keep_input_order(tiny_model):
     (QUERY, ["fine", ""], {}, "item 1: 'text' is empty"),
     (QUERY, ["fine", 7], {}, "item 1: must be a string or an object"),
     (QUERY, [{"task": "code.passage", "text": "x"}], {}, "item 0: 'task' is set"),
-    (QUERY, [{"text": "x", "color": "red"}], {}, "item 0: unknown field(s) ['color']"),
+    (QUERY, [{"text": "x", "color": "red"}], {}, "item 0: unknown field 'color'; accepted fields: adapter,"),
     (QUERY, TEXTS, {"task": "retrieval.query"}, "give it without its side, 'retrieval'"),
     (QUERY, TEXTS, {"task": "poetry"}, "unknown rerank task 'poetry'; known: code, retrieval, text-matching"),
     (QUERY, TEXTS, {"scoring": "bm25"}, "unknown scoring 'bm25'; known: maxsim, cosine"),

@@ -13,9 +13,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from inputs_nova_embeddings_v1 import ITEM_FIELDS as MODEL_ITEM_FIELDS
 from nova.evaluation.errors import UserInputError
 
-ITEM_FIELDS = ("text", "image", "task", "adapter", "instructions")
+# The columns an input row's item is read from: the model's item fields, less the precomputed image embeddings
+# (a corpus carries images, not vision-tower outputs).
+ITEM_FIELDS = tuple(key for key in MODEL_ITEM_FIELDS if key not in ("image_embeds", "image_grid_thw"))
 
 
 class InputError(UserInputError):

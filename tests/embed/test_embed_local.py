@@ -97,7 +97,7 @@ def test_parquet_with_image_bytes_and_beir_folder(run_cli, tiny_model, image, tm
     for key, vector in zip(("t", "i"), want, strict=True):
         assert float(got[key] @ vector) >= 0.9999
     errors = (tmp_path / "out" / "_errors.jsonl").read_text()
-    assert '"id": "junk"' in errors and "image could not be decoded" in errors
+    assert '"id": "junk"' in errors and "not a supported image" in errors
 
     beir = tmp_path / "beir"
     beir.mkdir()

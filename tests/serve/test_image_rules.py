@@ -1,5 +1,5 @@
 """One image rule for both doors: an image that `encode()` accepts, the server accepts with the same vector; one
-that `encode()` refuses, the server refuses with a 4xx naming the item (images_nova_embeddings_v1)."""
+that `encode()` refuses, the server refuses with a 4xx naming the item (inputs_nova_embeddings_v1)."""
 
 from __future__ import annotations
 
