@@ -74,6 +74,7 @@ def build_demo(backend):  # noqa: C901 - one function that lays out the page and
         CachedEncoder,
         Settings,
         Variant,
+        compare_scorings,
         parse_candidates,
         run_comparison,
         token_pair,
@@ -170,6 +171,13 @@ def build_demo(backend):  # noqa: C901 - one function that lays out the page and
                 token_candidate = gr.Dropdown([], label="Candidate", elem_id="nova-token-candidate")
             token_html = gr.HTML(elem_id="nova-token-view")
 
+        with gr.Accordion("Late interaction vs pooled cosine", open=False, elem_id="nova-scorings-accordion"):
+            gr.Markdown("The query against the candidates (passages or page images) under the baseline settings "
+                        "(no instructions), ranked by pooled cosine and by late interaction (MaxSim over "
+                        "multi-vectors) side by side.")
+            scorings_button = gr.Button("Rank both ways", elem_id="nova-scorings-run")
+            scorings_html = gr.HTML(elem_id="nova-scorings")
+
         state = gr.State(None)
 
         # ---- handlers ---------------------------------------------------------------------------------
@@ -184,6 +192,23 @@ def build_demo(backend):  # noqa: C901 - one function that lays out the page and
             for _ in panels:
                 hidden += [gr.update(visible=False), "", "", None]
             return [message, *hidden, None, gr.update(choices=[], value=None), gr.update(choices=[], value=None), ""]
+
+        def failure_html(exc: Exception) -> str:
+            """Bad input: its message. A bug or a model failure: a message here, the traceback in the log."""
+            if isinstance(exc, PlaygroundError):
+                message = str(exc)
+            else:
+                log.exception("embedding failed")
+                message = f"Something went wrong while embedding ({type(exc).__name__}: {exc}); see the server log."
+            gr.Warning(message)
+            return f'<div class="nova-error">⚠️ {html.escape(message)}</div>'
+
+        def rank_both_ways(q, cands, files, *rest):
+            try:
+                return views.scorings_html(compare_scorings(encoder, q, parse_candidates(cands, files),
+                                                            settings_from(*rest)))
+            except Exception as exc:  # noqa: BLE001 - failure_html tells bad input from a bug
+                return failure_html(exc)
 
         def token_view(comparison, variant_index: int, candidate_index: int) -> str:
             result, q_vec, c_vec, q_item, c_item = token_pair(encoder, comparison, variant_index, candidate_index)
@@ -201,14 +226,8 @@ def build_demo(backend):  # noqa: C901 - one function that lays out the page and
                 candidates = parse_candidates(cands, files)
                 variants = [Variant(name, box, ad) for name, box, ad in zip(VARIANT_NAMES, boxes, adapters_, strict=True)]
                 comparison = run_comparison(encoder, q, candidates, variants, settings)
-            except PlaygroundError as exc:
-                gr.Warning(str(exc))
-                return empty_outputs(f'<div class="nova-error">⚠️ {html.escape(str(exc))}</div>')
-            except Exception as exc:  # a bug or a model failure: a message here, the traceback in the log
-                log.exception("comparison failed")
-                message = f"Something went wrong while embedding ({type(exc).__name__}: {exc}); see the server log."
-                gr.Warning(message)
-                return empty_outputs(f'<div class="nova-error">⚠️ {html.escape(message)}</div>')
+            except Exception as exc:  # noqa: BLE001 - failure_html tells bad input from a bug
+                return empty_outputs(failure_html(exc))
             limits = views.shared_limits(comparison)
             outputs = []
             for slot in range(len(panels)):
@@ -274,6 +293,9 @@ def build_demo(backend):  # noqa: C901 - one function that lays out the page and
                   query_task, passage_task, adapter, scoring, dimension, instruct_candidates]
         outputs = [status] + [c for panel in panels for c in panel] + [state, token_variant, token_candidate, token_html]
         run_button.click(compare, inputs, outputs, concurrency_limit=2)
+        scorings_button.click(rank_both_ways, [query, candidates_text, images, query_task, passage_task, adapter,
+                                               scoring, dimension, instruct_candidates], scorings_html,
+                              concurrency_limit=2)
         for button, example in zip(example_buttons, EXAMPLES, strict=True):
             def fill(example=example):
                 return [example.query, example.candidates_text, example.image_paths or None, *example.variants,

@@ -8,7 +8,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +238,35 @@ def run_comparison(encoder: CachedEncoder, query: str | None, candidates: list[C
     for result in results:
         result.movement = rank_movement(results[0].ranks, result.ranks)
     return Comparison(query=query, candidates=candidates, settings=settings, results=results)
+
+
+@dataclass
+class ScoringComparison:
+    """The baseline (no instructions) ranked both ways: pooled cosine and late interaction (MaxSim)."""
+
+    query: str
+    candidates: list[Candidate]
+    cosine: VariantResult
+    maxsim: VariantResult
+
+    @property
+    def query_tokens(self) -> int:
+        """n_q: the query's multi-vector rows (MaxSim sums one best match per row, so it lies in [-n_q, n_q])."""
+        return len(self.maxsim.query_vector)
+
+    @property
+    def movement(self) -> list[int]:
+        """Positive: the candidate ranks higher by MaxSim than by cosine."""
+        return rank_movement(self.cosine.ranks, self.maxsim.ranks)
+
+
+def compare_scorings(encoder: CachedEncoder, query: str | None, candidates: list[Candidate],
+                     settings: Settings) -> ScoringComparison:
+    """One query against the candidates under the baseline settings, scored by pooled cosine (at the
+    settings' Matryoshka dimension) and by MaxSim, side by side."""
+    pooled = run_comparison(encoder, query, candidates, [], replace(settings, multivector=False))
+    late = run_comparison(encoder, query, candidates, [], replace(settings, multivector=True))
+    return ScoringComparison(pooled.query, candidates, pooled.results[0], late.results[0])
 
 
 def token_pair(encoder: CachedEncoder, comparison: Comparison, variant_index: int,

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from .compare import Comparison, VariantResult  # noqa: E402
+from .compare import Comparison, ScoringComparison, VariantResult  # noqa: E402
 from .scoring import Match, movement_label, token_similarities  # noqa: E402
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324",
@@ -57,6 +57,40 @@ def ranking_html(comparison: Comparison, index: int) -> str:
         f'<table class="nova-ranking" data-variant="{index}" data-metric="{name}">'
         f'<thead><tr><th>#</th><th title="rank movement against the baseline">move</th><th>{name}</th>'
         f"<th>candidate</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def scorings_html(comparison: ScoringComparison) -> str:
+    """Each candidate's rank and score by pooled cosine and by late interaction (MaxSim) side by side, in
+    MaxSim's order; "move" is the rank gained by MaxSim over cosine. MaxSim ÷ n_q puts MaxSim on cosine's
+    [-1, 1] scale (the same order)."""
+    n_q = comparison.query_tokens
+    late, pooled = comparison.maxsim, comparison.cosine
+    rows = []
+    for i in sorted(range(len(comparison.candidates)), key=lambda i: late.ranks[i]):
+        candidate, delta = comparison.candidates[i], comparison.movement[i]
+        cls = "up" if delta > 0 else "down" if delta < 0 else "same"
+        rows.append(
+            f'<tr class="nova-row" data-candidate="{candidate.label}" data-maxsim-rank="{late.ranks[i]}" '
+            f'data-maxsim="{late.scores[i]:.9g}" data-cosine-rank="{pooled.ranks[i]}" '
+            f'data-cosine="{pooled.scores[i]:.9g}" data-movement="{delta}">'
+            f'<td class="nova-cand" title="{html.escape(candidate.preview)}"><b>{candidate.label}</b> '
+            f"{html.escape(_clip(candidate.preview, 48))}</td>"
+            f'<td class="nova-rank">{pooled.ranks[i]}</td><td class="nova-score">{pooled.scores[i]:.4f}</td>'
+            f'<td class="nova-rank">{late.ranks[i]}</td><td class="nova-score">{late.scores[i]:.4f}</td>'
+            f'<td class="nova-score">{late.scores[i] / n_q:.4f}</td>'
+            f'<td class="nova-move nova-{cls}">{movement_label(delta)}</td></tr>'
+        )
+    agree = sum(d == 0 for d in comparison.movement)
+    top = "the same" if pooled.ranks.index(1) == late.ranks.index(1) else "a different"
+    return (
+        f'<p class="nova-scorings-summary">MaxSim puts {top} candidate first; {agree} of '
+        f"{len(comparison.candidates)} candidates keep their rank. The query has n_q = {n_q} multi-vector "
+        f"rows: MaxSim lies in [-{n_q}, {n_q}], cosine in [-1, 1].</p>"
+        f'<table class="nova-ranking nova-scorings" data-query-tokens="{n_q}">'
+        f"<thead><tr><th>candidate</th><th>#</th><th>pooled cosine</th><th>#</th><th>MaxSim</th>"
+        f'<th>MaxSim ÷ n_q</th><th title="ranks gained by MaxSim over cosine">move</th></tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table>"
     )
 

@@ -1,7 +1,7 @@
 """The playground in a real headless Chromium: in-process model, then against a running `nova serve`.
 
 Each flow loads the page, runs a pre-filled example, checks every variant's ranking and heatmap and that
-the scores shown equal `encode()` computed here, switches to multi-vector (MaxSim) and the token view,
+the scores shown equal `encode()` computed here, ranks the candidates by cosine and MaxSim side by side, switches to multi-vector (MaxSim) and the token view,
 uploads an image candidate, and triggers bad input (empty query, unreadable image) to see the message.
 """
 
@@ -108,6 +108,18 @@ def playground_flow(page, url, model, tag, atol):
     check_panels(page, model, MEDICAL, atol=atol)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"playground-{tag}.png"), full_page=True)
+
+    # 1b. the same candidates ranked by pooled cosine and by late interaction (MaxSim), side by side
+    page.click("#nova-scorings-accordion")
+    page.click("#nova-scorings-run")
+    rows = page.locator("#nova-scorings tr.nova-row")
+    rows.first.wait_for(timeout=TIMEOUT)
+    assert rows.count() == len(MEDICAL.candidates)
+    for kind, multivector in (("maxsim", True), ("cosine", False)):
+        expected = expected_scores(model, MEDICAL, None, multivector=multivector)
+        shown = {rows.nth(i).get_attribute("data-candidate"): float(rows.nth(i).get_attribute(f"data-{kind}"))
+                 for i in range(rows.count())}
+        assert [shown[f"C{i + 1}"] for i in range(len(expected))] == pytest.approx(expected, abs=max(atol, 1e-3))
 
     # 2. adapters: variant B on the base model (no adapter), variant C on an adapter loaded at run time
     #    (a copy of the code adapter, under a new name), and a matryoshka dimension when one is offered

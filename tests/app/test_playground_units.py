@@ -203,3 +203,41 @@ def test_server_backend_takes_its_routing_from_the_server(serve_url, tiny_model)
     item = {"task": "code.passage", "text": "def f(): pass"}
     rows = backend.encode([item], multivector=True, dimensions=None)[0]
     assert "".join(backend.token_labels(item, len(rows))) == "Passage: def f(): pass"
+
+
+def test_late_interaction_and_cosine_side_by_side_equal_model_rerank(tiny_model):
+    """The view's two rankings are `model.rerank()`'s (MaxSim and cosine) on the same query and candidates."""
+    import re
+
+    from nova.playground import views
+    from nova.playground.backends import InProcessBackend
+    from nova.playground.compare import compare_scorings
+
+    texts = ["revenue grew in the third quarter", "a recipe for apple pie", "headcount by team"]
+    chart = Path(__file__).resolve().parents[2] / "assets" / "chart_revenue.png"
+    candidates = parse_candidates("\n---\n".join(texts), [str(chart)])
+    comparison = compare_scorings(CachedEncoder(InProcessBackend(tiny_model)), "revenue by quarter", candidates,
+                                  Settings(multivector=False))
+    documents = [*texts, {"image": chart.read_bytes()}]
+    for result, scoring in ((comparison.maxsim, "maxsim"), (comparison.cosine, "cosine")):
+        want = tiny_model.rerank("revenue by quarter", documents, scoring=scoring)
+        assert [result.ranks.index(rank) for rank in range(1, len(texts) + 2)] == [r.index for r in want]
+        assert [result.scores[r.index] for r in want] == pytest.approx([r.score for r in want], rel=1e-5)
+    n_q = len(tiny_model.encode([{"task": "retrieval.query", "text": "revenue by quarter"}], return_multivector=True)[0])
+    assert comparison.query_tokens == n_q
+    assert comparison.movement == rank_movement(comparison.cosine.ranks, comparison.maxsim.ranks)
+
+    page = views.scorings_html(comparison)
+    rows = re.findall(r'data-candidate="(C\d)" data-maxsim-rank="(\d)" data-maxsim="([^"]+)" '
+                      r'data-cosine-rank="(\d)" data-cosine="([^"]+)" data-movement="(-?\d)"', page)
+    assert [int(r[1]) for r in rows] == [1, 2, 3, 4]  # MaxSim's order
+    for label, maxsim_rank, maxsim_score, cosine_rank, cosine_score, movement in rows:
+        i = int(label[1:]) - 1
+        assert (int(maxsim_rank), int(cosine_rank), int(movement)) == (
+            comparison.maxsim.ranks[i], comparison.cosine.ranks[i], comparison.movement[i])
+        assert float(maxsim_score) == pytest.approx(comparison.maxsim.scores[i], rel=1e-8)
+        assert float(cosine_score) == pytest.approx(comparison.cosine.scores[i], rel=1e-8)
+        assert f"{comparison.maxsim.scores[i] / n_q:.4f}" in page
+    assert f"MaxSim lies in [-{n_q}, {n_q}]" in page
+    with pytest.raises(PlaygroundError, match="the query box is empty"):
+        compare_scorings(CachedEncoder(InProcessBackend(tiny_model)), " ", candidates, Settings())
