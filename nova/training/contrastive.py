@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -114,13 +115,15 @@ class ContrastiveBatch:
     def candidates(self) -> list[dict]:
         return [t.positive for t in self.triplets] + [n for t in self.triplets for n in t.negatives]
 
+    @cached_property
     def ignore(self) -> torch.Tensor:
         """[B, P]: candidates that are the same passage as a row's positive (not counted as negatives)."""
         return duplicate_mask([item_key(t.positive) for t in self.triplets], [item_key(c) for c in self.candidates])
 
-    def negatives_per_query(self, ignore: torch.Tensor) -> float:
+    @property
+    def negatives_per_query(self) -> float:
         """What the loss contrasts each query with, on average: every candidate but its positive and duplicates."""
-        return float(ignore.shape[1] - 1 - ignore.float().sum(1).mean()) if len(self.triplets) else 0.0
+        return float(self.ignore.shape[1] - 1 - self.ignore.float().sum(1).mean())
 
 
 @dataclass
@@ -244,7 +247,7 @@ def contrastive_backward(batch: ContrastiveBatch, query_rows: list, positive_row
         if cached:
             mini.queries, mini.candidates = mini.queries.leaves(), mini.candidates.leaves()
 
-    ignore = batch.ignore()
+    ignore = batch.ignore
     queries = Embeddings.cat([m.queries for m in minis])
     positives = Embeddings.cat([m.candidates.rows(0, m.positives) for m in minis])
     negative_parts = [m.candidates.rows(m.positives, len(m.candidate_rows)) for m in minis]

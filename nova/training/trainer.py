@@ -555,7 +555,7 @@ class Trainer:
                                        mini_batch_size=cfg.mini_batch_size, temperature=cfg.temperature,
                                        processes=self.processes, device=self.inner.device, weight=weight)
         return BatchReport(outcome.loss, outcome.tokens, outcome.reached_adapter,
-                           batch.negatives_per_query(batch.ignore()), len(batch.triplets))
+                           batch.negatives_per_query, len(batch.triplets))
 
     def synchronize_gradients(self) -> None:
         """Each process holds its own part of the batch's gradient: the sum is the whole batch's."""

@@ -1,0 +1,154 @@
+"""What a large contrastive batch costs in `nova train`: peak memory and time per triplet of a batch of 512
+embedded 8 triplets at a time (GradCache), against a batch of 8 (what fits the same memory without the cache)
+and against the same 512 embedded in one graph (the uncached path).
+
+    python bench/bench_train.py                          # tiny checkpoint, CPU
+    python bench/bench_train.py --batch 1024 --mini 64 --model MODEL_DIR --device cuda --precision bf16
+
+Each case runs in a fresh process: `nova train`'s own Trainer (setup, then contrastive batches through
+`accumulate_gradients` and an AdamW step): one warm-up batch of the small size, then the measured steps.
+Memory, what the steps need on top of the loaded model:
+- CPU: the process's peak resident set from the warm-up on, minus its resident set before the warm-up (Linux
+  VmHWM, reset through /proc/self/clear_refs), so the weights and the interpreter cancel out;
+- CUDA: torch.cuda.max_memory_allocated from the warm-up on minus torch.cuda.memory_allocated before it.
+Time: wall time of the measured steps (after the warm-up) divided by their triplets. Data: the synthetic task
+with 3-word queries (enough distinct triplets for the batch), 3 hard negatives per triplet.
+
+Targets (issue 23): the cached batch of 512 within 10% of the batch of 8's memory, and its time per triplet
+within 1.5x of the uncached path's at the same batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def run_case(args) -> dict:
+    """One case in this process -> its measurements."""
+    import torch
+
+    from nova.training.data import BatchOrder
+    from nova.training.trainer import TrainConfig, Trainer
+
+    config = TrainConfig(data=args.data, out=args.out, model=args.model, rank=args.rank, batch_size=args.case_batch,
+                         mini_batch_size=args.case_mini, steps=10**6, progress=False, device=args.device,
+                         precision=args.precision, lr=1e-4)
+    trainer = Trainer(config, log=lambda message: None)
+    trainer.start()
+    trainer.setup()
+    trainer.peft_model.train()
+    cuda = trainer.inner.device.type == "cuda"
+
+    def optimizer_step(index: int) -> int:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        report = trainer.accumulate_gradients(index)
+        trainer.optimizer.step()
+        return report.triplets
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+        before = _status_kib("VmRSS") * 1024
+    measured_order = trainer.order
+    trainer.order = BatchOrder(measured_order.count, args.warmup_batch, config.seed)
+    optimizer_step(10**5)  # warm-up: allocator, lazy initializations
+    trainer.order = measured_order
+    started = time.perf_counter()
+    triplets = sum(optimizer_step(i) for i in range(args.case_steps))
+    if cuda:
+        torch.cuda.synchronize()
+        memory, how = torch.cuda.max_memory_allocated() - before, "torch.cuda.max_memory_allocated minus allocated before"
+    else:
+        memory, how = _status_kib("VmHWM") * 1024 - before, "peak RSS minus RSS before the steps (VmHWM delta)"
+    seconds = time.perf_counter() - started
+    return {"batch": args.case_batch, "mini": args.case_mini, "steps": args.case_steps, "triplets": triplets,
+            "seconds": round(seconds, 3), "s_per_triplet": seconds / triplets, "memory_bytes": memory,
+            "memory_measured_by": how, "device": str(trainer.inner.device)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=512, help="the large contrastive batch (default: %(default)s)")
+    parser.add_argument("--mini", type=int, default=8, help="mini-batch of the cached path, and the small batch "
+                                                            "(default: %(default)s)")
+    parser.add_argument("--small-steps", type=int, default=16,
+                        help="measured steps of the small batch (default: %(default)s)")
+    parser.add_argument("--large-steps", type=int, default=1,
+                        help="measured steps of each large-batch case (default: %(default)s)")
+    parser.add_argument("--model", help="model folder (default: the tiny random-weight checkpoint)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--no-uncached", action="store_true", help="skip the large batch in one graph")
+    # one case, in a child process
+    parser.add_argument("--case-batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--case-mini", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--case-steps", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup-batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case_batch:
+        print(json.dumps(run_case(args)))
+        return 0
+
+    from nova.training.synthetic import make_task
+
+    with tempfile.TemporaryDirectory() as folder:
+        data = make_task(Path(folder) / "task", words_per_query=3, train_queries=max(args.batch, 64) * 2,
+                         eval_queries=10, distractors=10)["train"]
+        cases = [("small", args.mini, args.mini, args.small_steps),
+                 ("cached", args.batch, args.mini, args.large_steps)]
+        if not args.no_uncached:
+            cases.append(("uncached", args.batch, args.batch, args.large_steps))
+        results = {}
+        for name, batch, mini, steps in cases:
+            command = [sys.executable, __file__, "--case-batch", str(batch), "--case-mini", str(mini), "--case-steps",
+                       str(steps), "--warmup-batch", str(args.mini), "--data", str(data),
+                       "--out", str(Path(folder) / name), "--device", args.device, "--rank", str(args.rank)]
+            command += ["--model", args.model] if args.model else []
+            command += ["--precision", args.precision] if args.precision else []
+            done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                return 1
+            results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+            r = results[name]
+            print(f"{name:9s} batch {batch:5d} mini-batch {mini:5d}: {r['triplets']} triplets in {r['seconds']:.1f} s "
+                  f"= {1000 * r['s_per_triplet']:.1f} ms/triplet; memory {r['memory_bytes'] / 2**20:,.0f} MiB "
+                  f"[{r['memory_measured_by']}]", flush=True)
+    small, cached = results["small"], results["cached"]
+    print(f"memory, cached batch {args.batch} / batch {args.mini}: "
+          f"{cached['memory_bytes'] / small['memory_bytes']:.2f}x (target <= 1.10x)")
+    if "uncached" in results:
+        uncached = results["uncached"]
+        print(f"memory, uncached batch {args.batch} / batch {args.mini}: "
+              f"{uncached['memory_bytes'] / small['memory_bytes']:.2f}x")
+        print(f"time per triplet, cached / uncached at batch {args.batch}: "
+              f"{cached['s_per_triplet'] / uncached['s_per_triplet']:.2f}x (target <= 1.5x)")
+    print(f"time per triplet, cached batch {args.batch} / batch {args.mini}: "
+          f"{cached['s_per_triplet'] / small['s_per_triplet']:.2f}x")
+    print(json.dumps({"args": {k: v for k, v in vars(args).items() if not k.startswith(("case_", "warmup"))
+                               and k not in ("data", "out")}, "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
