@@ -164,10 +164,14 @@ class OpenLoopClients:
         return [self.results.get() for _ in self.commands]
 
     def close(self) -> None:
+        """Ends the processes: at once if one is still in a run (this script was stopped mid-rate)."""
         for commands in self.commands:
             commands.put(None)
+        deadline = time.monotonic() + 5
         for worker in self.workers:
-            worker.join(timeout=10)
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
+            if worker.is_alive():
+                worker.terminate()
 
 
 # ------------------------------------------------------------------------------------------------ one rate
@@ -279,7 +283,7 @@ def row(p: RatePoint) -> str:
 
 
 def start_server(args, port: int) -> subprocess.Popen:
-    """`nova serve` on the model (or the stand-in server around it), in its own process group."""
+    """`nova serve` on the model (or the stand-in server around it)."""
     common = ["--port", str(port), "--log-level", "warning",
               *(["--max-batch-size", str(args.max_batch_size)] if args.max_batch_size else []),
               *(["--max-wait-ms", str(args.max_wait_ms)] if args.max_wait_ms is not None else [])]
@@ -292,8 +296,7 @@ def start_server(args, port: int) -> subprocess.Popen:
                *(["--torch-threads", str(args.torch_threads)] if args.torch_threads else []),
                *(["--cuda-graphs"] if args.cuda_graphs else [])]
     print("server:", " ".join(cmd[1:]), flush=True)
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def wait_healthy(url: str, server: subprocess.Popen | None, seconds: float = 600) -> None:
@@ -401,6 +404,8 @@ def main() -> int:
     print(f"CPUs: {os.cpu_count()}  model: {args.model_dir}  device: {args.device}  row budget: {row_budget}  "
           f"client processes: {args.client_processes}  {args.duration:g} s per rate", flush=True)
 
+    # a time limit (`timeout`, gpu_run.sh) ends this process with SIGTERM: stop the server and clients first
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     server = None
     if args.url:
         url = args.url.rstrip("/")
@@ -411,7 +416,8 @@ def main() -> int:
     clients = None
     try:
         wait_healthy(url, server)
-        run_sentence_clients(url, sentences[:128], 8)  # warm-up: first forwards, first shapes
+        # warm-up: first forwards, and batch shapes up to 64 rows (a GPU's first forward of a shape is slow)
+        run_sentence_clients(url, sentences[:256], 64)
         base, base_how = reference(args, sentences, row_budget)
         print(f"reference: {base:.1f} sentences/s, {base_how}", flush=True)
         lone = run_sentence_clients(url, sentences[:32], 1)
