@@ -8,15 +8,21 @@ prefixes, so the arithmetic is the uncached computation's, split in two.
 `PrefixCache` is the bounded store (LRU by bytes, counters); `PrefixKV` is the object handed to the
 backbone as its cache: it records each layer's key/values (to fill the store) and/or prepends a batch's
 padded prefix key/values. It implements only what the attention layers call (`update`), so it does not
-depend on the Cache classes that change between transformers releases.
+depend on the Cache classes that change between transformers releases. `PrefixCachingMixin` is how the model
+uses them (mixed into the model class).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 from collections import OrderedDict
 
 import torch
+
+from .lora_nova_embeddings_v1 import NO_ROUTE
+from .processing_nova_embeddings_v1 import PreparedItem
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
@@ -142,3 +148,97 @@ def attention_bias(prefix_lens: list[int] | None, lengths, width: int, dtype, de
 
 
 __all__ = ["PrefixCache", "PrefixKV", "attention_bias", "DEFAULT_MAX_BYTES"]
+
+
+class PrefixCachingMixin:
+    """How the model uses its `PrefixCache`: which batches it applies to, the rows' prefix key/values (cached,
+    or computed together in one forward and stored), and when cached ones go stale (a weight replaced, edited in
+    place or moved; an adapter changed). Mixed into the model class; it reads the model's `prefix_cache`, `lora`,
+    `model` (the backbone), `processor` and `device`."""
+
+    def _prefix_cache_applies(self, rows: list[PreparedItem]) -> bool:
+        """sdpa/eager attention (their additive masks express per-row prefixes; flash-attention 2 would need
+        varlen key lengths), and some row has a prefix to share. (Inference only: see `collate_rows`.)"""
+        return (self.prefix_cache.enabled
+                and self.model.config._attn_implementation in ("sdpa", "eager")
+                and any(row.prefix_len for row in rows))
+
+    def _weights_identity(self) -> tuple:
+        """Changes whenever a backbone weight is replaced, modified in place, or moved (dtype, device)."""
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.model.parameters())
+
+    def prefix_states(self, rows: list[PreparedItem], adapters: list[str | None]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the rows' prefix keys/values padded to the longest prefix: [B, kv_heads, P, head_dim].
+        Cached prefixes are reused; the missing ones are computed together in one forward and stored."""
+        cache = self.prefix_cache
+        cache.check_weights(self._weights_identity())
+        # the adapters' stacks are shared, so a change to any adapter (an in-place edit included) drops every
+        # adapter's prefixes; prefixes computed without an adapter stay
+        cache.check_weights(self.lora.weights_identity(), part="adapters", depends=lambda key: key[1] != NO_ROUTE)
+        param = self.model.embed_tokens.weight
+        keys = [(tuple(row.input_ids[: row.prefix_len]), self.lora.identity(adapter), param.dtype, param.device)
+                for row, adapter in zip(rows, adapters, strict=True)]
+        states: dict[tuple, list] = {}
+        missing: dict[tuple, str | None] = {}
+        for key, adapter in zip(keys, adapters, strict=True):
+            if key[0] and key not in states and key not in missing:
+                found = cache.get(key)
+                if found is None:
+                    missing[key] = adapter
+                else:
+                    states[key] = found
+        if missing:
+            computed = self._compute_prefixes([list(key[0]) for key in missing], list(missing.values()))
+            for key, layers in zip(missing, computed, strict=True):
+                cache.put(key, layers)
+                states[key] = layers
+        return self._pad_prefix_states(keys, states)
+
+    def _pad_prefix_states(self, keys: list[tuple], states: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the rows' prefix key/values as one [B, kv_heads, P, head_dim] pair, in a few ops per
+        layer whatever the batch size (on a GPU every op is a launch): one expanded view when every row
+        shares one prefix (the common case: one instruction on every query), else one scatter per distinct
+        prefix into zeros."""
+        rows_of: dict[tuple, list[int]] = {}
+        for i, key in enumerate(keys):
+            if key[0]:
+                rows_of.setdefault(key, []).append(i)
+        layers = range(len(self.model.layers))
+        if len(rows_of) == 1 and len(next(iter(rows_of.values()))) == len(keys):
+            only = states[next(iter(rows_of))]
+            return [tuple(t.unsqueeze(0).expand(len(keys), -1, -1, -1) for t in only[layer]) for layer in layers]
+        width = max(len(key[0]) for key in keys)
+        some = next(iter(states.values()))[0][0]
+        index = {key: torch.tensor(rows, device=some.device) for key, rows in rows_of.items()}
+        padded = []
+        for layer in layers:
+            shape = (len(keys), some.shape[0], width, some.shape[2])
+            k, v = torch.zeros(shape, dtype=some.dtype, device=some.device), torch.zeros(shape, dtype=some.dtype, device=some.device)
+            for key, rows in index.items():
+                n = len(key[0])
+                k[rows, :, :n], v[rows, :, :n] = states[key][layer]
+            padded.append((k, v))
+        return padded
+
+    def _compute_prefixes(self, prefixes: list[list[int]], adapters: list[str | None]) -> list[list[tuple]]:
+        """Key/values of several prefixes (text only), each through its adapter, in one forward."""
+        lengths = [len(ids) for ids in prefixes]
+        width = max(lengths)
+        input_ids = torch.full((len(prefixes), width), self.processor.pad_token_id, dtype=torch.long)
+        for i, ids in enumerate(prefixes):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+        positions = torch.arange(width).expand(3, len(prefixes), width)
+        recorder = PrefixKV(record=True)
+        with self.lora.route(adapters, [], [], 1):
+            embeds = self.model.embed_tokens(input_ids.to(self.device))
+            bias = attention_bias([0] * len(prefixes), lengths, width, embeds.dtype, embeds.device)
+            self.model(inputs_embeds=embeds, attention_mask={"full_attention": bias, "sliding_attention": bias},
+                       position_ids=positions.to(self.device), use_cache=False, **{self._cache_argument: recorder})
+        return [[(k[i, :, :n].clone(), v[i, :, :n].clone()) for k, v in (recorder.recorded[layer]
+                 for layer in range(len(self.model.layers)))] for i, n in enumerate(lengths)]
+
+    @functools.cached_property
+    def _cache_argument(self) -> str:
+        """The backbone's name for its cache argument (`cache` in newer transformers, `past_key_values` before);
+        read once, not on every batch."""
+        return "cache" if "cache" in inspect.signature(type(self.model).forward).parameters else "past_key_values"

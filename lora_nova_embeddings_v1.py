@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import threading
@@ -28,6 +29,7 @@ from .processing_nova_embeddings_v1 import NO_ADAPTER
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 NO_ROUTE = -1
+logger = logging.getLogger(__name__)
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
 
 
@@ -444,3 +446,99 @@ def _input_groups(modules: list[str]) -> dict[str, tuple[str, ...]]:
 
 
 __all__ = ["LoraRegistry", "LoraAdapter", "LoraGroup", "LoraRouting", "read_peft_folder", "normalize_module_name"]
+
+
+class AdapterMixin:
+    """The model's adapter API (`load_adapter`, `unload_adapter`, `list_adapters`, `adapter_state`, the task
+    adapters a checkpoint ships), next to the registry it drives. Mixed into the model class, as PEFT's
+    `PeftAdapterMixin` is into transformers' models; it reads the model's `lora`, `prefix_cache`, `processor`
+    and `config`."""
+
+    def record_absent_task_adapters(self, log: bool = True) -> None:
+        """Task adapters the checkpoint did not ship route their tasks to the base model; say so once, loudly.
+        (A task adapter unloaded later is not absent: its tasks then fail until it is loaded again.)"""
+        if self.processor is None:
+            return
+        routed = {route.get("adapter") for route in self.config.task_routing.values()} - {None}
+        absent = frozenset(routed - set(self.lora.adapters))
+        self.processor.absent_task_adapters = absent
+        if absent and log:
+            logger.warning("no weights for task adapter(s) %s: their tasks run on the base model",
+                           ", ".join(sorted(absent)))
+
+    def load_task_adapters(self, adapters_dir: str) -> list[str]:
+        """Jina V4's combined adapter folder (one PEFT folder, `lora_A.<task>`) or one PEFT folder per
+        adapter (`adapters/<name>/`). Folders without weights (a repo checkout without LFS files) are skipped."""
+        if not os.path.isdir(adapters_dir):
+            return []
+        if os.path.isfile(os.path.join(adapters_dir, "adapter_model.safetensors")):
+            return self.load_adapter(None, adapters_dir)
+        loaded = []
+        for name in sorted(os.listdir(adapters_dir)):
+            folder = os.path.join(adapters_dir, name)
+            if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
+                loaded += self.load_adapter(name, folder)
+        return loaded
+
+    @property
+    def max_loras(self) -> int:
+        return self.lora.max_loras
+
+    @property
+    def max_lora_rank(self) -> int:
+        return self.lora.max_lora_rank
+
+    def load_adapter(self, name: str | None, path: str) -> list[str]:
+        """Load a PEFT LoRA folder under `name`. A Jina V4 combined folder (name None) loads one adapter per
+        task it holds. `path` may also be the folder's `adapter_model.safetensors`. Validated completely before
+        anything changes; raises ValueError otherwise."""
+        path = peft_folder(str(path))
+        parts = read_peft_folder(path)
+        if name is None:
+            unnamed = [sub for sub in parts if not sub]
+            if unnamed:
+                raise ValueError(f"{path}: a standard PEFT folder needs an adapter name")
+            built = [self.lora.build(sub, config, pairs, str(path)) for sub, (config, pairs) in sorted(parts.items())]
+        else:
+            if len(parts) != 1:
+                raise ValueError(f"{path}: holds several adapters ({', '.join(sorted(parts))}); load it without a name")
+            (config, pairs), = parts.values()
+            check_targets(config, pairs, name)
+            built = [self.lora.build(name, config, pairs, str(path))]
+        self.lora.add(built)
+        return [adapter.name for adapter, _ in built]
+
+    def unload_adapter(self, name: str) -> None:
+        with self.lora.lock:
+            adapter_id = self.lora.identity(name) if name in self.lora.adapters else None
+            self.lora.remove(name)
+            self.prefix_cache.invalidate_adapter(adapter_id)
+
+    def list_adapters(self) -> dict[str, dict]:
+        return {name: adapter.describe() for name, adapter in sorted(self.lora.adapters.items())}
+
+    def adapter_state(self, name: str) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """A resident adapter's (PEFT config, {module: (lora_A, lora_B)}), as copies: to continue training it
+        or to check it is unchanged."""
+        with self.lora.lock:
+            adapter = self.lora.adapters.get(name)
+            if adapter is None:
+                raise ValueError(f"unknown adapter {name!r}; loaded: {', '.join(sorted(self.lora.adapters)) or 'none'}")
+            config = {**adapter.config, "r": adapter.rank, "lora_alpha": adapter.alpha}
+            weights = self.lora.weights(name)
+            return config, {module: (a.detach().clone(), b.detach().clone()) for module, (a, b) in weights.items()}
+
+
+def check_targets(config: dict, pairs: dict, name: str) -> None:
+    """A folder's declared target_modules must match the modules it carries weights for (PEFT semantics)."""
+
+    targets = config.get("target_modules")
+    if targets is None:
+        return
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        unmatched = [m for m in pairs if not pattern.fullmatch(m) and not pattern.fullmatch("base_model.model." + m)]
+    else:
+        unmatched = [m for m in pairs if not any(m == t or m.endswith("." + t) for t in targets)]
+    if unmatched:
+        raise ValueError(f"adapter {name!r}: weights for {unmatched[0]!r}, which target_modules {targets!r} does not name")

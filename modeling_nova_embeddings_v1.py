@@ -7,11 +7,8 @@ text/image batches correct), per-row LoRA routing in one forward pass, and `enco
 
 from __future__ import annotations
 
-import functools
 import importlib.util
-import inspect
 import os
-import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -21,10 +18,11 @@ from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel, Qwen2_5_VLTextModel
 from transformers.utils import logging
 
-from .caching_nova_embeddings_v1 import PrefixCache, PrefixKV, attention_bias
+from .caching_nova_embeddings_v1 import PrefixCache, PrefixCachingMixin, PrefixKV, attention_bias
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
 from .graphs_nova_embeddings_v1 import TextGraphs
-from .lora_nova_embeddings_v1 import NO_ROUTE, LoraRegistry, peft_folder, read_peft_folder
+from .jina_nova_embeddings_v1 import JinaV4Mixin
+from .lora_nova_embeddings_v1 import AdapterMixin, LoraRegistry
 from .processing_nova_embeddings_v1 import (
     ItemError,
     NovaEmbeddingsV1Processor,
@@ -39,7 +37,6 @@ from .vision_nova_embeddings_v1 import BatchedVisionTransformer
 logger = logging.get_logger(__name__)
 
 ADAPTERS_DIR = "adapters"
-JINA_TASKS = {"retrieval", "text-matching", "code"}
 
 
 def _progress(iterable, total: int, enabled: bool):
@@ -60,7 +57,7 @@ class NovaEmbeddingsV1PreTrainedModel(Qwen2_5_VLPreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
 
 
-class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
+class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaEmbeddingsV1PreTrainedModel):
     def __init__(self, config: NovaEmbeddingsV1Config):
         super().__init__(config)
         self.visual = BatchedVisionTransformer._from_config(config.vision_config)
@@ -134,82 +131,6 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
         self.processor = processor
         processor.adapter_names = lambda: set(self.lora.adapters)
         self.record_absent_task_adapters(log=False)
-
-    def record_absent_task_adapters(self, log: bool = True) -> None:
-        """Task adapters the checkpoint did not ship route their tasks to the base model; say so once, loudly.
-        (A task adapter unloaded later is not absent: its tasks then fail until it is loaded again.)"""
-        if self.processor is None:
-            return
-        routed = {route.get("adapter") for route in self.config.task_routing.values()} - {None}
-        absent = frozenset(routed - set(self.lora.adapters))
-        self.processor.absent_task_adapters = absent
-        if absent and log:
-            logger.warning("no weights for task adapter(s) %s: their tasks run on the base model",
-                           ", ".join(sorted(absent)))
-
-    def load_task_adapters(self, adapters_dir: str) -> list[str]:
-        """Jina V4's combined adapter folder (one PEFT folder, `lora_A.<task>`) or one PEFT folder per
-        adapter (`adapters/<name>/`). Folders without weights (a repo checkout without LFS files) are skipped."""
-        if not os.path.isdir(adapters_dir):
-            return []
-        if os.path.isfile(os.path.join(adapters_dir, "adapter_model.safetensors")):
-            return self.load_adapter(None, adapters_dir)
-        loaded = []
-        for name in sorted(os.listdir(adapters_dir)):
-            folder = os.path.join(adapters_dir, name)
-            if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
-                loaded += self.load_adapter(name, folder)
-        return loaded
-
-    # ---- adapters ------------------------------------------------------------------------------------
-
-    @property
-    def max_loras(self) -> int:
-        return self.lora.max_loras
-
-    @property
-    def max_lora_rank(self) -> int:
-        return self.lora.max_lora_rank
-
-    def load_adapter(self, name: str | None, path: str) -> list[str]:
-        """Load a PEFT LoRA folder under `name`. A Jina V4 combined folder (name None) loads one adapter per
-        task it holds. `path` may also be the folder's `adapter_model.safetensors`. Validated completely before
-        anything changes; raises ValueError otherwise."""
-        path = peft_folder(str(path))
-        parts = read_peft_folder(path)
-        if name is None:
-            unnamed = [sub for sub in parts if not sub]
-            if unnamed:
-                raise ValueError(f"{path}: a standard PEFT folder needs an adapter name")
-            built = [self.lora.build(sub, config, pairs, str(path)) for sub, (config, pairs) in sorted(parts.items())]
-        else:
-            if len(parts) != 1:
-                raise ValueError(f"{path}: holds several adapters ({', '.join(sorted(parts))}); load it without a name")
-            (config, pairs), = parts.values()
-            _check_targets(config, pairs, name)
-            built = [self.lora.build(name, config, pairs, str(path))]
-        self.lora.add(built)
-        return [adapter.name for adapter, _ in built]
-
-    def unload_adapter(self, name: str) -> None:
-        with self.lora.lock:
-            adapter_id = self.lora.identity(name) if name in self.lora.adapters else None
-            self.lora.remove(name)
-            self.prefix_cache.invalidate_adapter(adapter_id)
-
-    def list_adapters(self) -> dict[str, dict]:
-        return {name: adapter.describe() for name, adapter in sorted(self.lora.adapters.items())}
-
-    def adapter_state(self, name: str) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        """A resident adapter's (PEFT config, {module: (lora_A, lora_B)}), as copies: to continue training it
-        or to check it is unchanged."""
-        with self.lora.lock:
-            adapter = self.lora.adapters.get(name)
-            if adapter is None:
-                raise ValueError(f"unknown adapter {name!r}; loaded: {', '.join(sorted(self.lora.adapters)) or 'none'}")
-            config = {**adapter.config, "r": adapter.rank, "lora_alpha": adapter.alpha}
-            weights = self.lora.weights(name)
-            return config, {module: (a.detach().clone(), b.detach().clone()) for module, (a, b) in weights.items()}
 
     def configure_cuda_graphs(self, enabled: bool = True, **limits) -> None:
         """Replay text-only batches through CUDA graphs, one per shape bucket (graphs_nova_embeddings_v1.py).
@@ -331,95 +252,6 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
             out[:, i, start : start + count] = grid + p + start
             out[:, i, start + count : n] = np.arange(n - start - count) + p + start + max(t, h, w)
         return out
-
-    # ---- instruction prefix cache (caching_nova_embeddings_v1.py) --------------------------------------
-
-    def _prefix_cache_applies(self, rows: list[PreparedItem]) -> bool:
-        """sdpa/eager attention (their additive masks express per-row prefixes; flash-attention 2 would need
-        varlen key lengths), and some row has a prefix to share. (Inference only: see `collate_rows`.)"""
-        return (self.prefix_cache.enabled
-                and self.model.config._attn_implementation in ("sdpa", "eager")
-                and any(row.prefix_len for row in rows))
-
-    def _weights_identity(self) -> tuple:
-        """Changes whenever a backbone weight is replaced, modified in place, or moved (dtype, device)."""
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.model.parameters())
-
-    def prefix_states(self, rows: list[PreparedItem], adapters: list[str | None]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, the rows' prefix keys/values padded to the longest prefix: [B, kv_heads, P, head_dim].
-        Cached prefixes are reused; the missing ones are computed together in one forward and stored."""
-        cache = self.prefix_cache
-        cache.check_weights(self._weights_identity())
-        # the adapters' stacks are shared, so a change to any adapter (an in-place edit included) drops every
-        # adapter's prefixes; prefixes computed without an adapter stay
-        cache.check_weights(self.lora.weights_identity(), part="adapters", depends=lambda key: key[1] != NO_ROUTE)
-        param = self.model.embed_tokens.weight
-        keys = [(tuple(row.input_ids[: row.prefix_len]), self.lora.identity(adapter), param.dtype, param.device)
-                for row, adapter in zip(rows, adapters, strict=True)]
-        states: dict[tuple, list] = {}
-        missing: dict[tuple, str | None] = {}
-        for key, adapter in zip(keys, adapters, strict=True):
-            if key[0] and key not in states and key not in missing:
-                found = cache.get(key)
-                if found is None:
-                    missing[key] = adapter
-                else:
-                    states[key] = found
-        if missing:
-            computed = self._compute_prefixes([list(key[0]) for key in missing], list(missing.values()))
-            for key, layers in zip(missing, computed, strict=True):
-                cache.put(key, layers)
-                states[key] = layers
-        return self._pad_prefix_states(keys, states)
-
-    def _pad_prefix_states(self, keys: list[tuple], states: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, the rows' prefix key/values as one [B, kv_heads, P, head_dim] pair, in a few ops per
-        layer whatever the batch size (on a GPU every op is a launch): one expanded view when every row
-        shares one prefix (the common case: one instruction on every query), else one scatter per distinct
-        prefix into zeros."""
-        rows_of: dict[tuple, list[int]] = {}
-        for i, key in enumerate(keys):
-            if key[0]:
-                rows_of.setdefault(key, []).append(i)
-        layers = range(len(self.model.layers))
-        if len(rows_of) == 1 and len(next(iter(rows_of.values()))) == len(keys):
-            only = states[next(iter(rows_of))]
-            return [tuple(t.unsqueeze(0).expand(len(keys), -1, -1, -1) for t in only[layer]) for layer in layers]
-        width = max(len(key[0]) for key in keys)
-        some = next(iter(states.values()))[0][0]
-        index = {key: torch.tensor(rows, device=some.device) for key, rows in rows_of.items()}
-        padded = []
-        for layer in layers:
-            shape = (len(keys), some.shape[0], width, some.shape[2])
-            k, v = torch.zeros(shape, dtype=some.dtype, device=some.device), torch.zeros(shape, dtype=some.dtype, device=some.device)
-            for key, rows in index.items():
-                n = len(key[0])
-                k[rows, :, :n], v[rows, :, :n] = states[key][layer]
-            padded.append((k, v))
-        return padded
-
-    def _compute_prefixes(self, prefixes: list[list[int]], adapters: list[str | None]) -> list[list[tuple]]:
-        """Key/values of several prefixes (text only), each through its adapter, in one forward."""
-        lengths = [len(ids) for ids in prefixes]
-        width = max(lengths)
-        input_ids = torch.full((len(prefixes), width), self.processor.pad_token_id, dtype=torch.long)
-        for i, ids in enumerate(prefixes):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-        positions = torch.arange(width).expand(3, len(prefixes), width)
-        recorder = PrefixKV(record=True)
-        with self.lora.route(adapters, [], [], 1):
-            embeds = self.model.embed_tokens(input_ids.to(self.device))
-            bias = attention_bias([0] * len(prefixes), lengths, width, embeds.dtype, embeds.device)
-            self.model(inputs_embeds=embeds, attention_mask={"full_attention": bias, "sliding_attention": bias},
-                       position_ids=positions.to(self.device), use_cache=False, **{self._cache_argument: recorder})
-        return [[(k[i, :, :n].clone(), v[i, :, :n].clone()) for k, v in (recorder.recorded[layer]
-                 for layer in range(len(self.model.layers)))] for i, n in enumerate(lengths)]
-
-    @functools.cached_property
-    def _cache_argument(self) -> str:
-        """The backbone's name for its cache argument (`cache` in newer transformers, `past_key_values` before);
-        read once, not on every batch."""
-        return "cache" if "cache" in inspect.signature(type(self.model).forward).parameters else "past_key_values"
 
     # ---- embeddings ----------------------------------------------------------------------------------
 
@@ -569,62 +401,6 @@ class NovaEmbeddingsV1Model(NovaEmbeddingsV1PreTrainedModel):
     # defined in the scoring module, so the model class holds only its name.
     rerank = _rerank
 
-    # ---- Jina V4-compatible API ----------------------------------------------------------------------
-
-    def encode_text(
-        self,
-        texts,
-        task: str | None = None,
-        max_length: int = 32768,
-        batch_size: int = 8,
-        return_multivector: bool = False,
-        return_numpy: bool = False,
-        truncate_dim: int | None = None,
-        prompt_name: str | None = None,
-    ):
-        """Jina V4's `encode_text`: same arguments, same ids, same vectors."""
-        single = isinstance(texts, str)
-        task = _jina_task(task, prompt_name or "query")
-        items = [{"task": task, "text": text} for text in ([texts] if single else texts)]
-        out = self.encode(items, return_multivector=return_multivector, dimensions=truncate_dim,
-                          batch_size=batch_size, max_length=max_length)
-        return _jina_output(out, single, return_numpy, return_multivector)
-
-    def encode_image(
-        self,
-        images,
-        task: str | None = None,
-        batch_size: int = 8,
-        return_multivector: bool = False,
-        return_numpy: bool = False,
-        truncate_dim: int | None = None,
-        max_pixels: int | None = None,
-    ):
-        """Jina V4's `encode_image`: PIL images, paths, bytes, data URLs or http(s) URLs (fetched by the guarded
-        fetcher: public addresses only, size and time limits)."""
-        single = not isinstance(images, (list, tuple))
-        task = _jina_task(task, "query")
-        items = [{"task": task, "image": image} for image in ([images] if single else images)]
-        out = self.encode(items, return_multivector=return_multivector, dimensions=truncate_dim,
-                          batch_size=batch_size, max_pixels=max_pixels)
-        return _jina_output(out, single, return_numpy, return_multivector)
-
-
-def _jina_task(task: str | None, prompt_name: str) -> str:
-    task = task or "retrieval"
-    if task not in JINA_TASKS:
-        raise ValueError(f"unknown task {task!r}; Jina V4 tasks: {', '.join(sorted(JINA_TASKS))}")
-    if prompt_name not in ("query", "passage"):
-        raise ValueError(f"prompt_name must be 'query' or 'passage', got {prompt_name!r}")
-    return task if task == "text-matching" else f"{task}.{prompt_name}"
-
-
-def _jina_output(out: list[torch.Tensor], single: bool, return_numpy: bool, multivector: bool):
-    if return_numpy:
-        out = [v.numpy() for v in out]
-        if not multivector and not single:
-            return np.stack(out)
-    return out[0] if single else out
 
 
 def non_finite_error(row: PreparedItem, dtype: torch.dtype) -> ItemError:
@@ -635,21 +411,6 @@ def non_finite_error(row: PreparedItem, dtype: torch.dtype) -> ItemError:
     adapter = f" (adapter {row.adapter!r})" if row.adapter else ""
     return item_error(row.index, f"the {str(dtype).removeprefix('torch.')} forward gave a non-finite vector"
                                  f"{adapter}; {advice}", code="non_finite_embedding")
-
-
-def _check_targets(config: dict, pairs: dict, name: str) -> None:
-    """A folder's declared target_modules must match the modules it carries weights for (PEFT semantics)."""
-
-    targets = config.get("target_modules")
-    if targets is None:
-        return
-    if isinstance(targets, str):
-        pattern = re.compile(targets)
-        unmatched = [m for m in pairs if not pattern.fullmatch(m) and not pattern.fullmatch("base_model.model." + m)]
-    else:
-        unmatched = [m for m in pairs if not any(m == t or m.endswith("." + t) for t in targets)]
-    if unmatched:
-        raise ValueError(f"adapter {name!r}: weights for {unmatched[0]!r}, which target_modules {targets!r} does not name")
 
 
 # transformers >= 4.52 nests the backbone as `model.language_model` / `model.visual`; Jina V4 and Nova use

@@ -16,6 +16,7 @@ MODEL_CODE_FILES = (
     "vision_nova_embeddings_v1.py",
     "graphs_nova_embeddings_v1.py",
     "scoring_nova_embeddings_v1.py",
+    "jina_nova_embeddings_v1.py",
     "modeling_nova_embeddings_v1.py",
 )
 # The sentence-transformers module (modules.json points at it); it imports the model code above.
