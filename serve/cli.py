@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     log = logging.getLogger("serve")
     if replicated:
         log_startup_warnings(settings, log)
-        from .ray_serve import run_replicated
+        from .replicas.launch import run_replicated
 
         return run_replicated(settings)
     try:

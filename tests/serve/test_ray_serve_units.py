@@ -1,4 +1,4 @@
-"""`nova serve --ray` parts that need no Ray (serve/ray_serve.py). The adapter coordinator, driven directly: a change
+"""`nova serve --ray` parts that need no Ray (serve/replicas/). The adapter coordinator, driven directly: a change
 commits only when every live replica acknowledged it, and is rolled back everywhere when one failed."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from serve.ray_serve import AdapterCoordinator, merge_metrics
+from serve.replicas.coordinator import AdapterCoordinator
+from serve.replicas.metrics import merge_metrics
 
 
 class Replica:
@@ -93,7 +94,7 @@ def test_replica_count_or_autoscaling_bounds_and_gpus():
     import argparse
 
     from serve import cli
-    from serve.ray_serve import deployment_options
+    from serve.replicas.launch import deployment_options
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
