@@ -22,6 +22,7 @@ DEFAULT_MAX_WAIT_MS = 0.0  # no fixed wait: batches form while the model is busy
 DEFAULT_MAX_QUEUE_TOKENS = 262_144
 DEFAULT_MAX_CONCURRENT_REQUESTS = 512
 DEFAULT_MAX_CLIENT_BATCH_SIZE = 32
+DEFAULT_MAX_RERANK_DOCUMENTS = 1000  # Cohere's rerank API takes up to 1000 documents a request
 DEFAULT_MAX_INPUT_TOKENS = 8_192
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 DEFAULT_MAX_IMAGE_BYTES = 10_000_000
@@ -151,6 +152,9 @@ class Settings:
     # limits
     max_client_batch_size: int = setting(DEFAULT_MAX_CLIENT_BATCH_SIZE, group="limits", type=positive_int,
                                          help="items per request; more answers 413")
+    max_rerank_documents: int = setting(
+        DEFAULT_MAX_RERANK_DOCUMENTS, group="limits", type=positive_int,
+        help="documents per rerank request (/v1/rerank, TEI's /rerank); more answers 413")
     payload_limit: int = setting(DEFAULT_PAYLOAD_LIMIT, group="limits", type=positive_int,
                                  help="request body bytes; more answers 413", default_text="2000000 = 2 MB")
     max_input_tokens: int = setting(

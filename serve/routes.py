@@ -24,6 +24,7 @@ from . import openapi
 from .adapters import lora_routes
 from .errors import ApiError, bad_request, request_id_var
 from .pipeline import ClientGone, EmbeddingResult, embed_request
+from .rerank import rerank_routes
 from .schemas import (
     LORA_LOAD_FIELDS,
     LORA_UNLOAD_FIELDS,
@@ -32,12 +33,15 @@ from .schemas import (
     refuse_unknown_fields,
 )
 from .state import ServerState
+from .tei import PATHS as TEI_PATHS
+from .tei import tei_routes
 
 access_log = logging.getLogger("serve.access")
 
 ROUTES = (
     "/v1/embeddings", "/embeddings", "/v1/models", "/health", "/metrics", "/openapi.json",
     "/v1/internal/lora", "/v1/internal/lora/load", "/v1/internal/lora/unload",
+    "/v1/rerank", "/v2/rerank", *TEI_PATHS,
 )
 # The JSON bodies of the admin routes (serve/adapters.py), by route: their fields are schemas.py's.
 ADMIN_BODY_FIELDS = {"/v1/internal/lora/load": LORA_LOAD_FIELDS, "/v1/internal/lora/unload": LORA_UNLOAD_FIELDS}
@@ -239,6 +243,8 @@ def build_routes(server: ServerState) -> list[Route]:
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi_doc, methods=["GET"]),
+        *rerank_routes(server, require_api_key=require_api_key, read_json=read_json),
+        *tei_routes(server, require_api_key=require_api_key, read_json_object=read_json_object),
         *lora_routes(server, require_admin=lambda request: require_admin(server, request),
                      read_json=lambda request: read_json_object(server, request,
                                                                 ADMIN_BODY_FIELDS[request.scope["route"].path])),

@@ -164,7 +164,7 @@ def parse_embedding_request(
 
     items: list[dict] = []
     for i, raw_item in enumerate(raw_items):
-        items.append(_parse_item(raw_item, i, request_task, known_tasks, forms))
+        items.append(parse_item(raw_item, i, request_task, known_tasks, forms))
     if task is not None:
         forms.add("jina")
     if instructions is not None or multivector is not None:
@@ -184,25 +184,29 @@ def parse_embedding_request(
     )
 
 
-def _parse_item(raw: object, i: int, request_task: str, known_tasks, forms: set[str]) -> dict:
-    where = f"input[{i}]"
+def parse_item(raw: object, i: int | None, request_task: str, known_tasks, forms: set[str], *,
+               field: str = "input") -> dict:
+    """One item (a string or an object) -> the item dict the model takes; a 400 naming it (`param`
+    `{field}[i].key`, message `item i: ...`; `i` None: a lone item such as a rerank's query, `{field}.key`)."""
+    where = field if i is None else f"{field}[{i}]"
+    prefix = f"{field}: " if i is None else f"item {i}: "
     if isinstance(raw, str):
         if not raw:
-            raise bad_request(f"item {i}: text is empty", param=where)
+            raise bad_request(f"{prefix}text is empty", param=where)
         forms.add("openai")
         return {"task": request_task, "text": raw}
     if isinstance(raw, list):
-        raise bad_request(f"item {i}: token-id input is not supported; send text", param=where)
+        raise bad_request(f"{prefix}token-id input is not supported; send text", param=where)
     if not isinstance(raw, dict):
-        raise bad_request(f"item {i}: must be a string or an object", param=where)
-    refuse_unknown_fields(raw, ITEM_FIELDS, where=f"{where}.", prefix=f"item {i}: ")
+        raise bad_request(f"{prefix}must be a string or an object", param=where)
+    refuse_unknown_fields(raw, ITEM_FIELDS, where=f"{where}.", prefix=prefix)
     item: dict = {}
     task = raw.get("task")
     if task is not None:
         if not isinstance(task, str):
-            raise bad_request(f"item {i}: 'task' must be a string", param=f"{where}.task")
+            raise bad_request(f"{prefix}'task' must be a string", param=f"{where}.task")
         if known_tasks is not None and task not in known_tasks:
-            raise bad_request(f"item {i}: unknown task {task!r}; known tasks: {', '.join(sorted(known_tasks))}",
+            raise bad_request(f"{prefix}unknown task {task!r}; known tasks: {', '.join(sorted(known_tasks))}",
                               param=f"{where}.task")
         forms.add("nova")
     item["task"] = task or request_task
@@ -211,9 +215,9 @@ def _parse_item(raw: object, i: int, request_task: str, known_tasks, forms: set[
         if value is None:
             continue
         if not isinstance(value, str):
-            raise bad_request(f"item {i}: '{key}' must be a string", param=f"{where}.{key}")
+            raise bad_request(f"{prefix}'{key}' must be a string", param=f"{where}.{key}")
         if key == "image" and not value:
-            raise bad_request(f"item {i}: 'image' is empty", param=f"{where}.image")
+            raise bad_request(f"{prefix}'image' is empty", param=f"{where}.image")
         item[key] = value
     if "instructions" in raw:
         item["instructions"] = raw["instructions"] or None  # explicit null/"" overrides request-level
@@ -221,36 +225,36 @@ def _parse_item(raw: object, i: int, request_task: str, known_tasks, forms: set[
     if "adapter" in raw:
         forms.add("nova")
     if raw.get("image_embeds") is not None:
-        item["image_embeds"] = _parse_image_embeds(raw["image_embeds"], i, where)
+        item["image_embeds"] = _parse_image_embeds(raw["image_embeds"], prefix, where)
         grid = raw.get("image_grid_thw")
         if not (isinstance(grid, list) and len(grid) == 3
                 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in grid)):
-            raise bad_request(f"item {i}: 'image_embeds' needs 'image_grid_thw': [t, h, w] (positive integers)",
+            raise bad_request(f"{prefix}'image_embeds' needs 'image_grid_thw': [t, h, w] (positive integers)",
                               param=f"{where}.image_grid_thw")
         item["image_grid_thw"] = grid
         forms.add("nova")
     elif raw.get("image_grid_thw") is not None:
-        raise bad_request(f"item {i}: 'image_grid_thw' only goes with 'image_embeds'", param=f"{where}.image_grid_thw")
+        raise bad_request(f"{prefix}'image_grid_thw' only goes with 'image_embeds'", param=f"{where}.image_grid_thw")
     try:
         check_item(item)
     except InputRefused as exc:
-        raise bad_request(f"item {i}: {exc}", param=f"{where}.{exc.field}" if exc.field else where) from None
+        raise bad_request(f"{prefix}{exc}", param=f"{where}.{exc.field}" if exc.field else where) from None
     return item
 
 
-def _parse_image_embeds(value: object, i: int, where: str):
+def _parse_image_embeds(value: object, prefix: str, where: str):
     if not isinstance(value, list) or not value:
-        raise bad_request(f"item {i}: 'image_embeds' must be a non-empty list of equal-length number lists",
+        raise bad_request(f"{prefix}'image_embeds' must be a non-empty list of equal-length number lists",
                           param=f"{where}.image_embeds")
     width = None
     for row in value:
         if not isinstance(row, list) or not row or not all(
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in row
         ):
-            raise bad_request(f"item {i}: 'image_embeds' must be a list of number lists",
+            raise bad_request(f"{prefix}'image_embeds' must be a list of number lists",
                               param=f"{where}.image_embeds")
         if width is None:
             width = len(row)
         elif len(row) != width:
-            raise bad_request(f"item {i}: 'image_embeds' rows differ in length", param=f"{where}.image_embeds")
+            raise bad_request(f"{prefix}'image_embeds' rows differ in length", param=f"{where}.image_embeds")
     return value
