@@ -40,6 +40,7 @@ import os
 import random
 import resource
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -82,53 +83,73 @@ class ClientRun:
     most_late_s: float  # how far behind its schedule the process sent a request, at most
 
 
+class Connections:
+    """Up to `most` keep-alive connections, one httpx client each, lent to one request at a time. (One shared
+    client's pool scans every connection, and for each idle one counts the idle ones again, at each request's
+    start and end (httpcore 1.0): with hundreds of connections that cost the client more than the server.)"""
+
+    def __init__(self, url: str, most: int, timeout: float):
+        tls = ssl.create_default_context()  # built once: httpx builds one per client otherwise (~0.1 s each)
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        self.clients = [httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, verify=tls)
+                        for _ in range(most)]
+        self.idle = list(self.clients)
+        self.free = asyncio.Semaphore(most)  # requests beyond `most` in flight wait here
+
+    async def post(self, path: str, body: dict) -> httpx.Response:
+        async with self.free:
+            http = self.idle.pop()
+            try:
+                return await http.post(path, json=body)
+            finally:
+                self.idle.append(http)
+
+    async def open(self, count: int) -> None:
+        """Connect `count` of them now, as a long-running client has its connections open."""
+        await asyncio.gather(*(http.get("/health") for http in self.clients[:count]))
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(http.aclose() for http in self.clients))
+
+
 async def _open_loop(url: str, sentences: list[str], rate: float, duration: float, start_at: float,
                      drain_s: float, seed: int, connections: int) -> ClientRun:
     rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    async with httpx.AsyncClient(base_url=url, timeout=duration + drain_s + 60, limits=limits) as http:
-        # connections opened before the clock, as a long-running client has them
-        await asyncio.gather(*(http.get("/health") for _ in range(min(connections, 16))))
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-        t0, wall0 = time.perf_counter(), time.time()
-        cpu0 = _cpu_seconds()
-        results: list[tuple[float, float, int]] = []
-        most_late = 0.0
+    pool = Connections(url, connections, timeout=duration + drain_s + 60)
+    await pool.open(min(connections, 16))
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    t0, wall0 = time.perf_counter(), time.time()
+    cpu0 = _cpu_seconds()
+    results: list[tuple[float, float, int]] = []
+    most_late = 0.0
 
-        # Requests beyond `connections` in flight wait here, not in httpx's pool: the pool re-scans its whole
-        # queue against every connection at each request's start and end (httpcore 1.0), quadratic in what
-        # waits there once the server falls behind, which would make the client the limit past saturation.
-        free_connections = asyncio.Semaphore(connections)
+    async def one(sentence: str, scheduled: float) -> None:
+        try:
+            status = (await pool.post("/v1/embeddings", {"input": sentence, "encoding_format": "base64"})).status_code
+        except httpx.HTTPError:
+            status = 0
+        results.append((scheduled, time.perf_counter() - t0 - scheduled, status))
 
-        async def one(sentence: str, scheduled: float) -> None:
-            try:
-                async with free_connections:
-                    response = await http.post("/v1/embeddings",
-                                               json={"input": sentence, "encoding_format": "base64"})
-                status = response.status_code
-            except httpx.HTTPError:
-                status = 0
-            results.append((scheduled, time.perf_counter() - t0 - scheduled, status))
-
-        tasks = []
-        at = rng.expovariate(rate)
-        while at < duration:
-            delay = t0 + at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            else:
-                most_late = max(most_late, -delay)
-                await asyncio.sleep(0)  # let answers in even while behind
-            tasks.append(asyncio.create_task(one(sentences[len(tasks) % len(sentences)], at)))
-            at += rng.expovariate(rate)
-        sent = len(tasks)
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=max(0.0, t0 + duration + drain_s - time.perf_counter()))
-            for task in pending:
-                task.cancel()
-        ended = wall0 + max((s + lat for s, lat, _ in results), default=0.0)
-        cpu = _cpu_seconds() - cpu0
-    return ClientRun(results, sent - len(results), wall0, ended, cpu, most_late)
+    tasks = []
+    at = rng.expovariate(rate)
+    while at < duration:
+        delay = t0 + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        else:
+            most_late = max(most_late, -delay)
+            await asyncio.sleep(0)  # let answers in even while behind
+        tasks.append(asyncio.create_task(one(sentences[len(tasks) % len(sentences)], at)))
+        at += rng.expovariate(rate)
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, t0 + duration + drain_s - time.perf_counter()))
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    ended = wall0 + max((s + lat for s, lat, _ in results), default=0.0)
+    cpu = _cpu_seconds() - cpu0
+    await pool.aclose()
+    return ClientRun(results, len(tasks) - len(results), wall0, ended, cpu, most_late)
 
 
 def _cpu_seconds() -> float:
