@@ -27,7 +27,7 @@ LOAD_SECONDS = 4.0  # to share a busy 2-core machine and one GIL without falling
 SATURATED_QUEUE = 2 * ROW_BUDGET  # rows waiting in the batcher from which the run counts as saturated
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def stand_in_server(server_model_factory, start_server):
     model = StandInModel(server_model_factory(), ForwardCost(FORWARD_MS))
     server = start_server(model=model, engine="thread", max_batch_size=ROW_BUDGET)
