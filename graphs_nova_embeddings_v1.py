@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .caching_nova_embeddings_v1 import attention_bias
+from .processing_nova_embeddings_v1 import TokenBatch
 
 
 @dataclass(frozen=True)
@@ -79,14 +80,14 @@ class StaticForward:
         with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = self.forward(model)
 
-    def fill(self, batch: dict, position_ids: torch.Tensor, slots: list[int], no_slot: int) -> None:
+    def fill(self, batch: TokenBatch, position_ids: torch.Tensor, slots: list[int], no_slot: int) -> None:
         """Copy a batch (host tensors) into the buffers: one host-to-device copy per buffer."""
         rows, length = self.bucket.rows, self.bucket.length
-        n = batch["input_ids"].shape[0]
+        n = batch.input_ids.shape[0]
         ids = torch.full((rows, length), self.pad_token_id, dtype=torch.long)
-        ids[:n] = batch["input_ids"]
+        ids[:n] = batch.input_ids
         lengths = torch.ones(rows, dtype=torch.long)
-        lengths[:n] = batch["attention_mask"].sum(1)
+        lengths[:n] = batch.attention_mask.sum(1)
         positions = torch.zeros(3, rows, length, dtype=torch.long)
         positions[:, :n] = position_ids
         self.input_ids.copy_(ids, non_blocking=True)
@@ -147,16 +148,16 @@ class TextGraphs:
         self._identity = None
         self.stats.memory_bytes = 0
 
-    def run(self, model, batch: dict, prefix_kv, position_ids: torch.Tensor, adapters: list[str | None],
+    def run(self, model, batch: TokenBatch, prefix_kv, position_ids: torch.Tensor, adapters: list[str | None],
             multivector: bool):
         """(hidden, projected) of `batch` through its bucket's graph, or None where the batch runs eagerly."""
-        if not self.enabled or prefix_kv is not None or batch["image_rows"] or torch.is_grad_enabled():
+        if not self.enabled or prefix_kv is not None or batch.image_rows or torch.is_grad_enabled():
             return None
         if self.capture and model.device.type != "cuda":
             return None
         if model.model.config._attn_implementation not in ("sdpa", "eager"):
             return None
-        rows, length = batch["input_ids"].shape
+        rows, length = batch.input_ids.shape
         self._check_identity(model)
         slots = model.lora.slot_indices(adapters)
         bucket = Bucket(_power_of_two(rows), length, any(slot != model.lora.no_slot for slot in slots), multivector)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from .processing_nova_embeddings_v1 import (
     ItemError,
     NovaEmbeddingsV1Processor,
     PreparedItem,
+    TokenBatch,
     check_dimensions,
     item_error,
     matryoshka_truncate,
@@ -47,6 +49,17 @@ def _progress(iterable, total: int, enabled: bool):
     except ImportError:
         return iterable
     return tqdm(iterable, total=total, desc="Encoding", unit="batch")
+
+
+@dataclass
+class CollatedRows:
+    """`collate_rows`' result: a batch's tensors, built on the host before its forward (a server collates the next
+    batch while one runs), and what the forward needs besides them."""
+
+    batch: TokenBatch
+    adapters: list[str | None]  # per row (None: the base model)
+    rows: list[PreparedItem]
+    drop_prefix: bool  # the rows' cached instruction prefixes were left out (inference only)
 
 
 class NovaEmbeddingsV1PreTrainedModel(Qwen2_5_VLPreTrainedModel):
@@ -142,30 +155,30 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
 
     # ---- forward -------------------------------------------------------------------------------------
 
-    def forward_hidden(self, batch: dict, adapters: list[str | None], prefix_kv=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_hidden(self, batch: TokenBatch, adapters: list[str | None], prefix_kv=None, multivector: bool = True,
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(last hidden states [B, T, H], multi-vector projections [B, T, 128] or None) of a collated batch,
         each row through its own adapter. With `prefix_kv` (per layer [B, kv_heads, P, head_dim] key/values of
         the rows' dropped prefixes, see `collate(drop_prefix=True)`), the rows continue after their prefix."""
         check_backbone_dtype(self.model.embed_tokens.weight.dtype)
         device = self.device
-        input_ids = batch["input_ids"].to(device)
+        input_ids = batch.input_ids.to(device)
         merge = self.config.vision_config.spatial_merge_size
-        pixel_grids = batch["pixel_grid_thw"]
+        pixel_grids = batch.pixel_grid_thw
         image_tokens = pixel_grids.prod(-1).tolist() if pixel_grids is not None else []
-        position_ids = batch["position_ids"] if "position_ids" in batch else self.rope_positions(batch)
-        want_multi = batch.get("want_multi", True)
-        graphed = self.cuda_graphs.run(self, batch, prefix_kv, position_ids, adapters, want_multi)
+        position_ids = batch.position_ids if batch.position_ids is not None else self.rope_positions(batch)
+        graphed = self.cuda_graphs.run(self, batch, prefix_kv, position_ids, adapters, multivector)
         if graphed is not None:
             return graphed
         position_ids = position_ids.to(device)
         attention = self.attention_masks(batch, self.model.embed_tokens.weight.dtype, device)
-        with self.lora.route(adapters, batch["pixel_rows"], image_tokens, merge * merge):
+        with self.lora.route(adapters, batch.pixel_rows, image_tokens, merge * merge):
             inputs_embeds = self.model.embed_tokens(input_ids)
-            if batch["image_rows"]:
+            if batch.image_rows:
                 features = self._image_features(batch)
                 mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
                 inputs_embeds = inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
-            return self.language_pass(inputs_embeds, attention, position_ids, prefix_kv, want_multi)
+            return self.language_pass(inputs_embeds, attention, position_ids, prefix_kv, multivector)
 
     def text_forward(self, input_ids: torch.Tensor, attention, position_ids: torch.Tensor, slots: torch.Tensor | None,
                      multivector: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -181,15 +194,15 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
         hidden = self.text_backbone(inputs_embeds, attention, position_ids, prefix_kv)
         return hidden, self.multi_vector_projector(hidden) if multivector else None
 
-    def attention_masks(self, batch: dict, dtype: torch.dtype, device: torch.device):
+    def attention_masks(self, batch: TokenBatch, dtype: torch.dtype, device: torch.device):
         """What the backbone's attention layers take for a collated batch. sdpa/eager: Nova's additive bias
         [B, 1, T, P + T] (causal over each row's own tokens, padding hidden, a dropped instruction prefix's P
         slots in front), built from the host's row lengths, so that transformers never inspects a mask on the
         device (a host sync, and no CUDA graph could capture it). flash-attention 2: the 2-D padding mask."""
-        lengths = batch["attention_mask"].sum(1).tolist()
+        lengths = batch.attention_mask.sum(1).tolist()
         if self.model.config._attn_implementation not in ("sdpa", "eager"):
-            return batch["attention_mask"].to(device)
-        bias = attention_bias(batch.get("prefix_lens"), lengths, batch["input_ids"].shape[1], dtype, device)
+            return batch.attention_mask.to(device)
+        bias = attention_bias(batch.prefix_lens, lengths, batch.input_ids.shape[1], dtype, device)
         return {"full_attention": bias, "sliding_attention": bias}
 
     def text_backbone(self, inputs_embeds: torch.Tensor, attention, position_ids: torch.Tensor,
@@ -200,29 +213,29 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
         return self.model(inputs_embeds=inputs_embeds, attention_mask=attention, position_ids=position_ids,
                           use_cache=False, **cache).last_hidden_state
 
-    def _image_features(self, batch: dict) -> torch.Tensor:
+    def _image_features(self, batch: TokenBatch) -> torch.Tensor:
         """Vision features of every image row, concatenated in row order (encoder output or precomputed).
         The grids stay on the host: the vision tower plans its windows from them without a device sync."""
         merged = None
-        if batch["pixel_values"] is not None:
-            pixels = batch["pixel_values"].to(self.device, self.visual.dtype)
-            merged = self.visual(pixels, grid_thw=batch["pixel_grid_thw"]).pooler_output
-        given = [batch["image_embeds"][row] for row in batch["image_rows"]]
+        if batch.pixel_values is not None:
+            pixels = batch.pixel_values.to(self.device, self.visual.dtype)
+            merged = self.visual(pixels, grid_thw=batch.pixel_grid_thw).pooler_output
+        given = [batch.image_embeds[row] for row in batch.image_rows]
         if all(embeds is None for embeds in given):
             return merged
         unit = self.config.vision_config.spatial_merge_size ** 2
-        sizes = [t * h * w // unit for t, h, w in batch["pixel_grid_thw"].tolist()] if merged is not None else []
+        sizes = [t * h * w // unit for t, h, w in batch.pixel_grid_thw.tolist()] if merged is not None else []
         encoded = iter(torch.split(merged, sizes) if sizes else ())
         return torch.cat([embeds.to(self.device) if embeds is not None else next(encoded) for embeds in given])
 
-    def rope_positions(self, batch: dict) -> torch.Tensor:
+    def rope_positions(self, batch: TokenBatch) -> torch.Tensor:
         """Qwen2.5-VL's 3-D (t, h, w) rotary positions, computed per row so padding never shifts a row."""
-        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        input_ids, attention_mask = batch.input_ids, batch.attention_mask
         batch_size, length = input_ids.shape
         positions = torch.zeros(3, batch_size, length, dtype=torch.long)
-        image_rows = batch["image_rows"]
+        image_rows = batch.image_rows
         # a dropped (cached) instruction prefix of p tokens: the row's positions continue at p
-        offsets = torch.tensor(batch.get("prefix_lens") or [0] * batch_size, dtype=torch.long)
+        offsets = torch.tensor(batch.prefix_lens or [0] * batch_size, dtype=torch.long)
         text_rows = torch.ones(batch_size, dtype=torch.bool)
         text_rows[image_rows] = False
         # text rows: p..p+n-1 on all three axes, vectorized (padding stays 0)
@@ -232,17 +245,17 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
             positions[:, image_rows] = torch.from_numpy(self._image_row_positions(batch))
         return positions
 
-    def _image_row_positions(self, batch: dict) -> np.ndarray:
+    def _image_row_positions(self, batch: TokenBatch) -> np.ndarray:
         """[3, image rows, length] positions of the image rows, in numpy (host work, no torch operation per
         image): text before the image counts up from the row's offset p on all three axes, the image's merged
         tokens take (t, h, w) grid positions from there, and text after it continues past the grid's largest
         side."""
-        ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
-        image_rows = batch["image_rows"]
-        offsets = batch.get("prefix_lens") or [0] * len(ids)
+        ids, mask = batch.input_ids.numpy(), batch.attention_mask.numpy()
+        image_rows = batch.image_rows
+        offsets = batch.prefix_lens or [0] * len(ids)
         merge = self.config.vision_config.spatial_merge_size
         out = np.zeros((3, len(image_rows), ids.shape[1]), dtype=np.int64)
-        for i, (row, (t, h, w)) in enumerate(zip(image_rows, batch["image_grid_thw"].tolist(), strict=True)):
+        for i, (row, (t, h, w)) in enumerate(zip(image_rows, batch.image_grid_thw.tolist(), strict=True)):
             n, p = int(mask[row].sum()), int(offsets[row])
             h, w = h // merge, w // merge
             start = int(np.flatnonzero(ids[row, :n] == self.config.image_token_id)[0])
@@ -256,7 +269,7 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
     # ---- embeddings ----------------------------------------------------------------------------------
 
     def collate_rows(self, rows: list[PreparedItem], adapters: list[str | None] | None = None, *,
-                     for_training: bool = False) -> dict:
+                     for_training: bool = False) -> CollatedRows:
         """The host-side half of `forward_rows`: rows collated into padded tensors, in their order (per-row
         LoRA routing needs no grouping by adapter). No lock and no device work, so a server can collate the next
         batch while the current one runs.
@@ -267,8 +280,8 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
         drop_prefix = not for_training and self._prefix_cache_applies(rows)
         multiple = self.pad_to_multiple_of or (16 if self.device.type == "cuda" else 1)
         batch = self.processor.collate(rows, drop_prefix=drop_prefix, pad_to_multiple_of=multiple)
-        batch["position_ids"] = self.rope_positions(batch)
-        return {"batch": batch, "adapters": adapters, "rows": list(rows), "drop_prefix": drop_prefix}
+        batch.position_ids = self.rope_positions(batch)
+        return CollatedRows(batch, adapters, list(rows), drop_prefix)
 
     def forward_rows(
         self,
@@ -277,7 +290,7 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
         pooled: bool = True,
         multivector: bool = False,
         adapters: list[str | None] | None = None,
-        collated: dict | None = None,
+        collated: CollatedRows | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Differentiable embeddings of prepared rows: the one place pooling is defined (training uses it
         with gradients, `embed_prepared` without).
@@ -289,25 +302,24 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
         """
         if collated is None:
             collated = self.collate_rows(rows, adapters, for_training=torch.is_grad_enabled())
-        elif collated["drop_prefix"] and torch.is_grad_enabled():
+        elif collated.drop_prefix and torch.is_grad_enabled():
             raise ValueError("these rows were collated for inference (cached instruction prefixes left out); "
                              "collate them with collate_rows(..., for_training=True) to compute gradients")
-        batch, row_adapters = dict(collated["batch"]), collated["adapters"]
+        batch, row_adapters = collated.batch, collated.adapters
         with self.lora.lock:
-            missing = [(r, a) for r, a in zip(collated["rows"], row_adapters, strict=True)
+            missing = [(r, a) for r, a in zip(collated.rows, row_adapters, strict=True)
                        if a is not None and a not in self.lora.adapters]
             if missing:
                 raise ValueError(f"item {missing[0][0].index}: adapter {missing[0][1]!r} is not loaded")
-            prefix_kv = self.prefix_states(collated["rows"], row_adapters) if collated["drop_prefix"] else None
-            batch["want_multi"] = multivector
-            hidden, projected = self.forward_hidden(batch, row_adapters, prefix_kv)
+            prefix_kv = self.prefix_states(collated.rows, row_adapters) if collated.drop_prefix else None
+            hidden, projected = self.forward_hidden(batch, row_adapters, prefix_kv, multivector)
         pooled_out = tokens = token_mask = None
         if pooled:
-            mask = batch["pool_mask"].to(hidden.device).unsqueeze(-1)
+            mask = batch.pool_mask.to(hidden.device).unsqueeze(-1)
             pooled_out = F.normalize((hidden.float() * mask).sum(1) / mask.sum(1), dim=-1)
         if multivector:
             tokens = F.normalize(projected.float(), dim=-1)
-            token_mask = batch["multi_mask"].to(hidden.device)
+            token_mask = batch.multi_mask.to(hidden.device)
         return pooled_out, tokens, token_mask
 
     @torch.inference_mode()

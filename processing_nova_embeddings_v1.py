@@ -231,6 +231,24 @@ def _image_bytes(source, *, index: int | None, allow_paths: bool, fetcher: UrlFe
         raise ImageRefused("image is not an existing file, a data: URL or valid base64") from None
 
 
+@dataclass
+class TokenBatch:
+    """Rows collated into right-padded tensors (`NovaEmbeddingsV1Processor.collate`): what a forward reads."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T], 1 on each row's real tokens
+    pool_mask: torch.Tensor  # [B, T], the tokens averaged into the pooled vector
+    multi_mask: torch.Tensor  # [B, T], the tokens returned as multi-vector rows
+    pixel_values: torch.Tensor | None  # the patches of the rows that carry pixels, concatenated
+    pixel_grid_thw: torch.Tensor | None  # [n_pixel_images, 3]
+    image_grid_thw: torch.Tensor | None  # [n_images, 3], pixels and precomputed embeddings alike
+    image_rows: list[int]  # rows with an image (pixels or precomputed embeddings)
+    pixel_rows: list[int]  # rows with pixels
+    image_embeds: list[torch.Tensor | None]  # per row: precomputed merger output, or None
+    prefix_lens: list[int] | None  # with `drop_prefix`: where each row's positions continue
+    position_ids: torch.Tensor | None = None  # [3, B, T] rope positions, filled in by the model on the host
+
+
 class NovaEmbeddingsV1Processor:
     """Items -> PreparedItem -> batch tensors. Knows rendering and routing, not the network weights."""
 
@@ -518,7 +536,7 @@ class NovaEmbeddingsV1Processor:
 
     # ---- batches -------------------------------------------------------------------------------------
 
-    def collate(self, rows: list[PreparedItem], *, drop_prefix: bool = False, pad_to_multiple_of: int = 1) -> dict:
+    def collate(self, rows: list[PreparedItem], *, drop_prefix: bool = False, pad_to_multiple_of: int = 1) -> TokenBatch:
         """Right-padded batch tensors (right padding keeps every row's positions independent of the batch).
         Vectorized: one tensor per field from the rows' concatenated lists, scattered through a length mask.
 
@@ -546,19 +564,19 @@ class NovaEmbeddingsV1Processor:
         attention_mask = attended.long()
         pixel_rows = [row for row in rows if row.pixel_values is not None]
         grids = [row.image_grid_thw for row in rows if row.has_image]
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "pool_mask": pool_mask,
-            "multi_mask": multi_mask,
-            "pixel_values": torch.cat([row.pixel_values for row in pixel_rows]) if pixel_rows else None,
-            "pixel_grid_thw": torch.cat([row.image_grid_thw for row in pixel_rows]) if pixel_rows else None,
-            "image_grid_thw": torch.cat(grids) if grids else None,
-            "image_rows": [i for i, row in enumerate(rows) if row.has_image],
-            "pixel_rows": [i for i, row in enumerate(rows) if row.pixel_values is not None],
-            "image_embeds": [row.image_embeds for row in rows],
-            "prefix_lens": starts if drop_prefix else None,
-        }
+        return TokenBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pool_mask=pool_mask,
+            multi_mask=multi_mask,
+            pixel_values=torch.cat([row.pixel_values for row in pixel_rows]) if pixel_rows else None,
+            pixel_grid_thw=torch.cat([row.image_grid_thw for row in pixel_rows]) if pixel_rows else None,
+            image_grid_thw=torch.cat(grids) if grids else None,
+            image_rows=[i for i, row in enumerate(rows) if row.has_image],
+            pixel_rows=[i for i, row in enumerate(rows) if row.pixel_values is not None],
+            image_embeds=[row.image_embeds for row in rows],
+            prefix_lens=starts if drop_prefix else None,
+        )
 
 
-__all__ = ["NovaEmbeddingsV1Processor", "PreparedItem", "ItemError", "Route", "INHERIT", "decode_image", "load_chat_templates"]
+__all__ = ["NovaEmbeddingsV1Processor", "PreparedItem", "TokenBatch", "ItemError", "Route", "INHERIT", "decode_image", "load_chat_templates"]

@@ -130,7 +130,7 @@ class StandInModel:
             collated = self.inner.collate_rows(rows)
         wants = (list(return_multivector) if isinstance(return_multivector, (list, tuple))
                  else [bool(return_multivector)] * len(rows))
-        outcomes = self._vectors(collated["batch"], wants)
+        outcomes = self._vectors(collated.batch, wants)
         remaining = self.cost.seconds(len(rows)) - (time.perf_counter() - started)
         if remaining > 0:
             time.sleep(remaining)  # releases the GIL, as a thread waiting on a GPU does
@@ -141,8 +141,8 @@ class StandInModel:
     def _vectors(self, batch: dict, wants: list[bool]) -> list[torch.Tensor]:
         """Batched, so that the host work per forward stays a few torch calls whatever the row count."""
         config = self.inner.config
-        ids = batch["input_ids"].double()  # [B, T]
-        pool_mask = batch["pool_mask"].bool()
+        ids = batch.input_ids.double()  # [B, T]
+        pool_mask = batch.pool_mask.bool()
         signature = (ids * pool_mask).sum(1, keepdim=True) + pool_mask.sum(1, keepdim=True) * 0.5  # [B, 1]
         frequencies = torch.arange(1, config.text_config.hidden_size + 1, dtype=torch.float64) * 1e-3
         pooled = F.normalize(torch.cos(signature * frequencies).float(), dim=-1)  # [B, hidden]
@@ -151,7 +151,7 @@ class StandInModel:
             phase = ids[:, :, None] * 1e-3 + torch.arange(ids.shape[1], dtype=torch.float64)[None, :, None] * 0.1
             projector = torch.arange(1, config.multi_vector_projector_dim + 1, dtype=torch.float64)
             tokens = F.normalize(torch.cos(phase * projector).float(), dim=-1)  # [B, T, 128]
-        multi_mask = batch["multi_mask"].bool()
+        multi_mask = batch.multi_mask.bool()
         return [tokens[i][multi_mask[i]] if want else pooled[i] for i, want in enumerate(wants)]
 
     def _count_end(self, rows: int, seconds: float, ended: float) -> None:

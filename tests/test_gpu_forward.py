@@ -38,10 +38,10 @@ def test_mixed_adapters_cost_a_fixed_number_of_operations(tiny_model):
 def _text_inputs(model, items):
     rows = [model.processor.prepare_item(item, index=i) for i, item in enumerate(items)]
     collated = model.collate_rows(rows)
-    batch_ = collated["batch"]
+    batch_ = collated.batch
     attention = model.attention_masks(batch_, model.dtype, model.device)
-    slots = torch.tensor(model.lora.slot_indices(collated["adapters"]))
-    return batch_["input_ids"], attention, batch_["position_ids"], slots
+    slots = torch.tensor(model.lora.slot_indices(collated.adapters))
+    return batch_.input_ids, attention, batch_.position_ids, slots
 
 
 def test_text_forward_with_mixed_adapters_traces_whole(tiny_model):
@@ -62,7 +62,7 @@ def test_text_forward_equals_the_routed_forward(tiny_model):
     rows = [tiny_model.processor.prepare_item(item, index=i) for i, item in enumerate(items)]
     collated = tiny_model.collate_rows(rows)
     with torch.inference_mode():
-        want, _ = tiny_model.forward_hidden(dict(collated["batch"], want_multi=False), collated["adapters"])
+        want, _ = tiny_model.forward_hidden(collated.batch, collated.adapters, multivector=False)
         got, _ = tiny_model.text_forward(*_text_inputs(tiny_model, items), multivector=False)
     assert torch.allclose(got, want, atol=1e-5)
 

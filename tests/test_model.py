@@ -56,7 +56,7 @@ def test_padding_to_a_multiple_changes_no_vector(fresh_model, image, make_image)
     fresh_model.pad_to_multiple_of = 64
     collated = fresh_model.collate_rows([fresh_model.processor.prepare_item(item, index=i)
                                          for i, item in enumerate(items[:5])])
-    assert collated["batch"]["input_ids"].shape[1] == 64
+    assert collated.batch.input_ids.shape[1] == 64
     padded = fresh_model.encode(items, batch_size=len(items))
     padded_multi = fresh_model.encode(items, return_multivector=True, batch_size=len(items))
     for i, (a, b) in enumerate(zip(tight, padded, strict=True)):
@@ -138,10 +138,9 @@ def test_pooled_vector_is_masked_mean_of_last_hidden_state(tiny_model, image):
     for item, instructions in (({"text": "abc"}, None), ({"text": "abc"}, "Inst"), ({"image": image}, None)):
         row = processor.prepare_item(item, instructions=instructions)
         batch = processor.collate([row])
-        batch["want_multi"] = False
         with torch.inference_mode():
-            hidden, _ = tiny_model.forward_hidden(batch, [row.adapter])
-        mask = batch["pool_mask"][0]  # the row's pool_mask (collate leaves out never-used closing markup)
+            hidden, _ = tiny_model.forward_hidden(batch, [row.adapter], multivector=False)
+        mask = batch.pool_mask[0]  # the row's pool_mask (collate leaves out never-used closing markup)
         assert mask.tolist() == row.pool_mask[: len(mask)] and not any(row.pool_mask[len(mask):])
         expected = torch.nn.functional.normalize(hidden[0][mask].mean(0), dim=-1)
         assert cos(expected, tiny_model.encode([item], instructions=instructions)[0]) >= 0.99999

@@ -65,7 +65,7 @@ def test_cached_equals_uncached_and_rows_continue_after_the_prefix(model, image,
     # positions continue: a row without its prefix starts at position prefix_len
     row = model.processor.prepare_item(items[0])
     batch = model.processor.collate([row], drop_prefix=True)
-    assert batch["input_ids"][0, 0].item() == row.input_ids[row.prefix_len]
+    assert batch.input_ids[0, 0].item() == row.input_ids[row.prefix_len]
     assert model.rope_positions(batch)[:, 0, 0].tolist() == [row.prefix_len] * 3
     # and the instruction still matters (through attention only): not the no-instruction vector
     plain = model.encode([{"text": "contract termination clause"}])[0]

@@ -153,10 +153,10 @@ def transformers_rope_index(model, batch) -> torch.Tensor:
     config = model.config
     owner = types.SimpleNamespace(config=config, get_vision_position_ids=lambda *args, **kwargs:
                                   Qwen2_5_VLModel.get_vision_position_ids(None, *args, **kwargs))
-    token_types = (batch["input_ids"] == config.image_token_id).int()
-    return Qwen2_5_VLModel.get_rope_index(owner, batch["input_ids"], token_types,
-                                          image_grid_thw=batch["image_grid_thw"],
-                                          attention_mask=batch["attention_mask"])[0]
+    token_types = (batch.input_ids == config.image_token_id).int()
+    return Qwen2_5_VLModel.get_rope_index(owner, batch.input_ids, token_types,
+                                          image_grid_thw=batch.image_grid_thw,
+                                          attention_mask=batch.attention_mask)[0]
 
 
 def test_rope_positions_of_image_rows_equal_transformers(tiny_model, make_image):
@@ -166,7 +166,7 @@ def test_rope_positions_of_image_rows_equal_transformers(tiny_model, make_image)
     batch = processor.collate([processor.prepare_item(item) for item in items])
     positions = tiny_model.rope_positions(batch)
     want = transformers_rope_index(tiny_model, batch)
-    rows = batch["image_rows"]
+    rows = batch.image_rows
     assert rows == [0, 2, 3]
     assert torch.equal(positions[:, rows], want[:, rows])
 
