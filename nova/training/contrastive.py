@@ -151,12 +151,18 @@ class RandomState:
 
 @dataclass
 class MiniBatch:
-    query_rows: list
-    candidate_rows: list  # its positives, then its hard negatives
+    """Some triplets' rows, embedded in one forward pass: their queries, positives, then hard negatives."""
+
+    rows: list
+    queries: int
     positives: int
     random_state: RandomState | None = None
-    queries: Embeddings | None = None
-    candidates: Embeddings | None = None
+    embeddings: Embeddings | None = None
+
+    def part(self, which: str) -> Embeddings:
+        bounds = {"queries": (0, self.queries), "positives": (self.queries, self.queries + self.positives),
+                  "negatives": (self.queries + self.positives, len(self.rows))}[which]
+        return self.embeddings.rows(*bounds)
 
 
 @dataclass
@@ -175,8 +181,8 @@ def split_mini_batches(local: list[Triplet], query_rows: list, positive_rows: li
     out = []
     for first in range(0, len(local), size):
         last = min(first + size, len(local))
-        out.append(MiniBatch(query_rows[first:last], positive_rows[first:last] + negative_rows[starts[first]:starts[last]],
-                             last - first))
+        rows = query_rows[first:last] + positive_rows[first:last] + negative_rows[starts[first]:starts[last]]
+        out.append(MiniBatch(rows, last - first, last - first))
     return out
 
 
@@ -242,19 +248,17 @@ def contrastive_backward(batch: ContrastiveBatch, query_rows: list, positive_row
     for mini in minis:  # pass 1: without a graph when cached
         mini.random_state = RandomState.capture(device) if cached else None
         with torch.no_grad() if cached else nullcontext():
-            mini.queries = encode(mini.query_rows)
-            mini.candidates = encode(mini.candidate_rows)
+            mini.embeddings = encode(mini.rows)
         if cached:
-            mini.queries, mini.candidates = mini.queries.leaves(), mini.candidates.leaves()
+            mini.embeddings = mini.embeddings.leaves()
 
-    ignore = batch.ignore
-    queries = Embeddings.cat([m.queries for m in minis])
-    positives = Embeddings.cat([m.candidates.rows(0, m.positives) for m in minis])
-    negative_parts = [m.candidates.rows(m.positives, len(m.candidate_rows)) for m in minis]
-    negatives = Embeddings.cat(negative_parts)
+    queries = Embeddings.cat([m.part("queries") for m in minis])
+    positives = Embeddings.cat([m.part("positives") for m in minis])
+    negatives = Embeddings.cat([m.part("negatives") for m in minis])
     length = processes.max_int(max(positives.length, negatives.length), device)
     positives, negatives = positives.padded_to(length), negatives.padded_to(length)
-    loss, grads = embedding_gradients(batch, queries, positives, negatives, ignore, temperature, processes, weight)
+    loss, grads = embedding_gradients(batch, queries, positives, negatives, batch.ignore, temperature, processes,
+                                      weight)
 
     outputs = queries.differentiable() + positives.differentiable() + negatives.differentiable()
     pairs = [(t, g) for t, g in zip(outputs, grads, strict=True) if t.requires_grad and t.numel()]
@@ -264,13 +268,11 @@ def contrastive_backward(batch: ContrastiveBatch, query_rows: list, positive_row
     if cached:  # pass 2: replay each mini-batch with a graph, feed it its cached gradients
         for mini in minis:
             with mini.random_state.replay():
-                replayed_q = encode(mini.query_rows)
-                replayed_c = encode(mini.candidate_rows)
-            replayed = replayed_q.differentiable() + replayed_c.differentiable()
-            cached_grads = [t.grad for t in mini.queries.differentiable() + mini.candidates.differentiable()]
+                replayed = encode(mini.rows).differentiable()
+            cached_grads = [t.grad for t in mini.embeddings.differentiable()]
             live = [(t, g) for t, g in zip(replayed, cached_grads, strict=True) if t.requires_grad]
             if live:
                 torch.autograd.backward([t for t, _ in live], [g for _, g in live])
                 reached = True
-    tokens = sum(len(r.input_ids) for m in minis for r in (*m.query_rows, *m.candidate_rows))
+    tokens = sum(len(r.input_ids) for m in minis for r in m.rows)
     return BatchOutcome(loss, tokens, reached)

@@ -78,8 +78,8 @@ def padded_cat(tokens: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[t
 
 
 def reference_gradients(peft_model, inner, triplets, vectors: str, chunk: int, seed: int = SEED) -> torch.Tensor:
-    """The batch embedded with a graph, `chunk` triplets per forward (queries, then their positives and
-    negatives), the loss over the whole batch, one backward."""
+    """The batch embedded with a graph, `chunk` triplets per forward (their queries, positives and negatives
+    in one forward), the loss over the whole batch, one backward."""
     single, multi = vectors in ("single", "both"), vectors in ("multi", "both")
     queries, positives, negatives = rows_of(inner, triplets)
     starts = [0]
@@ -90,12 +90,12 @@ def reference_gradients(peft_model, inner, triplets, vectors: str, chunk: int, s
     q_parts, p_parts, n_parts = [], [], []
     for first in range(0, len(triplets), chunk):
         last = min(first + chunk, len(triplets))
-        q = inner.forward_rows(queries[first:last], pooled=single, multivector=multi, adapters=[None] * (last - first))
-        candidate_rows = positives[first:last] + negatives[starts[first]:starts[last]]
-        c = inner.forward_rows(candidate_rows, pooled=single, multivector=multi, adapters=[None] * len(candidate_rows))
-        q_parts.append(q)
-        p_parts.append(tuple(None if x is None else x[: last - first] for x in c))
-        n_parts.append(tuple(None if x is None else x[last - first:] for x in c))
+        n = last - first
+        rows = queries[first:last] + positives[first:last] + negatives[starts[first]:starts[last]]
+        out = inner.forward_rows(rows, pooled=single, multivector=multi, adapters=[None] * len(rows))
+        q_parts.append(tuple(None if x is None else x[:n] for x in out))
+        p_parts.append(tuple(None if x is None else x[n: 2 * n] for x in out))
+        n_parts.append(tuple(None if x is None else x[2 * n:] for x in out))
     keys = [item_key(t.positive) for t in triplets]
     candidate_keys = keys + [item_key(n) for t in triplets for n in t.negatives]
     masked = torch.tensor([[j != i and other == key for j, other in enumerate(candidate_keys)]
