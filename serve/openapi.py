@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import __version__
+from .rerank import RERANK_FIELDS
 from .schemas import ITEM_FIELDS, LORA_LOAD_FIELDS, LORA_UNLOAD_FIELDS, REQUEST_FIELDS
 
 _ERROR = {
@@ -69,6 +70,36 @@ _RESPONSE = {
 }
 
 
+_RERANK_REQUEST = {"type": "object", "required": ["query", "documents"], "properties": RERANK_FIELDS,
+                   "additionalProperties": False}
+_RERANK_RESPONSE = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "list"},
+        "model": {"type": "string"},
+        "results": {"type": "array", "items": {"type": "object", "properties": {
+            "index": {"type": "integer"},
+            "relevance_score": {"type": "number", "description": "summed MaxSim, or cosine, or MaxSim / n_q"},
+            "document": {"type": "object"}}}},
+        "usage": {"type": "object",
+                  "properties": {"prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}},
+    },
+}
+
+
+def _rerank_path() -> dict:
+    return {"post": {
+        "summary": "Rank documents against a query by late interaction (MaxSim) or pooled cosine (Jina/Cohere shape)",
+        "security": [{"bearer": []}],
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/RerankRequest"}}}},
+        "responses": {"200": {"description": "results, best first", "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/RerankResponse"}}}},
+            **_err(400, 401, 404, 413, 429, 503)},
+    }}
+
+
 def _err(*codes: int) -> dict:
     return {str(c): {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
             for c in codes}
@@ -80,7 +111,8 @@ def document(settings) -> dict:
         "info": {"title": "Nova Embeddings server", "version": __version__,
                  "description": f"serving {', '.join(settings.model_names())}"},
         "components": {
-            "schemas": {"Error": _ERROR, "Item": _ITEM, "EmbeddingRequest": _REQUEST, "EmbeddingResponse": _RESPONSE},
+            "schemas": {"Error": _ERROR, "Item": _ITEM, "EmbeddingRequest": _REQUEST, "EmbeddingResponse": _RESPONSE,
+                        "RerankRequest": _RERANK_REQUEST, "RerankResponse": _RERANK_RESPONSE},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "paths": {
@@ -93,6 +125,8 @@ def document(settings) -> dict:
                     "application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingResponse"}}}},
                     **_err(400, 401, 404, 413, 429, 503)},
             }},
+            "/v1/rerank": _rerank_path(),
+            "/v2/rerank": _rerank_path(),
             "/v1/models": {"get": {"summary": "Served model names and loaded adapters", "security": [{"bearer": []}],
                                    "responses": {"200": {"description": "models"}, **_err(401)}}},
             "/health": {"get": {"summary": "200 when ready, 503 while loading",

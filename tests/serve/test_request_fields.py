@@ -196,6 +196,12 @@ def field_examples(hidden: int) -> dict[str, dict]:
             "text": "x", "image": b64_png(seed=5), "task": "code.query", "adapter": "code",
             "instructions": "Find code.", "image_embeds": [[0.01] * hidden], "image_grid_thw": [1, 2, 2],
         },
+        "/v1/rerank": {"model": "nova-test", "query": "x", "documents": ["a", {"text": "b"}], "top_n": 1,
+                       "return_documents": True, "task": "code", "instructions": "Find code.", "adapter": "code",
+                       "scoring": "cosine", "normalize": True, "truncate": True},
+        "/v2/rerank": {"model": "nova-test", "query": "x", "documents": ["a", {"text": "b"}], "top_n": 1,
+                       "return_documents": True, "task": "code", "instructions": "Find code.", "adapter": "code",
+                       "scoring": "cosine", "normalize": True, "truncate": True},
         "/v1/internal/lora/load": {"lora_name": "docs-example", "lora_path": "mine"},
         "/v1/internal/lora/unload": {"lora_name": "docs-example"},
     }
