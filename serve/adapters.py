@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from nova.repo import is_base_model_name, model_class
 
+from . import error_codes as codes
 from .admission import adapter_not_found
 from .errors import ApiError, bad_request
 
@@ -46,7 +47,7 @@ def resolve_lora_path(root: str | None, given: object, *, root_flag: str = "--lo
     file of a PEFT folder names that folder. Symlinks are resolved before the check. Raises ApiError."""
     if root is None:
         raise ApiError(403, f"loading adapters at run time needs {root_flag} DIR", param="lora_path",
-                       code="lora_root_not_set")
+                       code=codes.LORA_ROOT_NOT_SET)
     if not isinstance(given, str) or not given or "\x00" in given:
         raise bad_request("'lora_path' must be a non-empty string", param="lora_path")
     real_root = os.path.realpath(root)
@@ -54,13 +55,13 @@ def resolve_lora_path(root: str | None, given: object, *, root_flag: str = "--lo
     real = os.path.realpath(candidate)
     if real != real_root and os.path.commonpath([real, real_root]) != real_root:
         raise ApiError(403, f"'lora_path' must be inside {root_flag}", param="lora_path",
-                       code="lora_path_outside_root")
+                       code=codes.LORA_PATH_OUTSIDE_ROOT)
     try:
         return peft_folder(real)
     except ValueError as exc:  # its message names the real path; the client is told about the path it gave
         reason = str(exc).removeprefix(f"{real}: ")
         raise bad_request(f"'lora_path' {given!r} under {root_flag}: {reason}", param="lora_path",
-                          code="lora_path_not_found") from None
+                          code=codes.LORA_PATH_NOT_FOUND) from None
 
 
 def check_lora_name(name: object) -> str:
@@ -79,7 +80,7 @@ def lora_routes(server, *, require_admin, read_json) -> list[Route]:
     async def _guard(request: Request) -> None:
         if not server.settings.enable_lora:
             raise ApiError(404, "adapter management is disabled (start the server with --enable-lora)",
-                           code="lora_disabled")
+                           code=codes.LORA_DISABLED)
         require_admin(request)
         server.require_ready()
 
@@ -105,23 +106,23 @@ def lora_routes(server, *, require_admin, read_json) -> list[Route]:
         name = _name(payload)
         path = resolve_lora_path(server.settings.lora_root, payload.get("lora_path"))
         if name in server.settings.model_names():
-            raise bad_request(f"{name!r} is the served model's name", param="lora_name", code="adapter_exists")
+            raise bad_request(f"{name!r} is the served model's name", param="lora_name", code=codes.ADAPTER_EXISTS)
         async with lock:
             if name in server.gate.state or name in server.model.list_adapters():
                 raise bad_request(f"adapter {name!r} is already loaded; unload it first", param="lora_name",
-                                  code="adapter_exists")
+                                  code=codes.ADAPTER_EXISTS)
             server.gate.state[name] = "loading"
             try:
                 await asyncio.to_thread(server.model.load_adapter, name, path)
             except ValueError as exc:
                 server.gate.state.pop(name, None)
                 log.warning("adapter %r refused: %s", name, exc)
-                raise bad_request(f"adapter refused: {exc}", param="lora_path", code="invalid_adapter") from None
+                raise bad_request(f"adapter refused: {exc}", param="lora_path", code=codes.INVALID_ADAPTER) from None
             except Exception as exc:
                 server.gate.state.pop(name, None)
                 log.exception("adapter %r failed to load", name)
                 raise bad_request(f"adapter could not be loaded: {exc.__class__.__name__}: {exc}",
-                                  param="lora_path", code="invalid_adapter") from None
+                                  param="lora_path", code=codes.INVALID_ADAPTER) from None
             server.gate.state[name] = "ready"
             server.metrics.adapters_loaded.set(len(server.model.list_adapters()))
         log.info("adapter %r loaded from %s", name, path)
@@ -138,7 +139,7 @@ def lora_routes(server, *, require_admin, read_json) -> list[Route]:
             if not drained:
                 server.gate.state[name] = "ready"
                 raise ApiError(503, f"adapter {name!r} is still in use after "
-                               f"{server.settings.lora_drain_timeout:g}s; not unloaded", code="drain_timeout",
+                               f"{server.settings.lora_drain_timeout:g}s; not unloaded", code=codes.DRAIN_TIMEOUT,
                                headers={"Retry-After": "5"})
             try:
                 await asyncio.to_thread(server.model.unload_adapter, name)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from starlette.requests import Request
 
+from . import error_codes as codes
 from .errors import ApiError
 from .metrics import Metrics
 
@@ -28,8 +29,8 @@ class RequestSlots:
     @contextlib.contextmanager
     def hold(self, retry_after: Callable[[], int]):
         if self.in_use >= self.limit:
-            self.metrics.rejected.labels("too_many_requests").inc()
-            raise ApiError(429, f"too many concurrent requests (limit {self.limit})", code="too_many_requests",
+            self.metrics.rejected.labels(codes.TOO_MANY_REQUESTS).inc()
+            raise ApiError(429, f"too many concurrent requests (limit {self.limit})", code=codes.TOO_MANY_REQUESTS,
                            headers={"Retry-After": str(retry_after())})
         self.in_use += 1
         self.metrics.inflight_requests.set(self.in_use)
@@ -97,7 +98,7 @@ class AdapterGate:
 def adapter_not_found(name: str, loaded: list[str], param: str | None = None) -> ApiError:
     return ApiError(
         404, f"adapter {name!r} is not loaded; loaded adapters: {', '.join(loaded) or 'none'}",
-        code="adapter_not_found", param=param,
+        code=codes.ADAPTER_NOT_FOUND, param=param,
     )
 
 

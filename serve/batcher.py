@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import error_codes as codes
 from .cost_model import BatchCostModel
 from .dispatcher import Dispatcher
 from .errors import ApiError
@@ -125,7 +126,7 @@ class Batcher:
                 pass
         for row in self._pending:
             if row.state == "queued":
-                self._fail(row, ApiError(503, "server is shutting down", code="shutting_down"))
+                self._fail(row, ApiError(503, "server is shutting down", code=codes.SHUTTING_DOWN))
         self._pending.clear()
 
     # ------------------------------------------------------------------ admission
@@ -137,16 +138,16 @@ class Batcher:
     def submit(self, rows: list[EmbeddingRow]) -> Ticket:
         """Enqueue one request's rows atomically; 429 if the queue is over its token budget."""
         if self._stopping:
-            raise ApiError(503, "server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
+            raise ApiError(503, "server is shutting down", code=codes.SHUTTING_DOWN, headers={"Retry-After": "5"})
         tokens = sum(row.tokens for row in rows)
         if self.queued_tokens > 0 and self.queued_tokens + tokens > self.max_queue_tokens:
-            self.metrics.rejected.labels("queue_full").inc()
+            self.metrics.rejected.labels(codes.QUEUE_FULL).inc()
             retry = self.retry_after(tokens)
             raise ApiError(
                 429,
                 f"the server queue is full ({self.queued_tokens} tokens queued, limit {self.max_queue_tokens}); "
                 f"retry after {retry}s",
-                code="queue_full",
+                code=codes.QUEUE_FULL,
                 headers={"Retry-After": str(retry)},
             )
         loop = asyncio.get_running_loop()

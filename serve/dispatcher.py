@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from . import error_codes as codes
 from .engine import Engine, EngineExited
 from .errors import ApiError, from_item_error
 from .rows import EmbeddingRow, RowOutcome
@@ -84,7 +85,7 @@ class Dispatcher:
         except asyncio.CancelledError:
             raise
         except EngineExited as exc:  # logged once by the engine; the server is going down
-            outcomes = [ApiError(503, str(exc), code="model_process_exited")] * len(batch)
+            outcomes = [ApiError(503, str(exc), code=codes.MODEL_PROCESS_EXITED)] * len(batch)
             elapsed = time.monotonic() - started
         except Exception as exc:  # the engine itself failed: fail these rows, keep serving
             log.exception("the model engine failed a batch")

@@ -9,6 +9,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from . import error_codes as codes
+
 log = logging.getLogger("serve.errors")
 
 # The id of the request being handled ('-' outside one); set by the request middleware, read by the logs and
@@ -60,7 +62,7 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def bad_request(message: str, *, param: str | None = None, code: str | None = "invalid_request") -> ApiError:
+def bad_request(message: str, *, param: str | None = None, code: str | None = codes.INVALID_REQUEST) -> ApiError:
     return ApiError(400, message, param=param, code=code)
 
 
@@ -69,16 +71,16 @@ def from_item_error(exc: Exception, *, position: int | None = None, param_prefix
     shape: 404 for an adapter that is not loaded, 400 otherwise, `param` naming the item (`input[3].image`).
     `position` overrides the index (a row retried alone). A plain ValueError is a 400 without a param."""
     index = getattr(exc, "index", None) if position is None else position
-    code = getattr(exc, "code", None) or "invalid_input"
+    code = getattr(exc, "code", None) or codes.INVALID_INPUT
     field = getattr(exc, "field", None)
     param = None if index is None else f"{param_prefix}[{index}]" + (f".{field}" if field else "")
-    return ApiError(404 if code == "adapter_not_found" else 400, str(exc) or type(exc).__name__, param=param,
+    return ApiError(codes.status_of(code), str(exc) or type(exc).__name__, param=param,
                     code=code)
 
 
 # ---- Starlette exception handlers (framework-level errors in the same shape) ----
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+_HTTP_CODES = {404: codes.NOT_FOUND, 405: codes.METHOD_NOT_ALLOWED, 413: codes.PAYLOAD_TOO_LARGE}
 
 
 async def http_exception_handler(request: Request, exc: HTTPException) -> JSONResponse:
@@ -97,4 +99,4 @@ async def api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
 async def unhandled_exception_handler(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return ApiError(500, f"internal server error (request id {request_id_var.get()})",
-                    code="internal_error").response()
+                    code=codes.INTERNAL_ERROR).response()

@@ -26,13 +26,15 @@ from PIL import Image
 from fetching_nova_embeddings_v1 import address_is_public as ip_is_public
 from inputs_nova_embeddings_v1 import ImageRefused, base64_bytes, data_url_bytes, open_image
 
+from . import error_codes as codes
+
 MAX_REDIRECTS = 3
 
 
 class ImageError(ValueError):
     """A refused or undecodable image; `status` is the HTTP status to answer with."""
 
-    def __init__(self, message: str, *, status: int = 400, code: str = "invalid_image"):
+    def __init__(self, message: str, *, status: int = 400, code: str = codes.INVALID_IMAGE):
         super().__init__(message)
         self.status = status
         self.code = code
@@ -61,17 +63,17 @@ def classify_source(value: str) -> tuple[str, object]:
         return "bytes", _refused_as_image_error(data_url_bytes, stripped)
     if lowered.startswith("file:"):
         raise ImageError("file: URLs are never read; send the image bytes as base64 or a data: URL",
-                         code="image_source_refused")
+                         code=codes.IMAGE_SOURCE_REFUSED)
     scheme = urlsplit(stripped).scheme
     if scheme and len(scheme) > 1 and "://" in stripped[:32]:
         raise ImageError(f"unsupported image URL scheme {scheme!r}; only http(s) URLs (when enabled), "
-                         "data: URLs and base64 are accepted", code="image_source_refused")
+                         "data: URLs and base64 are accepted", code=codes.IMAGE_SOURCE_REFUSED)
     try:
         return "bytes", base64_bytes(stripped)
     except ImageRefused:
         raise ImageError(
             "image must be base64, a data: URL or an http(s) URL; local file paths are never read",
-            code="image_source_refused",
+            code=codes.IMAGE_SOURCE_REFUSED,
         ) from None
 
 
@@ -80,7 +82,7 @@ def _refused_as_image_error(function, *args, **kwargs):
     try:
         return function(*args, **kwargs)
     except ImageRefused as exc:
-        raise ImageError(str(exc), status=413 if exc.code == "image_too_large" else 400, code=exc.code) from None
+        raise ImageError(str(exc), status=codes.status_of(exc.code), code=exc.code) from None
 
 
 # ---------------------------------------------------------------- decoding
@@ -142,36 +144,36 @@ class ImageFetcher:
         """(scheme, host, port) of an acceptable URL, ImageError otherwise (no network access)."""
         if not self.policy.allow_urls:
             raise ImageError("image URLs are disabled on this server (start it with --allow-image-urls); "
-                             "send the image as base64 or a data: URL", code="image_url_refused")
+                             "send the image as base64 or a data: URL", code=codes.IMAGE_URL_REFUSED)
         try:
             parts = urlsplit(url)
             port = parts.port
         except ValueError:
-            raise ImageError("malformed image URL", code="image_url_refused") from None
+            raise ImageError("malformed image URL", code=codes.IMAGE_URL_REFUSED) from None
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https"):
-            raise ImageError("only http(s) image URLs are fetched", code="image_url_refused")
+            raise ImageError("only http(s) image URLs are fetched", code=codes.IMAGE_URL_REFUSED)
         if parts.username is not None or parts.password is not None:
-            raise ImageError("image URLs with credentials are refused", code="image_url_refused")
+            raise ImageError("image URLs with credentials are refused", code=codes.IMAGE_URL_REFUSED)
         host = (parts.hostname or "").lower()
         if not host:
-            raise ImageError("image URL has no host", code="image_url_refused")
+            raise ImageError("image URL has no host", code=codes.IMAGE_URL_REFUSED)
         if not host_allowed(host, self.policy.allowlist):
-            raise ImageError(f"image host {host!r} is not in the allowlist", code="image_url_refused")
+            raise ImageError(f"image host {host!r} is not in the allowlist", code=codes.IMAGE_URL_REFUSED)
         return scheme, host, port or (443 if scheme == "https" else 80)
 
     async def _checked_address(self, host: str, port: int) -> str:
         try:
             addresses = await self.resolver(host, port)
         except (OSError, UnicodeError):
-            raise ImageError(f"image host {host!r} does not resolve", code="image_url_refused") from None
+            raise ImageError(f"image host {host!r} does not resolve", code=codes.IMAGE_URL_REFUSED) from None
         if not addresses:
-            raise ImageError(f"image host {host!r} does not resolve", code="image_url_refused")
+            raise ImageError(f"image host {host!r} does not resolve", code=codes.IMAGE_URL_REFUSED)
         for address in addresses:  # every address must pass: refuse mixed public/private answers
             if not self.ip_allowed(address):
                 raise ImageError(
                     f"image host {host!r} resolves to a non-public address; refused",
-                    code="image_url_refused",
+                    code=codes.IMAGE_URL_REFUSED,
                 )
         return addresses[0]
 
@@ -179,7 +181,7 @@ class ImageFetcher:
         try:
             return await asyncio.wait_for(self._fetch(url), timeout=self.policy.timeout)
         except asyncio.TimeoutError:
-            raise ImageError(f"image URL took longer than {self.policy.timeout:g}s", code="image_url_timeout") \
+            raise ImageError(f"image URL took longer than {self.policy.timeout:g}s", code=codes.IMAGE_URL_TIMEOUT) \
                 from None
 
     async def _fetch(self, url: str) -> bytes:
@@ -199,35 +201,35 @@ class ImageFetcher:
                 response = await self._client.send(request, stream=True)
             except httpx.HTTPError as exc:
                 raise ImageError(f"image URL could not be fetched: {exc.__class__.__name__}",
-                                 code="image_url_failed") from None
+                                 code=codes.IMAGE_URL_FAILED) from None
             try:
                 if response.status_code in (301, 302, 303, 307, 308):
                     location = response.headers.get("location")
                     if not location:
-                        raise ImageError("image URL redirected without a location", code="image_url_failed")
+                        raise ImageError("image URL redirected without a location", code=codes.IMAGE_URL_FAILED)
                     url = urljoin(url, location)
                     continue
                 if response.status_code != 200:
-                    raise ImageError(f"image URL answered HTTP {response.status_code}", code="image_url_failed")
+                    raise ImageError(f"image URL answered HTTP {response.status_code}", code=codes.IMAGE_URL_FAILED)
                 encoding = response.headers.get("content-encoding", "identity").lower()
                 if encoding not in ("", "identity"):
-                    raise ImageError("compressed image transfers are refused", code="image_url_failed")
+                    raise ImageError("compressed image transfers are refused", code=codes.IMAGE_URL_FAILED)
                 length = response.headers.get("content-length")
                 if length is not None and length.isdigit() and int(length) > self.policy.max_bytes:
                     raise ImageError(f"image URL body is over {self.policy.max_bytes} bytes", status=413,
-                                     code="image_too_large")
+                                     code=codes.IMAGE_TOO_LARGE)
                 chunks: list[bytes] = []
                 total = 0
                 async for chunk in response.aiter_raw():
                     total += len(chunk)
                     if total > self.policy.max_bytes:
                         raise ImageError(f"image URL body is over {self.policy.max_bytes} bytes", status=413,
-                                         code="image_too_large")
+                                         code=codes.IMAGE_TOO_LARGE)
                     chunks.append(chunk)
                 return b"".join(chunks)
             except httpx.HTTPError as exc:
                 raise ImageError(f"image URL could not be fetched: {exc.__class__.__name__}",
-                                 code="image_url_failed") from None
+                                 code=codes.IMAGE_URL_FAILED) from None
             finally:
                 await response.aclose()
-        raise ImageError("image URL redirected too many times", code="image_url_failed")
+        raise ImageError("image URL redirected too many times", code=codes.IMAGE_URL_FAILED)

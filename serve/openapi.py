@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import __version__
+from .error_codes import ERROR_CODES
 from .rerank import RERANK_FIELDS
 from .schemas import ITEM_FIELDS, LORA_LOAD_FIELDS, LORA_UNLOAD_FIELDS, REQUEST_FIELDS
 
@@ -15,7 +16,9 @@ _ERROR = {
                 "message": {"type": "string"},
                 "type": {"type": "string"},
                 "param": {"type": ["string", "null"]},
-                "code": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"], "enum": [*ERROR_CODES, None],
+                         "description": "; ".join(f"{name} ({code.status}): {code.meaning}"
+                                                  for name, code in ERROR_CODES.items())},
             },
             "required": ["message", "type", "param", "code"],
         }

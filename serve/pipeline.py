@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.requests import Request
 
+from . import error_codes as codes
 from .admission import wait_for_disconnect
 from .errors import ApiError, bad_request
 from .rows import EmbeddingRow
@@ -68,7 +69,7 @@ async def embed_request(server: ServerState, request: Request, req: EmbeddingReq
         if not ticket.cancelled:  # this handler was cancelled (shutdown), not its client gone
             server.batcher.cancel(ticket)
             raise
-        metrics.rejected.labels("client_disconnected").inc()
+        metrics.rejected.labels(codes.CLIENT_DISCONNECTED).inc()
         raise ClientGone() from None
     finally:
         disconnect.cancel()

@@ -9,6 +9,7 @@ import asyncio
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+from . import error_codes as codes
 from .admission import adapter_not_found
 from .config import Settings
 from .errors import ApiError, from_item_error
@@ -94,7 +95,7 @@ class Preparer:
                         raise ApiError(
                             413, f"item {i}: {prepared.num_tokens} tokens, over the limit of {s.max_input_tokens} "
                             "(--max-input-tokens; send \"truncate\": true or start with --auto-truncate)",
-                            param=f"input[{i}]", code="input_too_long",
+                            param=f"input[{i}]", code=codes.INPUT_TOO_LONG,
                         )
                     prepared = processor.prepare_item(item, max_length=s.max_input_tokens, truncate=True, **kwargs)
             except ValueError as exc:

@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from nova.repo import model_class
 
+from . import error_codes as codes
 from .errors import ApiError, bad_request, request_id_var
 from .pipeline import ClientGone, embed_request
 from .schemas import EmbeddingRequest, parse_item, refuse_unknown_fields
@@ -94,7 +95,7 @@ def rerank_items(server: ServerState, raw_query, raw_documents, *, task: str | N
     limit = server.settings.max_rerank_documents
     if len(raw_documents) > limit:
         raise ApiError(413, f"{len(raw_documents)} documents in one request, over the limit of {limit} "
-                       "(--max-rerank-documents)", param=documents_field, code="too_many_documents")
+                       "(--max-rerank-documents)", param=documents_field, code=codes.TOO_MANY_DOCUMENTS)
     forms: set[str] = set()
     known = server.known_tasks
     if raw_query is None:
@@ -157,7 +158,7 @@ def _renamed(exc: ApiError, query: RerankQuery) -> ApiError:
 def parse_rerank_request(server: ServerState, payload) -> tuple[RerankQuery, bool]:
     """A /v1/rerank body -> (the query, return_documents)."""
     if not isinstance(payload, dict):
-        raise bad_request("request body must be a JSON object", code="invalid_json")
+        raise bad_request("request body must be a JSON object", code=codes.INVALID_JSON)
     refuse_unknown_fields(payload, RERANK_FIELDS)
     strings = {key: _typed(payload, key, str, "a string") for key in ("model", "task", "instructions", "adapter")}
     flags = {key: _typed(payload, key, bool, "true or false") for key in ("return_documents", "normalize", "truncate")}

@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import error_codes as codes
 from . import openapi
 from .adapters import lora_routes
 from .errors import ApiError, bad_request, request_id_var
@@ -76,16 +77,16 @@ def require_api_key(server: ServerState, request: Request) -> None:
         keys.append(server.settings.admin_api_key)
     if not _matches(_bearer(request), keys):
         server.metrics.rejected.labels("unauthorized").inc()
-        raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+        raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code=codes.INVALID_API_KEY)
 
 
 def require_admin(server: ServerState, request: Request) -> None:
     key = server.settings.admin_api_key
     if not key:
-        raise ApiError(403, "admin routes need the server to be started with --admin-api-key", code="admin_disabled")
+        raise ApiError(403, "admin routes need the server to be started with --admin-api-key", code=codes.ADMIN_DISABLED)
     if not _matches(_bearer(request), [key]):
         server.metrics.rejected.labels("unauthorized").inc()
-        raise ApiError(401, "invalid or missing admin API key", code="invalid_api_key")
+        raise ApiError(401, "invalid or missing admin API key", code=codes.INVALID_API_KEY)
 
 
 # ---------------------------------------------------------------------- bodies
@@ -95,21 +96,21 @@ async def read_body(server: ServerState, request: Request) -> bytes:
     limit = server.settings.payload_limit
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        server.metrics.rejected.labels("payload_too_large").inc()
+        server.metrics.rejected.labels(codes.PAYLOAD_TOO_LARGE).inc()
         raise ApiError(413, f"payload of {length} bytes is over the limit of {limit} bytes (--payload-limit)",
-                       code="payload_too_large")
+                       code=codes.PAYLOAD_TOO_LARGE)
     chunks, total = [], 0
     try:
         async for chunk in request.stream():
             total += len(chunk)
             if total > limit:
-                server.metrics.rejected.labels("payload_too_large").inc()
+                server.metrics.rejected.labels(codes.PAYLOAD_TOO_LARGE).inc()
                 raise ApiError(413, f"payload is over the limit of {limit} bytes (--payload-limit)",
-                               code="payload_too_large")
+                               code=codes.PAYLOAD_TOO_LARGE)
             chunks.append(chunk)
     except ClientDisconnect:
-        server.metrics.rejected.labels("client_disconnected").inc()
-        raise ApiError(400, "the client disconnected while sending the body", code="client_disconnected") from None
+        server.metrics.rejected.labels(codes.CLIENT_DISCONNECTED).inc()
+        raise ApiError(400, "the client disconnected while sending the body", code=codes.CLIENT_DISCONNECTED) from None
     return b"".join(chunks)
 
 
@@ -121,7 +122,7 @@ def _parse_json(body: bytes):
     try:
         return json.loads(body, parse_constant=_no_constants)
     except (ValueError, RecursionError):
-        raise bad_request("request body is not valid JSON", code="invalid_json") from None
+        raise bad_request("request body is not valid JSON", code=codes.INVALID_JSON) from None
 
 
 async def read_json(server: ServerState, request: Request):
@@ -131,7 +132,7 @@ async def read_json(server: ServerState, request: Request):
             return await asyncio.get_running_loop().run_in_executor(server.preparer.pool, _parse_json, body)
         return _parse_json(body)
     except ApiError:  # (only invalid JSON: the body limits were checked above)
-        server.metrics.rejected.labels("invalid_json").inc()
+        server.metrics.rejected.labels(codes.INVALID_JSON).inc()
         raise
 
 
@@ -139,7 +140,7 @@ async def read_json_object(server: ServerState, request: Request, fields) -> dic
     """The body as a JSON object with no field outside `fields` (a 400 naming every unknown one)."""
     payload = await read_json(server, request)
     if not isinstance(payload, dict):
-        raise bad_request("request body must be a JSON object", code="invalid_json")
+        raise bad_request("request body must be a JSON object", code=codes.INVALID_JSON)
     refuse_unknown_fields(payload, fields)
     return payload
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from inputs_nova_embeddings_v1 import ITEM_FIELDS, InputRefused, check_item, unknown_fields_message
 
+from . import error_codes as codes
 from .errors import ApiError, bad_request
 
 # The fields of each JSON body, with their OpenAPI schemas: the parsers refuse any other field (a typo never
@@ -62,7 +63,7 @@ def refuse_unknown_fields(payload: dict, known, *, where: str = "", prefix: str 
     message = unknown_fields_message(payload, known)
     if message:
         first = next(key for key in payload if key not in known)
-        raise bad_request(prefix + message, param=f"{where}{first}", code="unknown_field")
+        raise bad_request(prefix + message, param=f"{where}{first}", code=codes.UNKNOWN_FIELD)
 
 
 @dataclass
@@ -107,7 +108,7 @@ def parse_embedding_request(
     known_tasks: frozenset[str] | None = None,
 ) -> EmbeddingRequest:
     if not isinstance(payload, dict):
-        raise bad_request("request body must be a JSON object", code="invalid_json")
+        raise bad_request("request body must be a JSON object", code=codes.INVALID_JSON)
     refuse_unknown_fields(payload, REQUEST_FIELDS)
 
     model = payload.get("model")
@@ -159,7 +160,7 @@ def parse_embedding_request(
     if len(raw_items) > max_items:
         raise ApiError(
             413, f"{len(raw_items)} inputs in one request, over the limit of {max_items} "
-            "(--max-client-batch-size)", param="input", code="too_many_inputs",
+            "(--max-client-batch-size)", param="input", code=codes.TOO_MANY_INPUTS,
         )
 
     items: list[dict] = []

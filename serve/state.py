@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 
+from . import error_codes as codes
 from .admission import AdapterGate, RequestSlots
 from .batcher import Batcher
 from .config import Settings
@@ -36,7 +37,7 @@ class ServerState:
         self.metrics = Metrics()
         self.ready = False
         self.load_error: str | None = None
-        self.failure_code = "model_load_failed"
+        self.failure_code = codes.MODEL_LOAD_FAILED
         self._starting_engine: ProcessEngine | None = None
         self._shutting_down = False
         self.gate = AdapterGate()
@@ -89,9 +90,9 @@ class ServerState:
         self.batcher.start()
         self._load_task = asyncio.create_task(self._load())
 
-    def _failed(self, message: str, code: str = "model_load_failed") -> None:
+    def _failed(self, message: str, code: str = codes.MODEL_LOAD_FAILED) -> None:
         """The server cannot serve any more: /health and every request answer 503, and the CLI exits."""
-        self.load_error = message if code != "model_load_failed" else f"the model failed to load: {message}"
+        self.load_error = message if code != codes.MODEL_LOAD_FAILED else f"the model failed to load: {message}"
         self.failure_code = code
         if self.on_load_failed is not None:
             self.on_load_failed(self.load_error)  # the CLI ends with this one line
@@ -103,7 +104,7 @@ class ServerState:
             if self.settings.engine_kind(model_given=self.model is not None) == "process":
                 log.info("loading model %s in its own process", self.settings.model or "(bundled tiny checkpoint)")
                 engine = self._starting_engine = ProcessEngine(self.settings)
-                engine.on_exit = lambda message: self._failed(message, code="model_process_exited")
+                engine.on_exit = lambda message: self._failed(message, code=codes.MODEL_PROCESS_EXITED)
                 model = await engine.start()
             else:
                 model = await asyncio.to_thread(self._load_in_process_sync)
@@ -123,7 +124,7 @@ class ServerState:
             self.default_task = model.config.default_task
         if self.default_task not in self.known_tasks:
             self._failed(f"--default-task {self.default_task!r} is not a task of this model; its tasks: "
-                         f"{', '.join(sorted(self.known_tasks))}", code="invalid_default_task")
+                         f"{', '.join(sorted(self.known_tasks))}", code=codes.INVALID_DEFAULT_TASK)
             return
         self.metrics.adapters_loaded.set(len(model.list_adapters()))
         self.metrics.model_ready.set(1)
@@ -154,7 +155,7 @@ class ServerState:
         if self.load_error is not None:
             raise ApiError(503, self.load_error, code=self.failure_code)
         if not self.ready:
-            raise ApiError(503, "the model is loading; retry shortly", code="model_loading",
+            raise ApiError(503, "the model is loading; retry shortly", code=codes.MODEL_LOADING,
                            headers={"Retry-After": "2"})
 
     def resolve_model_name(self, name: str | None) -> str | None:
@@ -165,4 +166,4 @@ class ServerState:
         if self.gate.ready(name):
             return name
         raise ApiError(404, f"the model {name!r} does not exist; this server serves {', '.join(names)}",
-                       param="model", code="model_not_found")
+                       param="model", code=codes.MODEL_NOT_FOUND)

@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import __version__
+from . import error_codes as codes
 from .errors import ApiError, bad_request
 from .pipeline import ClientGone, embed_request
 from .rerank import RerankQuery, rank, rerank_items, rerank_sides
@@ -60,7 +61,7 @@ _TEI_ERRORS = {400: (422, "Validation"), 404: (422, "Validation"), 413: (413, "V
 
 def tei_error(exc: ApiError) -> JSONResponse:
     status, kind = _TEI_ERRORS.get(exc.status, (503, "Unhealthy") if exc.status == 503 else (424, "Backend"))
-    if exc.status == 503 and exc.code in ("shutting_down", "too_many_requests"):
+    if exc.status == 503 and exc.code in (codes.SHUTTING_DOWN, codes.TOO_MANY_REQUESTS):
         kind = "Overloaded"
     return JSONResponse({"error": exc.message, "error_type": kind}, status_code=status, headers=exc.headers)
 
@@ -98,7 +99,7 @@ def parse_inputs(server: ServerState, payload: dict) -> TeiInputs:
     limit = server.settings.max_client_batch_size
     if len(values) > limit:
         raise ApiError(413, f"batch size {len(values)} > maximum allowed batch size {limit} "
-                       "(--max-client-batch-size)", param="inputs", code="too_many_inputs")
+                       "(--max-client-batch-size)", param="inputs", code=codes.TOO_MANY_INPUTS)
     task = task_for_prompt(server, payload.get("prompt_name"))
     forms: set[str] = set()
     items = []

@@ -7,6 +7,8 @@ import asyncio
 import logging
 import time
 
+from .. import error_codes as codes
+
 COORDINATOR = "nova-adapter-coordinator"
 NAMESPACE = "nova-serve"
 REPLICA_TTL_S = 6.0  # a replica silent for this long is no longer waited for (it died; Serve replaces it)
@@ -65,14 +67,14 @@ class AdapterCoordinator:
             before = dict(self.desired)
             if op == "load":
                 if name in before:
-                    return outcome_error(400, f"adapter {name!r} is already loaded; unload it first", "adapter_exists",
+                    return outcome_error(400, f"adapter {name!r} is already loaded; unload it first", codes.ADAPTER_EXISTS,
                                   "lora_name")
                 target = {**before, name: path}
             else:
                 if name not in before:
                     return outcome_error(404, f"adapter {name!r} was not loaded at run time; in replicated mode only "
                                   "adapters loaded through /v1/internal/lora/load can be unloaded (loaded: "
-                                  f"{', '.join(sorted(before)) or 'none'})", "adapter_not_found", "lora_name")
+                                  f"{', '.join(sorted(before)) or 'none'})", codes.ADAPTER_NOT_FOUND, "lora_name")
                 target = {k: v for k, v in before.items() if k != name}
             failure = await self._roll_out(target)
             if failure is None:
@@ -103,7 +105,7 @@ class AdapterCoordinator:
                 return failed[0] if failed else None
             if time.monotonic() > deadline:
                 return outcome_error(503, f"replica(s) {', '.join(waiting)} did not apply the change within "
-                              f"{self.apply_timeout:g}s", "adapter_apply_timeout")
+                              f"{self.apply_timeout:g}s", codes.ADAPTER_APPLY_TIMEOUT)
             await asyncio.sleep(0.05)
 
     async def snapshot(self) -> dict:

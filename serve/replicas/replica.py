@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 
+from .. import error_codes as codes
 from .coordinator import COORDINATOR, NAMESPACE, outcome_message
 from .metrics import merge_metrics
 
@@ -52,7 +53,7 @@ class NovaReplica:
             response = await self.client.get("/health")
             if response.status_code == 200:
                 return
-            if response.json().get("error", {}).get("code") == "model_load_failed":
+            if response.json().get("error", {}).get("code") == codes.MODEL_LOAD_FAILED:
                 raise RuntimeError(response.json()["error"]["message"])
             await asyncio.sleep(0.2)
 
@@ -109,7 +110,7 @@ class NovaReplica:
         try:
             payload = json.loads(body)
         except (ValueError, RecursionError):
-            return bad_request("request body is not valid JSON", code="invalid_json").response()
+            return bad_request("request body is not valid JSON", code=codes.INVALID_JSON).response()
         name = payload.get("lora_name") if isinstance(payload, dict) else None
         path = payload.get("lora_path") if op == "load" else None
         if not isinstance(name, str) or (op == "load" and not isinstance(path, str)):
