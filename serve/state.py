@@ -19,7 +19,14 @@ from .admission import AdapterGate, RequestSlots
 from .batcher import Batcher
 from .config import Settings
 from .dispatcher import Dispatcher
-from .engine import ModelLoadFailed, ProcessEngine, ThreadEngine, load_model_for, prepare_for_serving
+from .engine import (
+    ModelLoadFailed,
+    ProcessEngine,
+    ServedModel,
+    ThreadEngine,
+    load_model_for,
+    prepare_for_serving,
+)
 from .errors import ApiError
 from .images import ImageFetcher, ImagePolicy
 from .metrics import Metrics
@@ -33,7 +40,7 @@ class ServerState:
 
     def __init__(self, settings: Settings, model=None):
         self.settings = settings
-        self.model = model
+        self.model: ServedModel | None = model  # the model itself (thread engine) or its RemoteModel
         self.metrics = Metrics()
         self.ready = False
         self.load_error: str | None = None
