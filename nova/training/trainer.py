@@ -334,6 +334,10 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         self.triplets = load_triplets(cfg.data, cfg.query_task, cfg.passage_task, cfg.max_negatives)
+        if min(len(self.triplets), cfg.batch_size) < self.processes.world:
+            raise UserInputError(f"a contrastive batch of {min(len(self.triplets), cfg.batch_size)} triplets cannot be "
+                                 f"split across {self.processes.world} processes: raise --batch-size (or add "
+                                 "data), or start fewer processes")
         self.data_sha256 = _file_sha256(cfg.data)
         checkpoint = self.processes.run_on_main(self._prepare_output)
         if self.processes.is_main:
@@ -346,7 +350,7 @@ class Trainer:
         self.plan = self._plan_adapter(self.model)
         self._attach_lora(self.plan)
         self._make_optimizer()
-        self.step, self.losses = 0, []
+        self.step, self.losses, self.resumed_at = 0, [], None
         if checkpoint is not None:
             self._restore(checkpoint)
         want_single, want_multi = cfg.vectors in ("single", "both"), cfg.vectors in ("multi", "both")
@@ -532,9 +536,6 @@ class Trainer:
     # -- one optimizer step --
     def contrastive_batch(self, index: int) -> ContrastiveBatch:
         triplets = [self.triplets[i] for i in self.order.indices(index)]
-        if len(triplets) < self.processes.world:
-            raise UserInputError(f"a contrastive batch of {len(triplets)} triplets cannot be split across "
-                                 f"{self.processes.world} processes: raise --batch-size or use fewer processes")
         return ContrastiveBatch(triplets, self.processes.rank, self.processes.world)
 
     def accumulate_gradients(self, index: int, weight: float = 1.0) -> BatchReport:
@@ -576,41 +577,16 @@ class Trainer:
         progress = progress and self.processes.is_main
         from tqdm.auto import tqdm
 
-        train_log = TrainLog(self.out, getattr(self, "resumed_at", None)) if self.processes.is_main else None
+        train_log = TrainLog(self.out, self.resumed_at) if self.processes.is_main else None
         self.log(memory_plan(self.model, self.trainable, self.processes.world))
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not progress,
                    dynamic_ncols=True)
-        started = time.perf_counter()
-        recent: list[float] = []
-        warned_no_grad = False
+        self.started = time.perf_counter()
+        self.recent: list[float] = []
+        self.warned_no_grad = False
         self.peak_memory = None
         while self.step < self.total_steps:
-            step_started = time.perf_counter()
-            self.optimizer.zero_grad(set_to_none=True)
-            step_loss, tokens, triplets = 0.0, 0, 0
-            for k in range(cfg.grad_accum):
-                report = self.accumulate_gradients(self.step * cfg.grad_accum + k, 1.0 / cfg.grad_accum)
-                if not report.reached_adapter and not warned_no_grad:  # e.g. a projector-only adapter and a batch without images
-                    self.log("note: a contrastive batch reached none of the adapter's target modules (no gradient); "
-                             "it is skipped")
-                    warned_no_grad = True
-                step_loss += report.loss
-                tokens += report.tokens
-                triplets += report.triplets
-            self.synchronize_gradients()
-            if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.step += 1
-            self.losses.append(step_loss)
-            recent = (recent + [step_loss])[-20:]
-            seconds = time.perf_counter() - step_started
-            tokens = int(self.processes.sum_(torch.tensor([tokens], device=self.inner.device)).item())
-            record = StepRecord(self.step, self.total_steps, step_loss, sum(recent) / len(recent),
-                                self.scheduler.get_last_lr()[0], triplets / seconds, tokens / seconds,
-                                report.negatives_per_query,
-                                time.perf_counter() - started)
+            record = self.optimizer_step()
             if self.peak_memory is None:
                 self.peak_memory = peak_memory(self.inner.device)
                 self.log(f"memory after the first step: {self.peak_memory[0] / (1 << 30):.2f} GiB "
@@ -626,7 +602,34 @@ class Trainer:
                     self._save_checkpoint()
         bar.close()
         self.peft_model.eval()
-        self.elapsed = time.perf_counter() - started
+        self.elapsed = time.perf_counter() - self.started
+
+    def optimizer_step(self) -> StepRecord:
+        """`--grad-accum` contrastive batches, their gradients summed over the processes, clipped, applied."""
+        cfg = self.cfg
+        step_started = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss, tokens, triplets = 0.0, 0, 0
+        for k in range(cfg.grad_accum):
+            report = self.accumulate_gradients(self.step * cfg.grad_accum + k, 1.0 / cfg.grad_accum)
+            if not report.reached_adapter and not self.warned_no_grad:  # e.g. projector-only, a batch without images
+                self.log("note: a contrastive batch reached none of the adapter's target modules (no gradient); "
+                         "it is skipped")
+                self.warned_no_grad = True
+            step_loss, tokens, triplets = step_loss + report.loss, tokens + report.tokens, triplets + report.triplets
+        self.synchronize_gradients()
+        if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.losses.append(step_loss)
+        self.recent = (self.recent + [step_loss])[-20:]
+        seconds = time.perf_counter() - step_started
+        tokens = int(self.processes.sum_(torch.tensor([tokens], device=self.inner.device)).item())
+        return StepRecord(self.step, self.total_steps, step_loss, sum(self.recent) / len(self.recent),
+                          self.scheduler.get_last_lr()[0], triplets / seconds, tokens / seconds,
+                          report.negatives_per_query, time.perf_counter() - self.started)
 
     # -- the end (rank 0) --
     def finish(self) -> TrainResult:
