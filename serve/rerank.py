@@ -11,6 +11,7 @@ with every other client's rows. Their vectors are scored here by the remote code
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ RERANK_FIELDS: dict[str, dict] = {
 # loop below it (a hundred short passages score in well under a millisecond).
 SCORE_INLINE_VALUES = 1 << 18
 _INPUT_PARAM = re.compile(r"^input\[(\d+)\]")
+# The remote code's scoring functions, looked up once (a lookup checks the module's files: milliseconds).
+scoring = functools.cache(model_class)
 
 
 @dataclass
@@ -79,7 +82,7 @@ def rerank_sides(server: ServerState, task: str | None) -> tuple[str, str]:
     """(query task, documents task) for a request's task; default: the server's default task without its side."""
     task = task or re.sub(r"\.(query|passage)$", "", server.default_task)
     try:
-        return model_class("rerank_tasks")(server.model.config.task_routing, task)
+        return scoring("rerank_tasks")(server.model.config.task_routing, task)
     except ValueError as exc:
         raise bad_request(str(exc), param="task") from None
 
@@ -128,13 +131,13 @@ async def rank(server: ServerState, request: Request, query: RerankQuery) -> Ran
     except ApiError as exc:
         raise _renamed(exc, query) from None
     *document_vectors, query_vector = result.vectors
-    score = model_class("score_documents")
+    score = scoring("score_documents")
     if sum(v.size for v in document_vectors) <= SCORE_INLINE_VALUES:
         scores = score(query_vector, document_vectors, query.scoring, query.normalize)
     else:
         scores = await asyncio.get_running_loop().run_in_executor(
             server.preparer.pool, score, query_vector, document_vectors, query.scoring, query.normalize)
-    return Ranking(model_class("ranked")(scores, query.top_n), result.tokens, req.model_label)
+    return Ranking(scoring("ranked")(scores, query.top_n), result.tokens, req.model_label)
 
 
 def _renamed(exc: ApiError, query: RerankQuery) -> ApiError:

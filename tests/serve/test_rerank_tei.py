@@ -209,3 +209,36 @@ def test_a_bad_request_leaves_the_server_serving(server, tiny_model):
     assert post(server, "/rerank", {"query": QUERY, "texts": ["ok", ""]}).status_code == 422
     answer = post(server, "/v1/rerank", {"query": QUERY, "documents": TEXTS}).json()
     assert_same_ranking([(r["index"], r["relevance_score"]) for r in answer["results"]], in_process(tiny_model, TEXTS))
+
+
+ODD_VALUES = [None, 0, -1, 1.5, True, "", "s", [], [1], [[]], [None], {}, {"text": 1}, [{"text": 1}], [{"image": 1}],
+              ["a", {"image": ""}], "x" * 5000]
+BODIES = {
+    "/v1/rerank": {"query": QUERY, "documents": TEXTS[:2]},
+    "/rerank": {"query": QUERY, "texts": TEXTS[:2]},
+    "/embed": {"inputs": TEXTS[:2]},
+    "/": {"inputs": TEXTS[:2]},
+    "/embed_all": {"inputs": TEXTS[:2]},
+    "/tokenize": {"inputs": TEXTS[:2]},
+}
+
+
+@pytest.mark.parametrize("path", list(BODIES))
+def test_odd_values_in_every_field_never_answer_500(server, path):
+    """Each documented field (and one unknown) set to values of every JSON type: an answer or a refusal in the
+    route family's shape, never a 500."""
+    from serve.rerank import RERANK_FIELDS
+    from serve.tei import EMBED_ALL_FIELDS, EMBED_FIELDS, TOKENIZE_FIELDS
+    from serve.tei import RERANK_FIELDS as TEI_RERANK_FIELDS
+
+    fields = {"/v1/rerank": RERANK_FIELDS, "/rerank": TEI_RERANK_FIELDS, "/embed": EMBED_FIELDS, "/": EMBED_FIELDS,
+              "/embed_all": EMBED_ALL_FIELDS, "/tokenize": TOKENIZE_FIELDS}[path]
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        for field in [*fields, "bogus"]:
+            for value in ODD_VALUES:
+                response = client.post(path, json={**BODIES[path], field: value})
+                assert response.status_code < 500, (path, field, value, response.text[:300])
+                if response.status_code >= 400:
+                    body = response.json()
+                    shape = {"error"} if path == "/v1/rerank" else {"error", "error_type"}
+                    assert set(body) == shape, (path, field, value, body)
