@@ -29,14 +29,16 @@ def triplets(task):
     return rows
 
 
-def lora_model(tiny_dir, dropout: float):
+def lora_model(tiny_dir, dropout: float, checkpointing: bool = False):
     """A fresh tiny model with a rank-4 LoRA whose B is non-zero (PEFT starts B at zero, which would leave A
-    without gradient), in training mode."""
+    without gradient), in training mode; with activation checkpointing as `--gradient-checkpointing` sets it."""
     from peft import LoraConfig, get_peft_model
 
     from nova.loading import load_model
 
     model = load_model(tiny_dir)
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(0)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=True,
                                                   target_modules=r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj|"
@@ -132,9 +134,9 @@ def test_gradcache_equals_the_full_batch_gradient(tiny_dir, triplets, vectors):
     assert relative_error(direct, want) <= 1e-5, relative_error(direct, want)
 
 
-@pytest.mark.parametrize("vectors", ["single", "multi"])
-def test_gradcache_replays_dropout_exactly(tiny_dir, triplets, vectors):
-    peft_model, inner = lora_model(tiny_dir, dropout=0.3)
+@pytest.mark.parametrize(("vectors", "checkpointing"), [("single", False), ("multi", False), ("both", True)])
+def test_gradcache_replays_dropout_exactly(tiny_dir, triplets, vectors, checkpointing):
+    peft_model, inner = lora_model(tiny_dir, dropout=0.3, checkpointing=checkpointing)
     want = reference_gradients(peft_model, inner, triplets, vectors, chunk=3)
     got = gradcache_gradients(peft_model, inner, triplets, vectors, mini=3)
     assert relative_error(got, want) <= 1e-5, relative_error(got, want)
