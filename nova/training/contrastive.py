@@ -210,10 +210,15 @@ def _gather(local: Embeddings, sizes: list[int], processes: Processes) -> list[E
 
 def embedding_gradients(batch: ContrastiveBatch, queries: Embeddings, positives: Embeddings,
                         negatives: Embeddings, ignore: torch.Tensor, temperature: float,
-                        processes: Processes, weight: float = 1.0) -> tuple[float, list[torch.Tensor]]:
+                        processes: Processes, weight: float = 1.0,
+                        query_chunk: int | None = None) -> tuple[float, list[torch.Tensor]]:
     """The whole batch's loss (times `weight`) and its gradient with respect to this process's embeddings (their
     `differentiable()` tensors, queries, positives, negatives). Multi-vectors of positives and negatives must
-    be padded to the same length on every process."""
+    be padded to the same length on every process.
+
+    The loss is a sum over queries, so it is differentiated `query_chunk` queries at a time: the scores of a
+    chunk against every candidate (for MaxSim a chunk x candidates x query tokens x candidate tokens tensor)
+    are what is held at once, not the whole batch's."""
     rank = batch.rank
     gathered_p = _gather(positives, batch.positive_sizes, processes)
     gathered_n = _gather(negatives, batch.negative_sizes, processes)
@@ -224,9 +229,15 @@ def embedding_gradients(batch: ContrastiveBatch, queries: Embeddings, positives:
     offset = batch.bounds[rank]
     rows = slice(offset, batch.bounds[rank + 1])
     targets = torch.arange(offset, batch.bounds[rank + 1])
-    share = len(batch.local) / len(batch.triplets)
-    loss = batch_loss(own, candidates, targets, ignore[rows], temperature, share * weight)
-    loss.backward()
+    local_ignore = ignore[rows]
+    step = query_chunk or len(batch.local)
+    loss = torch.zeros((), device=candidates.differentiable()[0].device)  # where the collectives run
+    for first in range(0, len(batch.local), step):
+        last = min(first + step, len(batch.local))
+        part = batch_loss(own.rows(first, last), candidates, targets[first:last], local_ignore[first:last],
+                          temperature, (last - first) / len(batch.triplets) * weight)
+        part.backward()
+        loss = loss + part.detach()
     # a candidate's gradient comes from every process's queries: sum them, keep this process's rows
     candidate_grads = [processes.sum_(t.grad) for t in candidates.differentiable()]
     first_negative = len(batch.triplets) + sum(batch.negative_sizes[:rank])
@@ -258,7 +269,7 @@ def contrastive_backward(batch: ContrastiveBatch, query_rows: list, positive_row
     length = processes.max_int(max(positives.length, negatives.length), device)
     positives, negatives = positives.padded_to(length), negatives.padded_to(length)
     loss, grads = embedding_gradients(batch, queries, positives, negatives, batch.ignore, temperature, processes,
-                                      weight)
+                                      weight, query_chunk=mini_batch_size)
 
     outputs = queries.differentiable() + positives.differentiable() + negatives.differentiable()
     pairs = [(t, g) for t, g in zip(outputs, grads, strict=True) if t.requires_grad and t.numel()]
