@@ -36,9 +36,25 @@ def is_debug(args: argparse.Namespace) -> bool:
     return getattr(args, "log_level", "info") == "debug"
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a line is logged, not the stream at set-up: a command run in a test
+    (whose captured stderr closes after it) leaves no handler on a closed file behind."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: str) -> None:
     """Nova's loggers at `level`; everything else at WARNING, or at DEBUG along with Nova's when debugging."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

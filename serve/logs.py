@@ -7,7 +7,8 @@ the filter reads the request id from `errors.request_id_var`, which the request 
 from __future__ import annotations
 
 import logging
-import sys
+
+from nova.command import StderrHandler
 
 from .errors import request_id_var
 
@@ -21,7 +22,7 @@ class RequestIdFilter(logging.Filter):
 
 
 def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"))
     root = logging.getLogger()
