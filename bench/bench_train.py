@@ -14,7 +14,7 @@ Memory, what the steps need on top of the loaded model:
 Time: wall time of the measured steps (after the warm-up) divided by their triplets. Data: the synthetic task
 with 3-word queries (enough distinct triplets for the batch), 3 hard negatives per triplet.
 
-Targets (issue 23): the cached batch of 512 within 10% of the batch of 8's memory, and its time per triplet
+Targets: the cached batch of 512 within 10% of the batch of 8's memory, and its time per triplet
 within 1.5x of the uncached path's at the same batch.
 """
 
