@@ -33,8 +33,8 @@ class BatchCostModel:
 
     Two rules keep a bad fit from splitting batches that should stay whole:
     - the first forward of each batch shape (rows, longest row) is not learned from: it pays one-time costs
-      (on an H100, 57-103 ms per new shape for the 3B model, whose forward takes 45-70 ms: docs/performance.md),
-      and a fit that read them as per-token cost split every batch into single rows;
+      (on a GPU it can cost as much as a whole forward: docs/performance.md, "New batch shapes"), and a fit
+      that read them as per-token cost would split every batch into single rows;
     - when the window cannot tell a per-token cost from noise (too little spread in sizes, or the best
       non-negative fit has none), nothing is split; a stale fit is never kept.
     """
@@ -85,7 +85,7 @@ class BatchCostModel:
     def split(self, batch: list[RowT], anchor: RowT) -> list[RowT]:
         """The group of `batch` holding `anchor` in the cheapest split into length-sorted groups. Ties go to
         fewer groups: with a fitted fixed cost of 0, splitting rows of equal length costs exactly what keeping
-        them together does, and the tie once went to single-row groups."""
+        them together does; a tie broken the other way runs them as single-row batches."""
         if self.a is None or self.b is None or len(batch) < 2:
             return batch
         rows = sorted(batch, key=lambda r: r.tokens)
@@ -117,9 +117,9 @@ def _nonnegative_fit(gram: list[list[float]], moments: list[float], total: float
     `total` y'y, for at most three columns. The best of the column subsets whose unconstrained solution is
     non-negative; unused columns come back as 0.0, padded to three values.
 
-    Small systems in plain Python: this runs on the event loop after every batch, where numpy's lstsq per
-    subset took 0.15-0.26 ms (2-core sandbox, 2026-11-27). Columns are scaled to unit norm first, so the
-    systems stay well conditioned."""
+    Small systems in plain Python: this runs on the event loop after every batch, where numpy's per-call
+    overhead is several times the arithmetic (bench/results/2026-11-27-cpu-server). Columns are scaled to unit
+    norm first, so the systems stay well conditioned."""
     k = len(moments)
     scales = [math.sqrt(gram[i][i]) or 1.0 for i in range(k)]
     gram = [[gram[i][j] / (scales[i] * scales[j]) for j in range(k)] for i in range(k)]

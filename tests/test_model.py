@@ -112,7 +112,7 @@ def test_instructions_change_the_vector_and_are_not_pooled(tiny_model, image):
     override = tiny_model.encode([{**item, "instructions": "Retrieve medical literature"}],
                                  instructions="Retrieve legal precedents")[0]
     assert cos(override, medical) >= 0.9999
-    # multi-vector rows: the item's own tokens, as many with instructions as without (DESIGN 3.1)
+    # multi-vector rows: the item's own tokens, as many with instructions as without (markup-free pooling)
     processor = tiny_model.processor
     for it in (item, {"image": image}, {"image": image, "text": "chart"}):
         bare = processor.prepare_item(it)

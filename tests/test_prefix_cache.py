@@ -1,4 +1,4 @@
-"""The instruction prefix cache (DESIGN 3.7): exact, LoRA-aware, one forward per batch, bounded, invalidated."""
+"""The instruction prefix cache: exact, LoRA-aware, one forward per batch, bounded, invalidated."""
 
 import shutil
 

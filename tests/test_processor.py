@@ -61,7 +61,7 @@ def test_instructions_are_a_pure_prefix_and_excluded_from_pooling(tiny_model, im
     prefix = tok(processor, "<|im_start|>system\nFind legal cases<|im_end|>\n")
     assert row.input_ids[: len(prefix)] == prefix and row.instruction_len == len(prefix)
     assert row.input_ids[len(prefix):] == tok(processor, "<|im_start|>user\nQuery: hello<|im_end|>\n")
-    # markup-free pooling (DESIGN 3.1): pooled and multi-vector tokens are exactly the no-instruction ids
+    # markup-free pooling: pooled and multi-vector tokens are exactly the no-instruction ids
     own = [t for t, m in zip(row.input_ids, row.pool_mask, strict=True) if m]
     assert own == plain.input_ids == [t for t, m in zip(row.input_ids, row.multi_mask, strict=True) if m]
     user_turn = len(tok(processor, "<|im_start|>user\n"))

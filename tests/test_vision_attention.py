@@ -1,4 +1,4 @@
-"""The vision tower's batched attention (DESIGN 3.9): the same vectors as transformers' Qwen2.5-VL tower, one
+"""The vision tower's batched attention: the same vectors as transformers' Qwen2.5-VL tower, one
 attention call per layer, and a constant number of torch operations per additional image."""
 
 import copy

@@ -83,8 +83,8 @@ def engine_main(requests, replies, settings, server_pid: int) -> None:
 
     turns = RequestTurns(requests, handle)
     threading.Thread(target=turns.receive_while_forwarding, name="nova-engine-receive", daemon=True).start()
-    # Forwards run on the main thread: on a quiet 2-core machine a forward of the bench's "small" config ran
-    # 11-16 ms here against 19-31 ms from a secondary thread (OpenMP's spinning workers; docs/server.md).
+    # Forwards run on the main thread: OpenMP's spinning workers serve its forwards faster than a secondary
+    # thread's on a quiet CPU (bench/results/2026-11-27-cpu-server).
     while (item := turns.next_batch()) is not STOP:
         request_id, rows, collated, collate_seconds = item
         outcomes, seconds = runner.run(rows, collated)

@@ -2,9 +2,9 @@
 server process's view of it.
 
 Why a process: a forward is hundreds of small torch operations and each one re-takes Python's GIL, while
-the server process parses JSON, tokenizes and renders responses on other threads. Under load the model thread
-queued behind them for the GIL (docs/server.md), the way vLLM's API server slowed its engine until vLLM V1
-split them into two processes; TEI keeps its Python backend out of the router's process the same way.
+the server process parses JSON, tokenizes and renders responses on other threads. In one process the model
+thread queues behind them for the GIL (docs/server.md, "Where the model runs"), which is why vLLM V1 split its
+API server and engine into two processes; TEI keeps its Python backend out of the router's process the same way.
 The server process keeps the processor (tokenizing never leaves the HTTP side) and talks to the engine over
 one pipe: rows go in, a `BatchResult` (numpy vectors, or a row's exception) comes back.
 """

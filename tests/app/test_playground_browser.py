@@ -205,5 +205,5 @@ def test_playground_in_process(page, app_url, tiny_model):
 
 
 def test_playground_against_nova_serve(page, app_server_url, tiny_model):
-    # the server batches rows with other rows: equal within float tolerance (DESIGN 3.1)
+    # the server batches rows with other rows: equal within float tolerance
     playground_flow(page, app_server_url, tiny_model, "server", atol=1e-3)

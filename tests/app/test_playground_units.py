@@ -163,7 +163,7 @@ def test_in_process_backend_runtime_adapter_and_token_labels(fresh_model):
     item = {"task": "retrieval.query", "text": "hello world", "instructions": "be brief"}
     rows = backend.encode([item], multivector=True, dimensions=None)[0]
     labels = backend.token_labels(item, len(rows))
-    assert "".join(labels) == "Query: hello world"  # the item's own tokens: no user-turn markup (DESIGN 3.1)
+    assert "".join(labels) == "Query: hello world"  # the item's own tokens: no user-turn markup
     # the rendering a server-backed playground uses gives the same tokens as the processor
     assert Backend.token_labels(backend, item, len(rows)) == labels
     plain = {"task": "retrieval.passage", "text": "hello world"}

@@ -44,8 +44,8 @@ def test_expensive_forwards_keep_the_batch_whole():
 
 def test_a_fit_without_fixed_cost_keeps_equal_rows_together():
     """A fit whose intercept comes out negative is clamped to a fixed cost of exactly 0; splitting rows of
-    equal length then costs exactly what keeping them together does, and the tie keeps the batch whole (it
-    once went to single-row groups)."""
+    equal length then costs exactly what keeping them together does, and the tie keeps the batch whole
+    (broken the other way, it would run single-row batches)."""
     model = BatchCostModel()
     for padded in (100, 400, 1600, 3200, 800, 200, 6400, 50):
         model.observe(padded, padded * 1e-4 - 1e-3)
