@@ -114,7 +114,7 @@ def test_fetch_limits_and_redirects_are_item_errors(model_fetching_loopback, ser
         model.encode([{"image": "ftp://127.0.0.1/x.png"}])
     model.config.max_image_pixels = 5000  # the decompression-bomb check applies to fetched images too
     model.processor.url_fetcher.max_bytes = 10**6
-    with pytest.raises(ValueError, match="item 0: image of 120x80 = 9600 pixels exceeds the limit of 5000"):
+    with pytest.raises(ValueError, match="item 0: image is 120x80 = 9600 pixels, over the limit of 5000"):
         model.encode([{"image": url + "/x.png"}])
 
 
