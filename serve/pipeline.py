@@ -9,6 +9,7 @@ queue's budget, atomically on the event loop) -> the batcher's queue -> the tick
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -24,6 +25,17 @@ from .schemas import EmbeddingRequest
 from .state import ServerState
 
 log = logging.getLogger("serve")
+
+
+@contextlib.contextmanager
+def counted_refusals(server: ServerState):
+    """A request's refusals (ApiError) counted in `nova_rejected_requests` by code, once, where they are raised:
+    every route parses inside one, and the pipeline's own steps are inside one."""
+    try:
+        yield
+    except ApiError as exc:
+        server.metrics.rejected.labels(exc.code or str(exc.status)).inc()
+        raise
 
 
 class ClientGone(Exception):
@@ -79,7 +91,7 @@ async def embed_request(server: ServerState, request: Request, req: EmbeddingReq
 
 async def _prepare(server: ServerState, req: EmbeddingRequest) -> list[EmbeddingRow]:
     model = server.model
-    try:
+    with counted_refusals(server):
         model_adapter = server.resolve_model_name(req.model)
         req.model_label = req.model or server.settings.primary_model_name
         try:
@@ -96,19 +108,13 @@ async def _prepare(server: ServerState, req: EmbeddingRequest) -> list[Embedding
             return await server.preparer.prepare(model, req, routes, images)
         finally:
             server.batcher.preparing_done(len(req.items))
-    except ApiError as exc:
-        server.metrics.rejected.labels(exc.code or str(exc.status)).inc()
-        raise
 
 
 def _admit(server: ServerState, rows: list[EmbeddingRow]):
     """The adapter gate (drain-aware), then the queue's budget: both or neither."""
     adapters = [row.adapter for row in rows]
-    try:
+    with counted_refusals(server):
         server.gate.acquire(adapters)
-    except ApiError as exc:
-        server.metrics.rejected.labels(exc.code).inc()
-        raise
     try:
         return server.batcher.submit(rows)
     except ApiError:

@@ -24,7 +24,7 @@ from nova.repo import model_class
 
 from . import error_codes as codes
 from .errors import ApiError, bad_request, request_id_var
-from .pipeline import ClientGone, embed_request
+from .pipeline import ClientGone, counted_refusals, embed_request
 from .schemas import EmbeddingRequest, parse_item, refuse_unknown_fields
 from .state import ServerState
 
@@ -196,11 +196,8 @@ async def rerank_route(server: ServerState, request: Request, require_api_key, r
     server.require_ready()
     with server.slots.hold(server.batcher.retry_after):
         payload = await read_json(server, request)
-        try:
+        with counted_refusals(server):
             query, return_documents = parse_rerank_request(server, payload)
-        except ApiError as exc:
-            server.metrics.rejected.labels(exc.code or str(exc.status)).inc()
-            raise
         try:
             ranking = await rank(server, request, query)
         except ClientGone:

@@ -24,7 +24,7 @@ from . import error_codes as codes
 from . import openapi
 from .adapters import lora_routes
 from .errors import ApiError, bad_request, request_id_var
-from .pipeline import ClientGone, EmbeddingResult, embed_request
+from .pipeline import ClientGone, EmbeddingResult, counted_refusals, embed_request
 from .rerank import rerank_routes
 from .schemas import (
     LORA_LOAD_FIELDS,
@@ -139,9 +139,10 @@ async def read_json(server: ServerState, request: Request):
 async def read_json_object(server: ServerState, request: Request, fields) -> dict:
     """The body as a JSON object with no field outside `fields` (a 400 naming every unknown one)."""
     payload = await read_json(server, request)
-    if not isinstance(payload, dict):
-        raise bad_request("request body must be a JSON object", code=codes.INVALID_JSON)
-    refuse_unknown_fields(payload, fields)
+    with counted_refusals(server):
+        if not isinstance(payload, dict):
+            raise bad_request("request body must be a JSON object", code=codes.INVALID_JSON)
+        refuse_unknown_fields(payload, fields)
     return payload
 
 
@@ -158,14 +159,11 @@ async def embeddings(server: ServerState, request: Request) -> Response:
 async def _embeddings(server: ServerState, request: Request) -> Response:
     s = server.settings
     payload = await read_json(server, request)
-    try:
+    with counted_refusals(server):
         req = parse_embedding_request(
             payload, default_task=server.default_task, default_multivector=s.is_multi_vector_embeddings,
             max_items=s.max_client_batch_size, known_tasks=server.known_tasks,
         )
-    except ApiError as exc:
-        server.metrics.rejected.labels(exc.code or str(exc.status)).inc()
-        raise
     try:
         result = await embed_request(server, request, req)
     except ClientGone:

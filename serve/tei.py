@@ -20,7 +20,7 @@ from starlette.routing import Route
 from . import __version__
 from . import error_codes as codes
 from .errors import ApiError, bad_request
-from .pipeline import ClientGone, embed_request
+from .pipeline import ClientGone, counted_refusals, embed_request
 from .rerank import RerankQuery, rank, rerank_items, rerank_sides
 from .schemas import EmbeddingRequest, parse_item
 from .state import ServerState
@@ -133,8 +133,10 @@ def _check_supported(payload: dict) -> None:
 
 async def _vectors(server: ServerState, request: Request, inputs: TeiInputs, *, multivector: bool,
                    dimensions=None) -> list:
-    if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1):
-        raise bad_request("'dimensions' must be a positive integer", param="dimensions")
+    with counted_refusals(server):
+        if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int)
+                                       or dimensions < 1):
+            raise bad_request("'dimensions' must be a positive integer", param="dimensions")
     req = EmbeddingRequest(model=None, items=inputs.items, return_multivector=multivector, dimensions=dimensions,
                            truncate=inputs.truncate, forms={"tei"})
     result = await embed_request(server, request, req)
@@ -156,7 +158,8 @@ def tei_routes(server: ServerState, *, require_api_key, read_json_object) -> lis
                     return JSONResponse(answer(None, None))
                 with server.slots.hold(server.batcher.retry_after):
                     payload = await read_json_object(server, request, fields)
-                    _check_supported(payload)
+                    with counted_refusals(server):
+                        _check_supported(payload)
                     body = await answer(request, payload)
             except ApiError as exc:
                 return tei_error(exc)
@@ -167,31 +170,36 @@ def tei_routes(server: ServerState, *, require_api_key, read_json_object) -> lis
         return Route(path, handler, methods=["GET" if fields is None else "POST"])
 
     async def embed(request, payload):
-        return await _vectors(server, request, parse_inputs(server, payload), multivector=False,
-                              dimensions=payload.get("dimensions"))
+        with counted_refusals(server):
+            inputs = parse_inputs(server, payload)
+        return await _vectors(server, request, inputs, multivector=False, dimensions=payload.get("dimensions"))
 
     async def embed_all(request, payload):
-        return await _vectors(server, request, parse_inputs(server, payload), multivector=True)
+        with counted_refusals(server):
+            inputs = parse_inputs(server, payload)
+        return await _vectors(server, request, inputs, multivector=True)
 
     async def rerank(request, payload):
         texts = payload.get("texts")
-        if not isinstance(payload.get("query"), str):
-            raise bad_request("'query' must be a string", param="query")
-        if isinstance(texts, list) and any(not isinstance(t, str) for t in texts):
-            raise bad_request("'texts' must be a list of strings", param="texts")
-        query, documents = rerank_items(server, payload["query"], texts, task=None, adapter=None,
-                                        documents_field="texts")
-        raw_scores = _flag(payload, "raw_scores", False)
+        with counted_refusals(server):
+            if not isinstance(payload.get("query"), str):
+                raise bad_request("'query' must be a string", param="query")
+            if isinstance(texts, list) and any(not isinstance(t, str) for t in texts):
+                raise bad_request("'texts' must be a list of strings", param="texts")
+            query, documents = rerank_items(server, payload["query"], texts, task=None, adapter=None,
+                                            documents_field="texts")
+            raw_scores, truncate = _flag(payload, "raw_scores", False), _flag(payload, "truncate", False)
+            return_text = _flag(payload, "return_text", False)
         ranking = await rank(server, request, RerankQuery(
             model=None, query=query, documents=documents, sent_documents=texts, normalize=not raw_scores,
-            truncate=_flag(payload, "truncate", False), documents_field="texts"))
-        return_text = _flag(payload, "return_text", False)
+            truncate=truncate, documents_field="texts"))
         return [{"index": r.index, "score": r.score, **({"text": texts[r.index]} if return_text else {})}
                 for r in ranking.results]
 
     async def tokenize(request, payload):
-        inputs = parse_inputs(server, payload)
-        return [tokens(server, item) for item in inputs.items]
+        with counted_refusals(server):
+            inputs = parse_inputs(server, payload)
+            return [tokens(server, item) for item in inputs.items]
 
     def info(_request, _payload):
         s = server.settings

@@ -197,11 +197,20 @@ def test_v1_rerank_refusals_are_openai_errors(server, body, status, param, messa
     ("/embed", "not an object", 422, "JSON object"),
 ])
 def test_tei_refusals_are_tei_errors(server, path, body, status, message):
+    before = rejected(server)
     response = post(server, path, body)
     assert response.status_code == status, response.text
     error = response.json()
     assert set(error) == {"error", "error_type"} and error["error_type"] == "Validation", error
     assert message in error["error"], error
+    assert rejected(server) == before + 1  # counted in the metrics, once, as /v1/embeddings' refusals are
+
+
+def rejected(server) -> float:
+    """The server's refusals so far (nova_rejected_requests_total, every reason)."""
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("nova_rejected_requests_total{"))
 
 
 def test_a_bad_request_leaves_the_server_serving(server, tiny_model):
