@@ -1,5 +1,5 @@
-"""One parsed request's way to its vectors, whatever route it came in by (`/v1/embeddings` today; any route that
-embeds items builds an `EmbeddingRequest` and calls `embed_request`):
+"""One parsed request's way to its vectors, whatever route it came in by (`/v1/embeddings`, `/v1/rerank`, TEI's
+routes: each builds an `EmbeddingRequest` and calls `embed_request`):
 
 request checks (model name, dimensions, prompt set) -> routes resolved and checked against the adapter gate
 (preparation.py) -> images fetched -> items tokenized into `EmbeddingRow`s -> admission (the gate, then the
@@ -56,7 +56,7 @@ class EmbeddingResult:
 
 
 async def embed_request(server: ServerState, request: Request, req: EmbeddingRequest) -> EmbeddingResult:
-    """Raises `ApiError` (counted in `nova_rejected_total`) for a request or row that cannot be served, and
+    """Raises `ApiError` (counted in `nova_rejected_requests`) for a request or row that cannot be served, and
     `ClientGone` when the client left before its answer."""
     started = time.perf_counter()
     rows = await _prepare(server, req)
