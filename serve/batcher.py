@@ -9,8 +9,9 @@
   being tokenized (`preparing`) are worth a short grace (a quarter of the measured batch time, at most 50 ms),
   so that clients answered together do not split into alternating small and large batches.
 - While the model is busy, rows gather; the next batch is taken shortly before the running one is predicted to
-  end (the prediction is the cost model's, the lead the measured collation time), so that it is collated
-  while the current one runs and the model never waits for the host.
+  end (the prediction is the cost model's, the lead the measured collation time plus how late this event loop
+  has been running the batcher's timed wake-ups, `WakeLateness`), so that it is collated while the current one
+  runs and the model never waits for the host, even when a loaded event loop wakes the batcher late.
 - Padding is paid for: when the rows at hand differ a lot in length, the candidate batch is split into
   length-sorted groups where that is cheaper under a cost model `seconds = a + b x padded_tokens (+ c x
   adapters)` fitted online to the measured batches (cost_model.py); the group holding the oldest row runs
@@ -78,6 +79,25 @@ class Ticket:
         self.remaining = self.n_rows
 
 
+@dataclass
+class WakeLateness:
+    """How late the event loop runs the batcher's timed wake-ups. A loop busy parsing and rendering requests runs
+    a timer after the callbacks ahead of it; a batch meant to be taken one collation before the running forward
+    ends would then be collated after it, and the model would wait. The batcher takes the next batch earlier by
+    `allowance()`: a smoothed mean plus two smoothed deviations of the observed lateness."""
+
+    mean: float = 0.0
+    deviation: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        self.deviation = 0.8 * self.deviation + 0.2 * abs(seconds - self.mean)
+        self.mean = 0.8 * self.mean + 0.2 * seconds
+
+    def allowance(self) -> float:
+        return self.mean + 2.0 * self.deviation
+
+
 class Batcher:
     def __init__(
         self,
@@ -105,7 +125,9 @@ class Batcher:
         self._tokens_per_s = 0.0
         self._batch_seconds = 0.0
         self.cost = BatchCostModel()
+        self.lateness = WakeLateness()
         metrics.watch_batch_cost(self.cost)
+        metrics.watch_wake_lateness(self.lateness)
         self.preparing = 0  # rows of admitted requests still being decoded/tokenized
         self._stopping = False
         dispatcher.on_batch_done = self._batch_done
@@ -241,8 +263,10 @@ class Batcher:
             return deadline
         if not self.dispatcher.has_room():
             return math.inf  # a batch is already collated and waiting: gather until the model takes it
-        # one batch running: take the next so that it is collated just before the model frees up
-        return self.dispatcher.expected_free_at() - self.dispatcher.collate_lead()
+        # one batch running: take the next so that it is collated just before the model frees up, allowing for a
+        # late wake-up, but never before half of the running batch's time (its rows would miss the next batch)
+        early = min(self.lateness.allowance(), 0.5 * self._batch_seconds)
+        return self.dispatcher.expected_free_at() - self.dispatcher.collate_lead() - early
 
     async def _loop(self) -> None:
         assert self._wakeup is not None
@@ -262,7 +286,7 @@ class Batcher:
                     timeout = None if math.isinf(take_at) else take_at - now
                     await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
                 except asyncio.TimeoutError:
-                    pass
+                    self.lateness.observe(time.monotonic() - take_at)
                 if not any(r.state == "queued" for r in self._pending):
                     break
             batch = self._take_batch()

@@ -109,5 +109,17 @@ class Metrics:
 
         self.registry.register(_Collector())
 
+    def watch_wake_lateness(self, lateness) -> None:
+        """Export how early the batcher takes the next batch to make up for its late wake-ups (`WakeLateness`)."""
+
+        class _Collector:
+            def collect(self):
+                yield GaugeMetricFamily("nova_batcher_wake_lateness_seconds", "how much earlier than one collation "
+                                        "before the running forward's predicted end the batcher takes the next batch, "
+                                        "because its timed wake-ups have been running late",
+                                        value=lateness.allowance())
+
+        self.registry.register(_Collector())
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

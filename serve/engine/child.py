@@ -85,11 +85,19 @@ def engine_main(requests, replies, settings, server_pid: int) -> None:
     threading.Thread(target=turns.receive_while_forwarding, name="nova-engine-receive", daemon=True).start()
     # Forwards run on the main thread: OpenMP's spinning workers serve its forwards faster than a secondary
     # thread's on a quiet CPU (bench/results/2026-11-27-cpu-server).
+    # A batch's reply (pickling its vectors, writing the pipe) is sent from here when nothing waits to run, so
+    # that a lone request pays no thread hand-over; when the next batch is already collated, the reply goes to
+    # the sender thread and that batch's forward starts first.
+    sender = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nova-engine-reply")
     while (item := turns.next_batch()) is not STOP:
         request_id, rows, collated, collate_seconds = item
         outcomes, seconds = runner.run(rows, collated)
-        reply(request_id, True, BatchResult([_portable(o) for o in outcomes], collate_seconds, seconds),
-              model.prefix_cache.stats())
+        result = BatchResult([_portable(o) for o in outcomes], collate_seconds, seconds)
+        if turns.received:
+            sender.submit(reply, request_id, True, result, model.prefix_cache.stats())
+        else:
+            reply(request_id, True, result, model.prefix_cache.stats())
+    sender.shutdown(wait=True)
     calls.shutdown(wait=True)
 
 

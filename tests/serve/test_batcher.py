@@ -119,3 +119,26 @@ def test_an_idle_model_takes_a_lone_row_at_once_and_a_busy_one_paces_on_its_pred
     dispatcher._in_flight = 2
     assert math.isinf(batcher._take_at())
 
+
+
+def test_a_busy_model_takes_the_next_batch_earlier_by_how_late_the_batcher_wakes():
+    """The event loop ran the batcher's timers late: the next batch is taken earlier by the smoothed lateness,
+    never earlier than half of a batch's time before the collation lead."""
+    import time
+
+    batcher = _batcher()
+    dispatcher = batcher.dispatcher
+    dispatcher._collate_seconds = 0.01
+    dispatcher._in_flight, dispatcher._busy_until = 1, time.monotonic() + 0.5
+    batcher._batch_seconds = 0.5
+    on_time = batcher._take_at()
+    for _ in range(60):
+        batcher.lateness.observe(0.02)
+    assert abs(batcher.lateness.allowance() - 0.02) < 0.001
+    assert abs((on_time - batcher._take_at()) - batcher.lateness.allowance()) < 1e-9
+    for _ in range(20):
+        batcher.lateness.observe(2.0)  # a stalled loop: capped at half a batch
+    assert abs((on_time - batcher._take_at()) - 0.25) < 1e-9
+    for _ in range(60):
+        batcher.lateness.observe(-0.001)  # on time again (an early wake-up counts as none): back to the lead
+    assert on_time - batcher._take_at() < 0.001

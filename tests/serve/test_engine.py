@@ -110,6 +110,30 @@ def test_the_model_runs_in_its_own_process_with_the_same_vectors(engine_server, 
     assert_close(decode_embedding(multi.json()["data"][0]), reference(tiny_model, items[0], multivector=True))
 
 
+def test_concurrent_requests_through_the_model_process_each_get_their_own_vectors(engine_server, tiny_model):
+    """Requests arriving together: batches queue behind the running forward, whose replies then leave from the
+    model process's reply thread while the next forward runs; every client still gets its own vectors."""
+    texts = [f"request {i} asks about {word}" for i, word in enumerate(
+        "rivers mountains planets violins engines gardens castles oceans forests deserts harbors tunnels".split())]
+    answers: dict[int, list] = {}
+
+    def client(i: int) -> None:
+        items = [{"text": texts[i], "task": "retrieval.query"}, {"text": texts[-1 - i], "task": "retrieval.passage"}]
+        response = post(engine_server, {"input": items, "encoding_format": "base64"})
+        assert response.status_code == 200, response.text
+        answers[i] = [decode_embedding(item) for item in response.json()["data"]]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(texts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(answers) == list(range(len(texts)))
+    for i, (first, second) in answers.items():
+        assert_close(first, reference(tiny_model, {"text": texts[i], "task": "retrieval.query"}))
+        assert_close(second, reference(tiny_model, {"text": texts[-1 - i], "task": "retrieval.passage"}))
+
+
 def test_prefix_cache_metrics_come_back_from_the_model_process(engine_server):
     def hits() -> float:
         text = httpx.get(engine_server.url + "/metrics", timeout=10).text
