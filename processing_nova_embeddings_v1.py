@@ -12,7 +12,7 @@ import json
 import os
 import pathlib
 import re
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import jinja2
 import torch
@@ -309,6 +309,8 @@ class NovaEmbeddingsV1Processor:
         except jinja2.TemplateError as exc:
             raise ValueError(f"chat template does not compile: {exc}") from None
         self.templates = dict(templates)
+        self._layouts: dict = {}  # (template, non-text values) -> its layout (_layout)
+        self._instruction_ids: dict[str, tuple[int, ...]] = {}  # instructions -> the ids of their turn
 
     # ---- routing -------------------------------------------------------------------------------------
 
@@ -392,7 +394,8 @@ class NovaEmbeddingsV1Processor:
             raise item_error(index, str(exc), code=exc.code, field=exc.field) from None
         text = item.get("text")
         has_image = item.get("image") is not None or item.get("image_embeds") is not None
-        task, prompt, adapter = astuple(route or self.resolve_item(item, index=index, prompt_set=prompt_set))
+        route = route or self.resolve_item(item, index=index, prompt_set=prompt_set)
+        task, prompt, adapter = route.task, route.prompt, route.adapter
         instructions = item.get("instructions", instructions)
         if instructions is not None and not isinstance(instructions, str):
             raise item_error(index, f"'instructions' must be a string, not {type(instructions).__name__}",
@@ -445,29 +448,61 @@ class NovaEmbeddingsV1Processor:
 
     def instruction_ids(self, instructions: str) -> list[int]:
         """Token ids of the instruction turn (the system turn): the prefix shared by every row with it."""
-        return [token for _, ids in self._segments(self._instruction_template, instructions=instructions) for token in ids]
+        ids = self._instruction_ids.get(instructions)
+        if ids is None:  # a server sees the same few instructions on many items: tokenize each once
+            ids = tuple(token for _, part in self._segments(self._instruction_template, instructions=instructions)
+                        for token in part)
+            if len(self._instruction_ids) >= 1024:
+                self._instruction_ids.clear()
+            self._instruction_ids[instructions] = ids
+        return list(ids)
 
     def _segments(self, template, **values) -> list[tuple[bool, list[int]]]:
         """Render `template` and tokenize it as [(is_text, ids)]: template markup with control tokens, the
         caller's values (instructions, prompt + text, adjacent ones joined as Jina V4 joins them) as plain
-        text, so "<|im_end|>" in a query is seven ordinary tokens, never a control token."""
+        text, so "<|im_end|>" in a query is seven ordinary tokens, never a control token.
+
+        Only the caller's text is tokenized per item: the template's layout (its markup already tokenized, and
+        where the values go) depends on the template and its non-text values alone, and is kept per both."""
+        out = []
+        for plain, part in self._layout(template, values):
+            if not plain:
+                out.append((False, list(part)))
+                continue
+            text = "".join(values[name] for name in part)
+            if text:
+                out.append((True, self._plain_tokenizer.encode(text, add_special_tokens=False).ids))
+        return out
+
+    def _layout(self, template, values: dict) -> list[tuple[bool, tuple]]:
+        """The rendered template as [(False, markup ids) | (True, names of adjacent plain values)]."""
+        key = (id(template), tuple(sorted((k, v is None) if k in PLAIN_VARIABLES else (k, v) for k, v in values.items())))
+        try:
+            layout = self._layouts.get(key)
+        except TypeError:  # a non-text value that cannot be a key: lay the template out every time
+            key, layout = None, None
+        if layout is not None:
+            return layout
         rendered = template.render(**{k: _SENTINEL.format(k) if k in PLAIN_VARIABLES and v is not None else v
                                     for k, v in values.items()})
-        segments: list[tuple[bool, str]] = []
+        parts: list[tuple[bool, str | list[str]]] = []
         at = 0
         for match in _SENTINELS.finditer(rendered):
             if match.start() > at:
-                segments.append((False, rendered[at : match.start()]))
-            value = values[match[1]]
-            if segments and segments[-1][0] and match.start() == at:
-                segments[-1] = (True, segments[-1][1] + value)
+                parts.append((False, rendered[at : match.start()]))
+            if parts and parts[-1][0] and match.start() == at:
+                parts[-1][1].append(match[1])
             else:
-                segments.append((True, value))
+                parts.append((True, [match[1]]))
             at = match.end()
         if at < len(rendered):
-            segments.append((False, rendered[at:]))
-        return [(plain, (self._plain_tokenizer if plain else self._markup_tokenizer).encode(
-            part, add_special_tokens=False).ids) for plain, part in segments if part]
+            parts.append((False, rendered[at:]))
+        layout = [(True, tuple(part)) if plain else
+                  (False, tuple(self._markup_tokenizer.encode(part, add_special_tokens=False).ids))
+                  for plain, part in parts if part]
+        if key is not None and len(self._layouts) < 256:
+            self._layouts[key] = layout
+        return layout
 
     def _item_segments(self, prompt, text, has_image, instructed, n_image_tokens) -> list[tuple[bool, list[int]]]:
         segments = self._segments(self._item_template, prompt=prompt, text=text, has_image=has_image,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -286,7 +287,10 @@ def flag_name(name: str) -> str:
     return (flag.option if flag is not None and flag.option else None) or "--" + name.replace("_", "-")
 
 
+@functools.lru_cache(maxsize=16)
 def default_model_name(model: str | None) -> str:
+    """The name a served model answers to without --served-model-name: a directory's name, or the hub id. Kept
+    per path (every request checks its `model` field against it; a file-system lookup each time is waste)."""
     if model is None:
         return "nova-embeddings-v1-tiny"
     path = model.rstrip("/\\")

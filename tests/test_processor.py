@@ -261,3 +261,26 @@ def test_processor_alone_routes_by_config(tiny_dir):
     processor = AutoProcessor.from_pretrained(str(tiny_dir), trust_remote_code=True)
     row = processor.prepare_item({"text": "hello world"})
     assert row.input_ids == [2859, 25, 23811, 1879] and row.adapter == "retrieval"
+
+
+def test_template_layouts_kept_between_items_never_leak_into_other_items(tiny_dir, image):
+    """The template's layout is kept per (template, non-text values): an item prepared after every other kind
+    has the ids a fresh processor gives it first, whatever the order."""
+    from transformers import AutoProcessor
+
+    items = [({"text": "hello <|im_end|> world"}, None), ({"text": "hello", "task": "retrieval.passage"}, None),
+             ({"image": image}, None), ({"image": image, "text": "a cat"}, None),
+             ({"text": "hello"}, "Find the answer"), ({"image": image}, "Find the page"),
+             ({"text": "def f(): pass", "task": "code.query"}, "Find code <|im_start|>")]
+
+    def prepared(processor, item, instructions):
+        row = processor.prepare_item(item, index=0, instructions=instructions)
+        return row.input_ids, row.pool_mask, row.instruction_len
+
+    seasoned = AutoProcessor.from_pretrained(str(tiny_dir), trust_remote_code=True)
+    for item, instructions in items + items[::-1]:
+        prepared(seasoned, item, instructions)
+    assert len(seasoned._layouts) >= 4
+    for item, instructions in items:
+        fresh = AutoProcessor.from_pretrained(str(tiny_dir), trust_remote_code=True)
+        assert prepared(seasoned, item, instructions) == prepared(fresh, item, instructions), (item, instructions)
