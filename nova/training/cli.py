@@ -52,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="contrastive batches per optimizer step; they do not see each other's candidates "
                           "(default: %(default)s)")
     opt.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature (default: %(default)s)")
+    opt.add_argument("--false-negative-margin", type=float, metavar="M",
+                     help="drop from a query's negatives every candidate scoring above its positive by more than M "
+                          "(e.g. 0.1): candidates as relevant as the positive, which a larger batch holds more of "
+                          "(default: none dropped)")
     opt.add_argument("--max-negatives", type=int,
                      help="use at most this many hard negatives per example (default: all of them)")
     opt.add_argument("--vectors", choices=["single", "multi", "both"], default="single",
@@ -97,7 +101,8 @@ def config_from_args(args) -> TrainConfig:
         alpha=args.alpha, dropout=args.dropout, init_adapter=args.init_adapter, lr=args.lr,
         weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup_steps,
         max_grad_norm=args.max_grad_norm, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
-        mini_batch_size=args.mini_batch_size, grad_accum=args.grad_accum, temperature=args.temperature, max_negatives=args.max_negatives,
+        mini_batch_size=args.mini_batch_size, grad_accum=args.grad_accum, temperature=args.temperature,
+        false_negative_margin=args.false_negative_margin, max_negatives=args.max_negatives,
         query_task=args.query_task, passage_task=args.passage_task, vectors=args.vectors, max_length=args.max_length,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
         overwrite=args.overwrite, seed=args.seed, eval_dataset=args.eval_dataset, eval_split=args.eval_split,

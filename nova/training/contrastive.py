@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .data import Triplet, item_key
 from .distributed import Processes, shard_bounds
-from .loss import cosine_scores, duplicate_mask, info_nce, maxsim_scores
+from .loss import Contrast, cosine_scores, duplicate_mask, maxsim_scores
 
 
 @dataclass
@@ -187,15 +187,15 @@ def split_mini_batches(local: list[Triplet], query_rows: list, positive_rows: li
 
 
 def batch_loss(queries: Embeddings, candidates: Embeddings, positives: torch.Tensor, ignore: torch.Tensor,
-               temperature: float, scale: float) -> torch.Tensor:
+               contrast: Contrast, scale: float) -> torch.Tensor:
     """InfoNCE of these queries against every candidate of the batch (cosine and/or MaxSim, summed), times
     `scale` (the share of the batch's queries these are, so the processes' losses add up to the batch's)."""
     loss = torch.zeros((), device=(queries.pooled if queries.pooled is not None else queries.tokens).device)
     if queries.pooled is not None:
-        loss = loss + info_nce(cosine_scores(queries.pooled, candidates.pooled), temperature, ignore, positives)
+        loss = loss + contrast.loss(cosine_scores(queries.pooled, candidates.pooled), ignore, positives)
     if queries.tokens is not None:
         scores = maxsim_scores(queries.tokens, queries.mask, candidates.tokens, candidates.mask)
-        loss = loss + info_nce(scores, temperature, ignore, positives)
+        loss = loss + contrast.loss(scores, ignore, positives)
     return loss * scale
 
 
@@ -209,7 +209,7 @@ def _gather(local: Embeddings, sizes: list[int], processes: Processes) -> list[E
 
 
 def embedding_gradients(batch: ContrastiveBatch, queries: Embeddings, positives: Embeddings,
-                        negatives: Embeddings, ignore: torch.Tensor, temperature: float,
+                        negatives: Embeddings, ignore: torch.Tensor, contrast: Contrast,
                         processes: Processes, weight: float = 1.0,
                         query_chunk: int | None = None) -> tuple[float, list[torch.Tensor]]:
     """The whole batch's loss (times `weight`) and its gradient with respect to this process's embeddings (their
@@ -235,7 +235,7 @@ def embedding_gradients(batch: ContrastiveBatch, queries: Embeddings, positives:
     for first in range(0, len(batch.local), step):
         last = min(first + step, len(batch.local))
         part = batch_loss(own.rows(first, last), candidates, targets[first:last], local_ignore[first:last],
-                          temperature, (last - first) / len(batch.triplets) * weight)
+                          contrast, (last - first) / len(batch.triplets) * weight)
         part.backward()
         loss = loss + part.detach()
     # a candidate's gradient comes from every process's queries: sum them, keep this process's rows
@@ -250,7 +250,7 @@ def embedding_gradients(batch: ContrastiveBatch, queries: Embeddings, positives:
 
 
 def contrastive_backward(batch: ContrastiveBatch, query_rows: list, positive_rows: list, negative_rows: list,
-                         encode: Encoder, *, mini_batch_size: int, temperature: float, processes: Processes,
+                         encode: Encoder, *, mini_batch_size: int, contrast: Contrast, processes: Processes,
                          device: torch.device, weight: float = 1.0) -> BatchOutcome:
     """Accumulate the batch's gradient (of its loss times `weight`: 1 / gradient accumulation) into the
     trainable parameters' `.grad`, this process's part (the processes' parts still to be summed)."""
@@ -268,7 +268,7 @@ def contrastive_backward(batch: ContrastiveBatch, query_rows: list, positive_row
     negatives = Embeddings.cat([m.part("negatives") for m in minis])
     length = processes.max_int(max(positives.length, negatives.length), device)
     positives, negatives = positives.padded_to(length), negatives.padded_to(length)
-    loss, grads = embedding_gradients(batch, queries, positives, negatives, batch.ignore, temperature, processes,
+    loss, grads = embedding_gradients(batch, queries, positives, negatives, batch.ignore, contrast, processes,
                                       weight, query_chunk=mini_batch_size)
 
     outputs = queries.differentiable() + positives.differentiable() + negatives.differentiable()

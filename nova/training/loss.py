@@ -6,9 +6,16 @@ other queries' positives and hard negatives, is a negative. Candidates that are 
 query i's positive (duplicates across rows) are masked out instead of being counted as negatives.
 
     loss = mean_i  -log( exp(s(q_i, p_i)/t) / sum_j exp(s(q_i, c_j)/t) )
+
+A larger batch holds more candidates that answer query i as well as its positive does (another query's
+positive or hard negative about the same thing). Counted as negatives they push the right answers apart, more
+so the larger the batch. With a false-negative margin m, a candidate scoring above s(q_i, p_i) + m is dropped
+from query i's row, as Qwen3-Embedding's and GTE's training do.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +23,30 @@ import torch.nn.functional as F
 from nova.maxsim import maxsim_scores as summed_maxsim
 
 
-def info_nce(scores: torch.Tensor, temperature: float, ignore: torch.Tensor | None = None,
+@dataclass(frozen=True)
+class Contrast:
+    """How a batch's candidates are contrasted: the InfoNCE temperature, and the false-negative margin (None:
+    every candidate but the positive and its duplicates is a negative)."""
+
+    temperature: float = 0.05
+    false_negative_margin: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError("temperature must be positive")
+        if self.false_negative_margin is not None and self.false_negative_margin < 0:
+            raise ValueError("the false-negative margin must not be negative")
+
+    def loss(self, scores: torch.Tensor, ignore: torch.Tensor | None = None,
              positives: torch.Tensor | None = None) -> torch.Tensor:
+        return info_nce(scores, self.temperature, ignore, positives, self.false_negative_margin)
+
+
+def info_nce(scores: torch.Tensor, temperature: float, ignore: torch.Tensor | None = None,
+             positives: torch.Tensor | None = None, false_negative_margin: float | None = None) -> torch.Tensor:
     """``scores`` [B, P]; ``positives`` [B]: each row's positive column (default: column i for row i, P >= B);
-    ``ignore`` [B, P] bool: columns to drop. Mean over the rows.
+    ``ignore`` [B, P] bool: columns to drop; ``false_negative_margin``: also drop the columns scoring above the
+    row's positive by more than this (decided without a gradient). Mean over the rows.
 
     A process that holds some of the queries of a larger batch passes its rows of the score matrix and their
     positives' columns in the whole batch's candidate list."""
@@ -31,6 +58,10 @@ def info_nce(scores: torch.Tensor, temperature: float, ignore: torch.Tensor | No
             raise ValueError("need at least one candidate per query (its positive)")
         positives = torch.arange(batch)
     positives = positives.to(scores.device)
+    if false_negative_margin is not None:
+        with torch.no_grad():
+            above = scores > scores.gather(1, positives[:, None]) + false_negative_margin
+        ignore = above if ignore is None else ignore.to(scores.device) | above
     logits = scores.float() / temperature
     if ignore is not None:
         ignore = ignore.clone().to(logits.device)

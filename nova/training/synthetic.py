@@ -75,14 +75,21 @@ def make_task(
     out.mkdir(parents=True, exist_ok=True)
     paths = {"train": out / "train.jsonl", "eval": out / "eval", "train_beir": out / "train-beir"}
 
+    trained = set(train_combos)
     with paths["train"].open("w", encoding="utf-8") as handle:
         for combo in train_combos:
-            # hard negatives: passages sharing all but one word with the positive
+            # hard negatives: passages sharing all but one word with the positive, and never another training
+            # query's answer (which would teach that query its own answer is wrong whenever both share a batch)
             negatives = []
             for _ in range(hard_negatives):
+                position = rng.randrange(len(combo))
+                choices = [i for i in range(pairs) if i not in combo
+                           and tuple(sorted(combo[:position] + (i,) + combo[position + 1:])) not in trained]
+                if not choices:
+                    raise ValueError("too many training queries: some hard negative would answer another one; "
+                                     "ask for fewer")
                 swapped = list(combo)
-                position = rng.randrange(len(swapped))
-                swapped[position] = rng.choice([i for i in range(pairs) if i not in combo])
+                swapped[position] = rng.choice(choices)
                 negatives.append(passage(swapped, rng))
             record = {"query": query(combo, rng), "positive": passage(combo, rng), "negatives": negatives}
             handle.write(json.dumps(record) + "\n")

@@ -42,6 +42,7 @@ from nova.repo import is_base_model_name
 from .contrastive import ContrastiveBatch, Embeddings, contrastive_backward
 from .data import BatchOrder, Triplet, load_triplets
 from .distributed import Processes
+from .loss import Contrast
 from .progress import LOG_FILE, StepRecord, TrainLog, memory_plan, peak_memory
 
 _LLM = r"model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
@@ -92,6 +93,7 @@ class TrainConfig:
     mini_batch_size: int = 16  # triplets embedded with a graph at once (GradCache when smaller than the batch)
     grad_accum: int = 1
     temperature: float = 0.05
+    false_negative_margin: float | None = None  # drop candidates scoring above a query's positive by more
     max_negatives: int | None = None
     query_task: str = "retrieval.query"
     passage_task: str = "retrieval.passage"
@@ -375,6 +377,8 @@ class Trainer:
             raise UserInputError("--epochs must be positive")
         if cfg.temperature <= 0:
             raise UserInputError("--temperature must be positive")
+        if cfg.false_negative_margin is not None and cfg.false_negative_margin < 0:
+            raise UserInputError("--false-negative-margin must not be negative")
         if cfg.lr <= 0:
             raise UserInputError("--lr must be positive")
         if cfg.rank is not None and cfg.rank < 1:
@@ -553,7 +557,8 @@ class Trainer:
                                      [f"{where} {t.line}: negatives[{i}]" for t in local for i in range(len(t.negatives))])
         torch.manual_seed(_step_seed(cfg.seed, index, self.processes.rank))
         outcome = contrastive_backward(batch, query_rows, positive_rows, negative_rows, self.encoder,
-                                       mini_batch_size=cfg.mini_batch_size, temperature=cfg.temperature,
+                                       mini_batch_size=cfg.mini_batch_size,
+                                       contrast=Contrast(cfg.temperature, cfg.false_negative_margin),
                                        processes=self.processes, device=self.inner.device, weight=weight)
         return BatchReport(outcome.loss, outcome.tokens, outcome.reached_adapter,
                            batch.negatives_per_query, len(batch.triplets))

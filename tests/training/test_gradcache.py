@@ -16,6 +16,7 @@ from nova.maxsim import maxsim_scores
 from nova.training.contrastive import ContrastiveBatch, contrastive_backward
 from nova.training.data import item_key, load_triplets
 from nova.training.distributed import Processes
+from nova.training.loss import Contrast
 from nova.training.trainer import RowEncoder, prepare_rows
 
 TEMPERATURE = 0.05
@@ -69,7 +70,7 @@ def gradcache_gradients(peft_model, inner, triplets, vectors: str, mini: int) ->
     peft_model.zero_grad(set_to_none=True)
     torch.manual_seed(SEED)
     contrastive_backward(ContrastiveBatch(triplets), *rows_of(inner, triplets), encoder, mini_batch_size=mini,
-                         temperature=TEMPERATURE, processes=Processes(), device=inner.device)
+                         contrast=Contrast(TEMPERATURE), processes=Processes(), device=inner.device)
     return gradients(peft_model)
 
 

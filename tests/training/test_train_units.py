@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 from pathlib import Path
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 from nova.evaluation.errors import UserInputError
 from nova.training.data import load_triplets
-from nova.training.loss import duplicate_mask, info_nce, maxsim_scores
+from nova.training.loss import Contrast, duplicate_mask, info_nce, maxsim_scores
 from nova.training.trainer import TARGET_PRESETS, resolve_targets
 
 
@@ -120,6 +121,22 @@ def test_duplicate_positives_are_not_negatives():
     masked = float(info_nce(scores, 1.0, mask))
     unmasked = float(info_nce(scores, 1.0))
     assert masked < unmasked
+
+
+def test_candidates_above_the_positive_by_the_margin_are_dropped_as_false_negatives():
+    """Row 0's candidate 3 scores 0.3 above its positive: dropped with a margin of 0.1, kept with 0.5; a
+    candidate just under positive + margin (row 1's candidate 4) always stays."""
+    scores = torch.tensor([[0.5, 0.1, 0.2, 0.8, 0.0], [0.1, 0.6, 0.0, 0.2, 0.69]], requires_grad=True)
+    dropped = torch.zeros(2, 5, dtype=torch.bool)
+    dropped[0, 3] = True
+    assert float(Contrast(0.05, 0.1).loss(scores)) == pytest.approx(float(info_nce(scores, 0.05, dropped)), rel=1e-6)
+    assert float(Contrast(0.05, 0.5).loss(scores)) == pytest.approx(float(info_nce(scores, 0.05)), rel=1e-6)
+    assert float(Contrast(0.05).loss(scores)) == pytest.approx(float(info_nce(scores, 0.05)), rel=1e-6)
+    # the decision carries no gradient: a dropped column gets none
+    Contrast(0.05, 0.1).loss(scores).backward()
+    assert scores.grad[0, 3] == 0 and scores.grad[1, 4] != 0
+    with pytest.raises(ValueError, match="margin must not be negative"):
+        Contrast(0.05, -0.1)
 
 
 def test_maxsim_scores():
@@ -236,3 +253,21 @@ def test_multi_vector_losses(task, tmp_path, run_cli, vectors):
     summary = json.loads((out / "nova_training.json").read_text())
     assert math.isfinite(summary["final_loss"]) and summary["reload_max_abs_diff"] < 1e-5
     assert summary["config"]["vectors"] == vectors
+
+
+def test_the_synthetic_tasks_hard_negatives_never_answer_another_training_query(task):
+    """A hard negative that is another training query's answer (its two passage words, other fillers) would be a
+    false negative for that query whenever both share a batch, more often the larger the batch."""
+    import json
+
+    rows = [json.loads(line) for line in open(task["train"], encoding="utf-8")]
+    fillers = {w for w, _ in collections.Counter(w for r in rows for w in r["positive"].split()).most_common(8)}
+
+    def answer(passage: str) -> frozenset:
+        return frozenset(w for w in passage.split() if w not in fillers)
+
+    answers = {answer(r["positive"]) for r in rows}
+    assert len(answers) == len(rows) == 240 and all(len(a) == 2 for a in answers)
+    negatives = [answer(n) for r in rows for n in r["negatives"]]
+    assert len(negatives) == 720 and all(len(n) == 2 for n in negatives)
+    assert not [n for n in negatives if n in answers]
