@@ -120,7 +120,6 @@ def test_an_idle_model_takes_a_lone_row_at_once_and_a_busy_one_paces_on_its_pred
     assert math.isinf(batcher._take_at())
 
 
-
 def test_a_busy_model_takes_the_next_batch_earlier_by_how_late_the_batcher_wakes():
     """The event loop ran the batcher's timers late: the next batch is taken earlier by the smoothed lateness,
     never earlier than half of a batch's time before the collation lead."""
