@@ -97,6 +97,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture
+def loopback_port() -> int:
+    """A free TCP port on 127.0.0.1 (test modules cannot import `free_port` from conftest)."""
+    return free_port()
+
+
 class ServeProcess:
     """`nova serve` as a separate process on 127.0.0.1 (the real command line, the real HTTP stack)."""
 

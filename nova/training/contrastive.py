@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .data import Triplet, item_key
 from .distributed import Processes, shard_bounds
-from .loss import Contrast, cosine_scores, duplicate_mask, maxsim_scores
+from .loss import Contrast, ContrastedRows, cosine_scores, duplicate_mask, maxsim_scores
 
 
 @dataclass
@@ -120,11 +120,6 @@ class ContrastiveBatch:
         """[B, P]: candidates that are the same passage as a row's positive (not counted as negatives)."""
         return duplicate_mask([item_key(t.positive) for t in self.triplets], [item_key(c) for c in self.candidates])
 
-    @property
-    def negatives_per_query(self) -> float:
-        """What the loss contrasts each query with, on average: every candidate but its positive and duplicates."""
-        return float(self.ignore.shape[1] - 1 - self.ignore.float().sum(1).mean())
-
 
 @dataclass
 class RandomState:
@@ -170,6 +165,18 @@ class BatchOutcome:
     loss: float  # the whole batch's loss (the same on every process)
     tokens: int  # tokens embedded by this process (each once, replays not counted)
     reached_adapter: bool  # False: no embedding depended on a trainable parameter (no gradient)
+    negatives_per_query: float  # the whole batch's, see `EmbeddingGradients`
+
+
+@dataclass
+class EmbeddingGradients:
+    """What differentiating the whole batch's loss gives one process."""
+
+    loss: float  # the whole batch's loss (times the weight; the same on every process)
+    # the negatives the loss kept per query, averaged over all processes' queries (and over the cosine and MaxSim
+    # terms when both are trained): the margin's drops make it smaller than the candidates minus duplicates
+    negatives_per_query: float
+    grads: list[torch.Tensor]  # with respect to this process's embeddings: queries, positives, negatives
 
 
 def split_mini_batches(local: list[Triplet], query_rows: list, positive_rows: list, negative_rows: list,
@@ -187,16 +194,20 @@ def split_mini_batches(local: list[Triplet], query_rows: list, positive_rows: li
 
 
 def batch_loss(queries: Embeddings, candidates: Embeddings, positives: torch.Tensor, ignore: torch.Tensor,
-               contrast: Contrast, scale: float) -> torch.Tensor:
+               contrast: Contrast, scale: float) -> ContrastedRows:
     """InfoNCE of these queries against every candidate of the batch (cosine and/or MaxSim, summed), times
-    `scale` (the share of the batch's queries these are, so the processes' losses add up to the batch's)."""
-    loss = torch.zeros((), device=(queries.pooled if queries.pooled is not None else queries.tokens).device)
+    `scale` (the share of the batch's queries these are, so the processes' losses add up to the batch's), and
+    the negatives it kept, summed over the queries (a float: averaged over the terms, whose margins may drop
+    different candidates)."""
+    terms = []
     if queries.pooled is not None:
-        loss = loss + contrast.loss(cosine_scores(queries.pooled, candidates.pooled), ignore, positives)
+        terms.append(contrast.rows(cosine_scores(queries.pooled, candidates.pooled), ignore, positives))
     if queries.tokens is not None:
         scores = maxsim_scores(queries.tokens, queries.mask, candidates.tokens, candidates.mask)
-        loss = loss + contrast.loss(scores, ignore, positives)
-    return loss * scale
+        terms.append(contrast.rows(scores, ignore, positives))
+    loss = torch.stack([t.loss for t in terms]).sum()
+    negatives = torch.stack([t.negatives for t in terms]).float().mean()
+    return ContrastedRows(loss * scale, negatives)
 
 
 def _gather(local: Embeddings, sizes: list[int], processes: Processes) -> list[Embeddings]:
@@ -211,10 +222,10 @@ def _gather(local: Embeddings, sizes: list[int], processes: Processes) -> list[E
 def embedding_gradients(batch: ContrastiveBatch, queries: Embeddings, positives: Embeddings,
                         negatives: Embeddings, ignore: torch.Tensor, contrast: Contrast,
                         processes: Processes, weight: float = 1.0,
-                        query_chunk: int | None = None) -> tuple[float, list[torch.Tensor]]:
-    """The whole batch's loss (times `weight`) and its gradient with respect to this process's embeddings (their
-    `differentiable()` tensors, queries, positives, negatives). Multi-vectors of positives and negatives must
-    be padded to the same length on every process.
+                        query_chunk: int | None = None) -> EmbeddingGradients:
+    """The whole batch's loss (times `weight`), the negatives it kept per query, and its gradient with respect
+    to this process's embeddings (their `differentiable()` tensors, queries, positives, negatives).
+    Multi-vectors of positives and negatives must be padded to the same length on every process.
 
     The loss is a sum over queries, so it is differentiated `query_chunk` queries at a time: the scores of a
     chunk against every candidate (for MaxSim a chunk x candidates x query tokens x candidate tokens tensor)
@@ -232,21 +243,23 @@ def embedding_gradients(batch: ContrastiveBatch, queries: Embeddings, positives:
     local_ignore = ignore[rows]
     step = query_chunk or len(batch.local)
     loss = torch.zeros((), device=candidates.differentiable()[0].device)  # where the collectives run
+    kept = torch.zeros((), device=loss.device)  # negatives the loss kept, summed over this process's queries
     for first in range(0, len(batch.local), step):
         last = min(first + step, len(batch.local))
         part = batch_loss(own.rows(first, last), candidates, targets[first:last], local_ignore[first:last],
                           contrast, (last - first) / len(batch.triplets) * weight)
-        part.backward()
-        loss = loss + part.detach()
+        part.loss.backward()
+        loss, kept = loss + part.loss.detach(), kept + part.negatives
     # a candidate's gradient comes from every process's queries: sum them, keep this process's rows
     candidate_grads = [processes.sum_(t.grad) for t in candidates.differentiable()]
     first_negative = len(batch.triplets) + sum(batch.negative_sizes[:rank])
     p_rows = slice(offset, batch.bounds[rank + 1])
     n_rows = slice(first_negative, first_negative + batch.negative_sizes[rank])
-    total = processes.sum_(loss.detach().clone())
+    # the loss and the count travel together: one collective, one host sync per contrastive batch, as before
+    total_loss, total_kept = processes.sum_(torch.stack([loss.detach(), kept])).tolist()
     grads = [t.grad for t in own.differentiable()]
     grads += [g[p_rows] for g in candidate_grads] + [g[n_rows] for g in candidate_grads]
-    return float(total), grads
+    return EmbeddingGradients(total_loss, total_kept / len(batch.triplets), grads)
 
 
 def contrastive_backward(batch: ContrastiveBatch, query_rows: list, positive_rows: list, negative_rows: list,
@@ -268,8 +281,9 @@ def contrastive_backward(batch: ContrastiveBatch, query_rows: list, positive_row
     negatives = Embeddings.cat([m.part("negatives") for m in minis])
     length = processes.max_int(max(positives.length, negatives.length), device)
     positives, negatives = positives.padded_to(length), negatives.padded_to(length)
-    loss, grads = embedding_gradients(batch, queries, positives, negatives, batch.ignore, contrast, processes,
-                                      weight, query_chunk=mini_batch_size)
+    gradients = embedding_gradients(batch, queries, positives, negatives, batch.ignore, contrast, processes,
+                                    weight, query_chunk=mini_batch_size)
+    grads = gradients.grads
 
     outputs = queries.differentiable() + positives.differentiable() + negatives.differentiable()
     pairs = [(t, g) for t, g in zip(outputs, grads, strict=True) if t.requires_grad and t.numel()]
@@ -286,4 +300,4 @@ def contrastive_backward(batch: ContrastiveBatch, query_rows: list, positive_row
                 torch.autograd.backward([t for t, _ in live], [g for _, g in live])
                 reached = True
     tokens = sum(len(r.input_ids) for m in minis for r in m.rows)
-    return BatchOutcome(loss, tokens, reached)
+    return BatchOutcome(gradients.loss, tokens, reached, gradients.negatives_per_query)

@@ -39,7 +39,23 @@ class Contrast:
 
     def loss(self, scores: torch.Tensor, ignore: torch.Tensor | None = None,
              positives: torch.Tensor | None = None) -> torch.Tensor:
-        return info_nce(scores, self.temperature, ignore, positives, self.false_negative_margin)
+        return self.rows(scores, ignore, positives).loss
+
+    def rows(self, scores: torch.Tensor, ignore: torch.Tensor | None = None,
+             positives: torch.Tensor | None = None) -> ContrastedRows:
+        """The loss and how many negatives the rows kept: the margin's drops depend on the scores, so the
+        count is taken where they are decided."""
+        return contrasted_rows(scores, self.temperature, ignore, positives, self.false_negative_margin)
+
+
+@dataclass(frozen=True)
+class ContrastedRows:
+    """Some rows' InfoNCE and what it contrasted them with: `negatives` counts, summed over the rows, the
+    candidates that are neither a row's positive nor masked as its duplicate nor dropped by the margin. It
+    is a 0-dim tensor without a gradient on the scores' device, so counting costs no host sync."""
+
+    loss: torch.Tensor
+    negatives: torch.Tensor
 
 
 def info_nce(scores: torch.Tensor, temperature: float, ignore: torch.Tensor | None = None,
@@ -50,6 +66,13 @@ def info_nce(scores: torch.Tensor, temperature: float, ignore: torch.Tensor | No
 
     A process that holds some of the queries of a larger batch passes its rows of the score matrix and their
     positives' columns in the whole batch's candidate list."""
+    return contrasted_rows(scores, temperature, ignore, positives, false_negative_margin).loss
+
+
+def contrasted_rows(scores: torch.Tensor, temperature: float, ignore: torch.Tensor | None = None,
+                    positives: torch.Tensor | None = None,
+                    false_negative_margin: float | None = None) -> ContrastedRows:
+    """`info_nce`'s loss, with the number of negatives it kept (see `ContrastedRows`)."""
     if temperature <= 0:
         raise ValueError("temperature must be positive")
     batch = scores.shape[0]
@@ -63,11 +86,13 @@ def info_nce(scores: torch.Tensor, temperature: float, ignore: torch.Tensor | No
             above = scores > scores.gather(1, positives[:, None]) + false_negative_margin
         ignore = above if ignore is None else ignore.to(scores.device) | above
     logits = scores.float() / temperature
+    negatives = torch.full((), batch * (scores.shape[1] - 1), dtype=torch.long, device=logits.device)
     if ignore is not None:
         ignore = ignore.clone().to(logits.device)
         ignore[torch.arange(batch, device=logits.device), positives] = False  # never drop the positive itself
         logits = logits.masked_fill(ignore, float("-inf"))
-    return F.cross_entropy(logits, positives)
+        negatives = negatives - ignore.sum()  # a bool mask: no gradient
+    return ContrastedRows(F.cross_entropy(logits, positives), negatives)
 
 
 def cosine_scores(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,9 @@ class StepRecord:
     lr: float
     triplets_per_s: float
     tokens_per_s: float  # tokens embedded per second, all processes together (replays not counted)
-    negatives_per_query: float  # candidates each query is contrasted with (duplicates of its positive excluded)
+    # negatives each query was contrasted with, on average: the candidates but its positive, its duplicates and
+    # those the false-negative margin dropped
+    negatives_per_query: float
     elapsed_s: float
 
     def text(self) -> str:

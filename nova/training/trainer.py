@@ -289,7 +289,7 @@ class BatchReport:
     loss: float  # the whole batch's loss, times the weight it was trained with
     tokens: int  # tokens this process embedded
     reached_adapter: bool  # False: nothing depended on a trainable parameter (no gradient)
-    negatives_per_query: float
+    negatives_per_query: float  # the negatives the loss kept per query (duplicates and margin drops excluded)
     triplets: int
 
 
@@ -561,7 +561,7 @@ class Trainer:
                                        contrast=Contrast(cfg.temperature, cfg.false_negative_margin),
                                        processes=self.processes, device=self.inner.device, weight=weight)
         return BatchReport(outcome.loss, outcome.tokens, outcome.reached_adapter,
-                           batch.negatives_per_query, len(batch.triplets))
+                           outcome.negatives_per_query, len(batch.triplets))
 
     def synchronize_gradients(self) -> None:
         """Each process holds its own part of the batch's gradient: the sum is the whole batch's."""
@@ -614,7 +614,7 @@ class Trainer:
         cfg = self.cfg
         step_started = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        step_loss, tokens, triplets = 0.0, 0, 0
+        step_loss, tokens, triplets, negatives = 0.0, 0, 0, 0.0
         for k in range(cfg.grad_accum):
             report = self.accumulate_gradients(self.step * cfg.grad_accum + k, 1.0 / cfg.grad_accum)
             if not report.reached_adapter and not self.warned_no_grad:  # e.g. projector-only, a batch without images
@@ -622,6 +622,7 @@ class Trainer:
                          "it is skipped")
                 self.warned_no_grad = True
             step_loss, tokens, triplets = step_loss + report.loss, tokens + report.tokens, triplets + report.triplets
+            negatives += report.negatives_per_query * report.triplets  # the step's figure: over all its queries
         self.synchronize_gradients()
         if cfg.max_grad_norm and cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
@@ -634,7 +635,7 @@ class Trainer:
         tokens = int(self.processes.sum_(torch.tensor([tokens], device=self.inner.device)).item())
         return StepRecord(self.step, self.total_steps, step_loss, sum(self.recent) / len(self.recent),
                           self.scheduler.get_last_lr()[0], triplets / seconds, tokens / seconds,
-                          report.negatives_per_query, time.perf_counter() - self.started)
+                          negatives / triplets, time.perf_counter() - self.started)
 
     # -- the end (rank 0) --
     def finish(self) -> TrainResult:

@@ -139,6 +139,41 @@ def test_candidates_above_the_positive_by_the_margin_are_dropped_as_false_negati
         Contrast(0.05, -0.1)
 
 
+def test_negatives_per_query_counts_what_the_margin_drops():
+    """4 triplets, 8 candidates (4 positives, 4 hard negatives; candidate 6 is row 0's positive again): 6.75
+    negatives per query, duplicates masked. One-hot candidates make each query vector its row of scores. With
+    a margin of 0.1, row 0 drops candidate 3 (and 6, already masked: not counted twice) and row 1 drops 4 and
+    7; row 2's candidate 0, 0.05 above its positive, stays: 3 fewer negatives over 4 queries."""
+    from nova.training.contrastive import ContrastiveBatch, Embeddings, embedding_gradients
+    from nova.training.data import Triplet
+    from nova.training.distributed import Processes
+
+    def item(text):
+        return {"text": text, "task": "retrieval.passage"}
+
+    batch = ContrastiveBatch([
+        Triplet(1, item("q0"), item("p0"), [item("n0"), item("n1")]),
+        Triplet(2, item("q1"), item("p1")),
+        Triplet(3, item("q2"), item("p2"), [item("p0")]),
+        Triplet(4, item("q3"), item("p3"), [item("n3")]),
+    ])
+    scores = torch.zeros(4, 8)
+    scores[torch.arange(4), torch.arange(4)] = 0.5
+    scores[0, 3] = scores[0, 6] = 0.9
+    scores[1, 4] = scores[1, 7] = 0.8
+    scores[2, 0] = 0.55
+    candidates = torch.eye(8)
+
+    def reported(margin):
+        got = embedding_gradients(batch, Embeddings(scores), Embeddings(candidates[:4]), Embeddings(candidates[4:]),
+                                  batch.ignore, Contrast(0.05, margin), Processes())
+        return got.negatives_per_query
+
+    assert reported(None) == 6.75
+    assert reported(0.1) == 6.75 - 3 / 4
+    assert reported(0.5) == 6.75  # nothing above its positive by more than 0.5
+
+
 def test_maxsim_scores():
     q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # two query tokens
     d = torch.tensor([[[1.0, 0.0], [0.6, 0.8], [9.0, 9.0]]])  # last token is padding
