@@ -9,8 +9,8 @@ at its arrival times without waiting), one ~15-word sentence per request in the 
 The rate sweeps up (doubling from --start-rate) until the server answers less than 90% of what is offered,
 then refines between the last rate it kept up with and the first it did not. Per rate it prints:
 offered and answered req/s, p50/p99 latency (from each request's scheduled time, so a client running late
-does not hide queueing), HTTP errors, rows per batch and the model's busy share (from the server's /metrics:
-`nova_batch_rows`, and `nova_batch_duration_seconds`' sum of forward time over the window), the server's CPU
+does not hide queueing), HTTP errors, rows per forward and the model's busy share (from the server's /metrics:
+`nova_batch_rows` over `nova_model_forwards`, and `nova_model_busy_seconds` over the window), the server's CPU
 ms per request (when this script started it), and the load generator's own CPU use: each client process's
 CPU seconds over its wall time, so that a client process near one core, not the server, is seen to set the
 pace. Then, for comparison, the closed-loop mode at 1 / 8 / 32 client threads (bench_server.py's), and the
@@ -305,7 +305,7 @@ def row(p: RatePoint) -> str:
 
 def start_server(args, port: int) -> subprocess.Popen:
     """`nova serve` on the model (or the stand-in server around it)."""
-    common = ["--port", str(port), "--log-level", "warning",
+    common = ["--port", str(port), "--log-level", "warning", "--http-workers", str(args.http_workers),
               *(["--max-batch-size", str(args.max_batch_size)] if args.max_batch_size else []),
               *(["--max-wait-ms", str(args.max_wait_ms)] if args.max_wait_ms is not None else [])]
     if args.stand_in_ms is not None:
@@ -395,6 +395,7 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="server --max-batch-size, the row budget (default: the server's own)")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="server --max-wait-ms")
+    parser.add_argument("--http-workers", type=int, default=1, help="server --http-workers (default: %(default)s)")
     parser.add_argument("--start-rate", type=float, default=25.0, help="req/s (default: %(default)s)")
     parser.add_argument("--max-rate", type=float, default=100_000.0, help="req/s (default: %(default)s)")
     parser.add_argument("--refine", type=int, default=2, help="bisection steps past saturation (default: %(default)s)")

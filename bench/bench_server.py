@@ -157,11 +157,11 @@ def server_summary(url: str) -> str:
     """What the server's batcher did over the whole run: batches, rows per batch, mean forward time, and the
     cost it fitted (which decides whether it splits batches by length)."""
     v = server_metrics(url)
-    batches = max(v["nova_batch_rows_count"], 1.0)
+    forwards = max(v["nova_model_forwards_total"], 1e-9)
     terms = {term: v.get('nova_batch_cost_seconds{term="' + term + '"}') for term in ("fixed", "per_token", "per_adapter")}
     fit = ", ".join(f"{term} {value * 1e3:.4g} ms" for term, value in terms.items() if value is not None)
-    return (f"server over the run: {v['nova_batch_rows_count']:.0f} batches, {v['nova_batch_rows_sum'] / batches:.1f} "
-            f"rows/batch, {v['nova_batch_duration_seconds_sum'] / batches * 1e3:.1f} ms per forward; "
+    return (f"server over the run: {v['nova_model_forwards_total']:.0f} forwards, {v['nova_batch_rows_sum'] / forwards:.1f} "
+            f"rows/forward, {v['nova_model_busy_seconds_total'] / forwards * 1e3:.1f} ms per forward; "
             f"fitted cost: {fit or 'none (nothing is split)'}")
 
 
@@ -177,8 +177,9 @@ def server_activity(before: dict[str, float], after: dict[str, float], wall_seco
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
-    out = {"rows_per_batch": delta("nova_batch_rows_sum") / max(delta("nova_batch_rows_count"), 1.0),
-           "model_busy": delta("nova_batch_duration_seconds_sum") / wall_seconds}
+    # per forward: with several HTTP workers, their batches may run as one forward
+    out = {"rows_per_batch": delta("nova_batch_rows_sum") / max(delta("nova_model_forwards_total"), 1e-9),
+           "model_busy": delta("nova_model_busy_seconds_total") / wall_seconds}
     for stage, metric in STAGES:
         out[f"{stage}_ms"] = delta(f"{metric}_sum") / max(delta(f"{metric}_count"), 1.0) * 1000
     return out

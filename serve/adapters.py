@@ -146,6 +146,9 @@ def lora_routes(server, *, require_admin, read_json) -> list[Route]:
             except ValueError as exc:
                 server.gate.state[name] = "ready"
                 raise bad_request(str(exc), param="lora_name") from None
+            except TimeoutError as exc:  # another HTTP worker could not drain it in time
+                server.gate.state[name] = "ready"
+                raise ApiError(503, f"{exc}", code=codes.DRAIN_TIMEOUT, headers={"Retry-After": "5"}) from None
             server.gate.state.pop(name, None)
             server.metrics.adapters_loaded.set(len(server.model.list_adapters()))
         log.info("adapter %r unloaded", name)

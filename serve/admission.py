@@ -1,6 +1,8 @@
 """Admission: what may enter the queue, and what leaves it early.
 
 - `RequestSlots`: at most `--max-concurrent-requests` embedding requests handled at once (429 beyond).
+- `Tally`: a count a limit reads, kept in shared memory when several HTTP workers serve one model, so that
+  the limits hold for the server as a whole.
 - `AdapterGate`: rows naming an adapter are admitted only while it is ready; an unload first stops admitting,
   then waits for the admitted rows to finish (drain).
 - `wait_for_disconnect`: a client that goes away frees its queued rows (the batcher drops them).
@@ -12,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from starlette.requests import Request
 
@@ -20,25 +24,73 @@ from .errors import ApiError
 from .metrics import Metrics
 
 
+class Tally:
+    """A count this process changes and a limit reads. `shared` (a `multiprocessing.Value` of every HTTP worker
+    of one server) makes `total` the server's; `own` is always this process's part."""
+
+    def __init__(self, shared=None):
+        self.shared = shared
+        self.own = 0
+
+    def add(self, n: int) -> None:
+        self.own += n
+        if self.shared is not None:
+            with self.shared.get_lock():
+                self.shared.value += n
+
+    def add_if_below(self, limit: int) -> bool:
+        """Add one unless the total has reached `limit` (checked and added atomically across workers)."""
+        if self.shared is None:
+            if self.own >= limit:
+                return False
+            self.own += 1
+            return True
+        with self.shared.get_lock():
+            if self.shared.value >= limit:
+                return False
+            self.shared.value += 1
+        self.own += 1
+        return True
+
+    @property
+    def total(self) -> int:
+        return self.shared.value if self.shared is not None else self.own
+
+
+@dataclass
+class SharedLimits:
+    """The counts the limits read, in shared memory, one set per server: every HTTP worker adds its own."""
+
+    requests: Any  # multiprocessing.Value("q"): embedding requests being handled
+    queue_tokens: Any  # multiprocessing.Value("q"): tokens queued in every worker's batcher
+
+    @classmethod
+    def create(cls, context) -> SharedLimits:
+        return cls(context.Value("q", 0), context.Value("q", 0))
+
+
 class RequestSlots:
-    def __init__(self, limit: int, metrics: Metrics):
+    def __init__(self, limit: int, metrics: Metrics, in_use: Tally | None = None):
         self.limit = limit
         self.metrics = metrics
-        self.in_use = 0
+        self.tally = in_use or Tally()
+
+    @property
+    def in_use(self) -> int:
+        return self.tally.total
 
     @contextlib.contextmanager
     def hold(self, retry_after: Callable[[], int]):
-        if self.in_use >= self.limit:
+        if not self.tally.add_if_below(self.limit):
             self.metrics.rejected.labels(codes.TOO_MANY_REQUESTS).inc()
             raise ApiError(429, f"too many concurrent requests (limit {self.limit})", code=codes.TOO_MANY_REQUESTS,
                            headers={"Retry-After": str(retry_after())})
-        self.in_use += 1
-        self.metrics.inflight_requests.set(self.in_use)
+        self.metrics.inflight_requests.set(self.tally.own)
         try:
             yield
         finally:
-            self.in_use -= 1
-            self.metrics.inflight_requests.set(self.in_use)
+            self.tally.add(-1)
+            self.metrics.inflight_requests.set(self.tally.own)
 
 
 class AdapterGate:

@@ -23,10 +23,12 @@ from .state import ServerState
 __all__ = ["create_app", "RequestIdFilter", "ServerState"]
 
 
-def create_app(settings: Settings, model=None) -> Starlette:
+def create_app(settings: Settings, model=None, *, engine_link=None, shared_limits=None) -> Starlette:
+    """`engine_link`, `shared_limits`: this app is one HTTP worker of several (serve/workers.py), attached to
+    the model process the supervisor started."""
     settings.validate()
     settings.engine_kind(model_given=model is not None)  # a model object cannot run in another process
-    server = ServerState(settings, model)
+    server = ServerState(settings, model, engine_link=engine_link, shared_limits=shared_limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

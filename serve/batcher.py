@@ -32,11 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import error_codes as codes
+from .admission import Tally
 from .cost_model import BatchCostModel
 from .dispatcher import Dispatcher
 from .errors import ApiError
 from .metrics import Metrics
-from .rows import EmbeddingRow
+from .rows import EmbeddingRow, ForwardShape
 
 log = logging.getLogger("serve.batcher")
 
@@ -109,6 +110,7 @@ class Batcher:
         max_queue_tokens: int,
         metrics: Metrics,
         on_row_done: Callable[[QueuedRow], None] | None = None,
+        queued: Tally | None = None,
     ):
         self.dispatcher = dispatcher
         self.max_batch_tokens = max_batch_tokens
@@ -118,7 +120,7 @@ class Batcher:
         self.metrics = metrics
         self.on_row_done = on_row_done or (lambda row: None)
         self._pending: list[QueuedRow] = []
-        self.queued_tokens = 0
+        self._queued = queued or Tally()  # the budget counts every HTTP worker's queue when they share one model
         self.queued_rows = 0
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -153,6 +155,15 @@ class Batcher:
 
     # ------------------------------------------------------------------ admission
 
+    @property
+    def queued_tokens(self) -> int:
+        """Tokens in this batcher's queue."""
+        return self._queued.own
+
+    @queued_tokens.setter
+    def queued_tokens(self, value: int) -> None:
+        self._queued.add(value - self._queued.own)
+
     def retry_after(self, extra_tokens: int = 0) -> int:
         rate = self._tokens_per_s or 2000.0
         return int(min(60, max(1, math.ceil((self.queued_tokens + extra_tokens) / rate))))
@@ -162,12 +173,13 @@ class Batcher:
         if self._stopping:
             raise ApiError(503, "server is shutting down", code=codes.SHUTTING_DOWN, headers={"Retry-After": "5"})
         tokens = sum(row.tokens for row in rows)
-        if self.queued_tokens > 0 and self.queued_tokens + tokens > self.max_queue_tokens:
+        queued = self._queued.total
+        if queued > 0 and queued + tokens > self.max_queue_tokens:
             self.metrics.rejected.labels(codes.QUEUE_FULL).inc()
             retry = self.retry_after(tokens)
             raise ApiError(
                 429,
-                f"the server queue is full ({self.queued_tokens} tokens queued, limit {self.max_queue_tokens}); "
+                f"the server queue is full ({queued} tokens queued, limit {self.max_queue_tokens}); "
                 f"retry after {retry}s",
                 code=codes.QUEUE_FULL,
                 headers={"Retry-After": str(retry)},
@@ -300,7 +312,8 @@ class Batcher:
 
     # ------------------------------------------------------------------ results (called by the dispatcher)
 
-    def _batch_done(self, batch: list[QueuedRow], outcomes: list, elapsed: float) -> None:
+    def _batch_done(self, batch: list[QueuedRow], outcomes: list, elapsed: float,
+                    forward: ForwardShape | None = None) -> None:
         """Results first: the waiting handlers are scheduled before anything else runs. What the batch teaches
         (throughput, the cost fit, the batch metrics) is learned in the loop's next turn, after those handlers
         have resumed, so that learning never adds to a request's latency."""
@@ -310,22 +323,26 @@ class Batcher:
             else:
                 self._deliver(row, outcome)
         self._wake()
-        asyncio.get_running_loop().call_soon(self._learn, batch, max(elapsed, 1e-6))
+        asyncio.get_running_loop().call_soon(self._learn, batch, max(elapsed, 1e-6), forward)
 
-    def _learn(self, batch: list[QueuedRow], elapsed: float) -> None:
+    def _learn(self, batch: list[QueuedRow], elapsed: float, forward: ForwardShape | None = None) -> None:
         tokens = sum(r.tokens for r in batch)
         rate = tokens / elapsed
         self._tokens_per_s = rate if not self._tokens_per_s else 0.8 * self._tokens_per_s + 0.2 * rate
         self._batch_seconds = elapsed if not self._batch_seconds else 0.8 * self._batch_seconds + 0.2 * elapsed
         longest = max(r.tokens for r in batch)
         padded = len(batch) * longest
-        self.cost.observe(padded, elapsed, len({r.adapter for r in batch}), shape=(len(batch), longest))
+        ran = forward or ForwardShape(len(batch), longest, len({r.adapter for r in batch}))
+        self.cost.observe(ran.padded_tokens, elapsed, ran.adapters, shape=(ran.rows, ran.longest))
         m = self.metrics
         m.batch_rows.observe(len(batch))
         m.batch_tokens.observe(tokens)
         m.batch_padded_tokens.observe(padded)
         m.batch_requests.observe(len({id(r.ticket) for r in batch}))
         m.batch_latency.observe(elapsed)
+        share = len(batch) / ran.rows  # of the forward this batch ran in: summed over workers, the whole of it
+        m.model_busy.inc(elapsed * share)
+        m.model_forwards.inc(share)
         m.tokens.inc(tokens)
         for row in batch:
             m.adapter_rows.labels(row.adapter or "none").inc()

@@ -100,8 +100,6 @@ def one_line(message: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from nova.loading import check_model_source
 
     from .app import create_app
@@ -129,7 +127,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"nova serve: error: {cannot_listen(settings.host, settings.port, exc)}", file=sys.stderr)
         return 1
     log_startup_warnings(settings, log)
-    app = create_app(settings)
+    addresses = ", ".join(_url(sock) for sock in sockets)
+    log.info("listening on %s (model names: %s)", addresses, ", ".join(settings.model_names()))
+    try:
+        if settings.http_workers > 1:
+            from .workers import run_http_workers
+
+            return run_http_workers(settings, sockets)
+        failure = serve_app(create_app(settings), settings, sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+    if failure is not None:
+        print(f"nova serve: error: {one_line(failure)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def serve_app(app, settings: Settings, sockets: list[socket.socket]) -> str | None:
+    """Run uvicorn with `app` on the bound `sockets` until it stops. -> why the server failed (the model did
+    not load, its process died), or None when it was stopped."""
+    import uvicorn
+
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=settings.graceful_shutdown_timeout, lifespan="on",
@@ -143,17 +162,8 @@ def run(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     app.state.nova.on_load_failed = on_load_failed
-    addresses = ", ".join(_url(sock) for sock in sockets)
-    log.info("listening on %s (model names: %s)", addresses, ", ".join(settings.model_names()))
-    try:
-        server.run(sockets=sockets)
-    finally:
-        for sock in sockets:
-            sock.close()
-    if failed:
-        print(f"nova serve: error: {one_line(failed[0])}", file=sys.stderr)
-        return 1
-    return 0
+    server.run(sockets=sockets)
+    return failed[0] if failed else None
 
 
 def log_startup_warnings(settings: Settings, log: logging.Logger) -> None:

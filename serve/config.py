@@ -98,6 +98,10 @@ class Settings:
         help="where the model runs: process = a process of its own, so that HTTP parsing, tokenizing and "
              "response encoding never hold up the forward on Python's GIL; thread = inside the server process; "
              "auto = process, or thread for a model object handed to create_app")
+    http_workers: int = setting(
+        1, group="model", type=positive_int, metavar="N",
+        help="HTTP worker processes in front of the one model process (parsing, tokenizing and encoding "
+             "responses in parallel; their batches run as one forward); more than 1 needs the process engine")
     # adapters
     enable_lora: bool = setting(
         False, group="adapters",
@@ -233,6 +237,11 @@ class Settings:
             raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.max_wait_ms < 0:
             raise ValueError("--max-wait-ms must be >= 0")
+        if self.http_workers < 1:
+            raise ValueError(f"--http-workers must be positive, got {self.http_workers}")
+        if self.http_workers > 1 and (self.engine == "thread" or self.ray):
+            raise ValueError("--http-workers N > 1 runs the model in a process of its own that every worker "
+                             "feeds; it does not apply with " + ("--ray" if self.ray else "--engine thread"))
         if self.cuda_graphs and self.device.startswith("cpu"):
             raise ValueError("--cuda-graphs needs the model on CUDA (--device cuda or auto on a GPU machine)")
         if self.allow_image_urls and not self.image_url_allowlist:

@@ -1,6 +1,15 @@
-"""Prometheus metrics on the server's own registry (several apps in one process never collide)."""
+"""Prometheus metrics on the server's own registry (several apps in one process never collide).
+
+With several HTTP workers (`nova serve --http-workers N`) every worker writes its metrics to files in
+`PROMETHEUS_MULTIPROC_DIR` (prometheus_client's multiprocess mode, set up by `serve/workers.py`) and
+`/metrics`, answered by any one worker, adds up all of them: counters and histograms summed, queue and
+in-flight gauges summed over live workers. The collectors read at each scrape (prefix cache, batch cost,
+wake lateness) are the answering worker's.
+"""
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -16,6 +25,12 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self.exposed = r  # what /metrics renders
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            self.exposed = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.exposed)
         self.requests = Counter(
             "nova_http_requests", "HTTP requests by route, method and status", ["route", "method", "status"],
             registry=r,
@@ -27,10 +42,12 @@ class Metrics:
         self.rejected = Counter(
             "nova_rejected_requests", "requests refused, by reason", ["reason"], registry=r
         )
-        self.queue_rows = Gauge("nova_queue_rows", "rows waiting for the model", registry=r)
-        self.queue_tokens = Gauge("nova_queue_tokens", "tokens waiting for the model", registry=r)
+        self.queue_rows = Gauge("nova_queue_rows", "rows waiting for the model", registry=r,
+                                multiprocess_mode="livesum")
+        self.queue_tokens = Gauge("nova_queue_tokens", "tokens waiting for the model", registry=r,
+                                  multiprocess_mode="livesum")
         self.inflight_requests = Gauge(
-            "nova_inflight_requests", "embedding requests being handled", registry=r
+            "nova_inflight_requests", "embedding requests being handled", registry=r, multiprocess_mode="livesum"
         )
         self.batch_rows = Histogram(
             "nova_batch_rows", "rows per model batch", buckets=_ROW_BUCKETS, registry=r
@@ -45,6 +62,14 @@ class Metrics:
         )
         self.batch_requests = Histogram(
             "nova_batch_requests", "distinct requests per model batch", buckets=_ROW_BUCKETS, registry=r
+        )
+        self.model_busy = Counter(
+            "nova_model_busy_seconds", "seconds the model spent in forwards (each HTTP worker counts its rows' share "
+            "of a forward it shared with other workers' batches)", registry=r,
+        )
+        self.model_forwards = Counter(
+            "nova_model_forwards", "forwards the model ran (a forward shared by several HTTP workers' batches counts "
+            "in each as its share of the rows)", registry=r,
         )
         self.batch_latency = Histogram(
             "nova_batch_duration_seconds", "model forward time per batch", buckets=_LATENCY_BUCKETS,
@@ -76,8 +101,14 @@ class Metrics:
         self.rows_cancelled = Counter(
             "nova_rows_cancelled", "queued rows dropped because their client went away", registry=r
         )
-        self.adapters_loaded = Gauge("nova_adapters_loaded", "adapters resident in the model", registry=r)
-        self.model_ready = Gauge("nova_model_ready", "1 once the model is loaded", registry=r)
+        self.adapters_loaded = Gauge("nova_adapters_loaded", "adapters resident in the model", registry=r,
+                                     multiprocess_mode="livemax")
+        self.model_ready = Gauge("nova_model_ready", "1 once the model is loaded", registry=r,
+                                 multiprocess_mode="livemin")
+
+    def register(self, collector) -> None:
+        """A collector read at each scrape (this process's own values, never summed across workers)."""
+        self.exposed.register(collector)
 
     def watch_prefix_cache(self, stats) -> None:
         """Export the model's instruction prefix cache counters, read at each scrape."""
@@ -90,7 +121,7 @@ class Metrics:
                 yield GaugeMetricFamily("nova_prefix_cache_bytes", "bytes held by the prefix cache", value=s["bytes"])
                 yield GaugeMetricFamily("nova_prefix_cache_entries", "prefixes held", value=s["entries"])
 
-        self.registry.register(_Collector())
+        self.register(_Collector())
 
     def watch_batch_cost(self, cost) -> None:
         """Export the batcher's fitted forward cost (`BatchCostModel`), read at each scrape: whether it splits
@@ -107,7 +138,7 @@ class Metrics:
                         family.add_metric([term], value)
                 yield family
 
-        self.registry.register(_Collector())
+        self.register(_Collector())
 
     def watch_wake_lateness(self, lateness) -> None:
         """Export how early the batcher takes the next batch to make up for its late wake-ups (`WakeLateness`)."""
@@ -119,7 +150,7 @@ class Metrics:
                                         "because its timed wake-ups have been running late",
                                         value=lateness.allowance())
 
-        self.registry.register(_Collector())
+        self.register(_Collector())
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed)

@@ -55,10 +55,31 @@ def budget_tokens(prepared) -> int:
     return prepared.num_tokens + int(prepared.image_grid_thw.prod())
 
 
+@dataclass(frozen=True)
+class ForwardShape:
+    """What one forward ran: its rows, its longest row's budget tokens and how many adapters it mixed. A model
+    process serving several HTTP workers runs their waiting batches in one forward; each worker's cost model
+    then learns from the forward that ran, not from its own part of it."""
+
+    rows: int
+    longest: int
+    adapters: int
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.rows * self.longest
+
+    @classmethod
+    def of(cls, rows: list[EmbeddingRow]) -> ForwardShape:
+        return cls(len(rows), max(row.tokens for row in rows), len({row.adapter for row in rows}))
+
+
 @dataclass
 class BatchResult:
-    """One batch's answer from an engine: an outcome per row (in the batch's order) and where the time went."""
+    """One batch's answer from an engine: an outcome per row (in the batch's order) and where the time went.
+    `forward` is set when the batch ran inside a larger forward (other workers' batches joined it)."""
 
     outcomes: list[RowOutcome]
     collate_seconds: float
     forward_seconds: float
+    forward: ForwardShape | None = None

@@ -20,6 +20,7 @@ Serve it with `python -m serve.stand_in --stand-in-ms 5 --port 8080` (bench/benc
 from __future__ import annotations
 
 import argparse
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -193,7 +194,7 @@ def export_counts(metrics, model: StandInModel) -> None:
                 ends.add_metric([state], count)
             yield ends
 
-    metrics.registry.register(_Collector())
+    metrics.register(_Collector())
 
 
 def create_stand_in_app(settings, cost: ForwardCost, inner=None):
@@ -227,13 +228,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait-ms", type=float, default=Settings.max_wait_ms)
     parser.add_argument("--max-concurrent-requests", type=int, default=Settings.max_concurrent_requests)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--http-workers", type=int, default=1,
+                        help="HTTP worker processes; above 1 the stand-in runs in the model process they share, "
+                             "and its counts are not exported")
     args = parser.parse_args(argv)
-    settings = Settings(model=args.model, trust_remote_code=True, engine="thread", port=args.port,
-                        max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
+    workers = args.http_workers > 1
+    settings = Settings(model=args.model, trust_remote_code=True, engine="process" if workers else "thread",
+                        port=args.port, max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                         max_wait_ms=args.max_wait_ms, max_concurrent_requests=args.max_concurrent_requests,
-                        log_level=args.log_level)
+                        log_level=args.log_level, http_workers=args.http_workers)
     setup_logging(settings.log_level)
-    app = create_stand_in_app(settings, ForwardCost(args.stand_in_ms, args.stand_in_row_ms))
+    cost = ForwardCost(args.stand_in_ms, args.stand_in_row_ms)
+    if workers:
+        from .cli import bind_listening_sockets
+        from .workers import run_http_workers
+
+        return run_http_workers(settings, bind_listening_sockets("127.0.0.1", args.port),
+                                functools.partial(StandInModel, cost=cost))
+    app = create_stand_in_app(settings, cost)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_config=None, access_log=False,
                 log_level=args.log_level, lifespan="on")
     return 0

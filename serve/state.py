@@ -15,11 +15,13 @@ import logging
 import time
 
 from . import error_codes as codes
-from .admission import AdapterGate, RequestSlots
+from .admission import AdapterGate, RequestSlots, SharedLimits, Tally
 from .batcher import Batcher
 from .config import Settings
 from .dispatcher import Dispatcher
 from .engine import (
+    EngineLink,
+    EngineNotices,
     ModelLoadFailed,
     ProcessEngine,
     ServedModel,
@@ -38,8 +40,11 @@ log = logging.getLogger("serve")
 class ServerState:
     """Everything the routes share: settings, model, metrics, admission, batcher, dispatcher, image fetcher."""
 
-    def __init__(self, settings: Settings, model=None):
+    def __init__(self, settings: Settings, model=None, *, engine_link: EngineLink | None = None,
+                 shared_limits: SharedLimits | None = None):
         self.settings = settings
+        self.engine_link = engine_link  # one HTTP worker of several: the model process is the supervisor's
+        self.shared_limits = shared_limits
         self.model: ServedModel | None = model  # the model itself (thread engine) or its RemoteModel
         self.metrics = Metrics()
         self.ready = False
@@ -48,7 +53,8 @@ class ServerState:
         self._starting_engine: ProcessEngine | None = None
         self._shutting_down = False
         self.gate = AdapterGate()
-        self.slots = RequestSlots(settings.max_concurrent_requests, self.metrics)
+        self.slots = RequestSlots(settings.max_concurrent_requests, self.metrics,
+                                  Tally(shared_limits.requests) if shared_limits else None)
         self.fetcher = ImageFetcher(ImagePolicy(
             allow_urls=settings.allow_image_urls, allowlist=list(settings.image_url_allowlist),
             max_bytes=settings.max_image_bytes, timeout=settings.image_url_timeout,
@@ -93,6 +99,7 @@ class ServerState:
             self.dispatcher, max_batch_tokens=s.max_batch_tokens, max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms, max_queue_tokens=s.max_queue_tokens, metrics=self.metrics,
             on_row_done=lambda row: self.gate.release(row.adapter),
+            queued=Tally(self.shared_limits.queue_tokens) if self.shared_limits else None,
         )
         self.batcher.start()
         self._load_task = asyncio.create_task(self._load())
@@ -110,8 +117,9 @@ class ServerState:
         try:
             if self.settings.engine_kind(model_given=self.model is not None) == "process":
                 log.info("loading model %s in its own process", self.settings.model or "(bundled tiny checkpoint)")
-                engine = self._starting_engine = ProcessEngine(self.settings)
+                engine = self._starting_engine = ProcessEngine(self.settings, self.engine_link)
                 engine.on_exit = lambda message: self._failed(message, code=codes.MODEL_PROCESS_EXITED)
+                engine.notices = OtherWorkersAdapters(self)
                 model = await engine.start()
             else:
                 model = await asyncio.to_thread(self._load_in_process_sync)
@@ -174,3 +182,30 @@ class ServerState:
             return name
         raise ApiError(404, f"the model {name!r} does not exist; this server serves {', '.join(names)}",
                        param="model", code=codes.MODEL_NOT_FOUND)
+
+
+class OtherWorkersAdapters(EngineNotices):
+    """What this HTTP worker does when another worker of the same server changes the model's adapters: route
+    the new list (the engine sends it after every load and unload), and drain an adapter another worker is
+    unloading before the engine unloads it."""
+
+    def __init__(self, server: ServerState):
+        self.server = server
+        self.draining_for_others: set[str] = set()
+
+    def adapters_changed(self, adapters: dict[str, dict]) -> None:
+        gate = self.server.gate
+        for name in adapters:
+            if name not in gate.state or name in self.draining_for_others:
+                gate.state[name] = "ready"  # loaded elsewhere, or its unload elsewhere failed
+        for name, state in list(gate.state.items()):
+            if name not in adapters and (state == "ready" or name in self.draining_for_others):
+                del gate.state[name]  # unloaded elsewhere (this worker's own load or unload keeps its state)
+        self.draining_for_others.intersection_update(adapters)
+        self.server.metrics.adapters_loaded.set(len(adapters))
+
+    async def drain(self, name: str, timeout: float) -> bool:
+        if not self.server.gate.ready(name):
+            return True  # not routed here (not loaded yet, or this worker is unloading it itself)
+        self.draining_for_others.add(name)
+        return await self.server.gate.drain(name, timeout)

@@ -2,7 +2,8 @@
 
 - `runner.py`: the model side of a batch (`ModelRunner`), loading and readying a model for serving;
 - `threads.py`: `ThreadEngine`, the runner on threads of the server process;
-- `process.py`: `ProcessEngine`, the runner in a process of its own (the default), and `RemoteModel`;
+- `process.py`: `ProcessEngine`, the runner in a process of its own (the default), `RemoteModel`, and
+  `spawn_engine` (one model process for one or several HTTP workers, one `EngineLink` each);
 - `child.py`: that process's main loop; `framing.py`: the pipe's messages.
 
 Both engines answer `Engine`; the model object the server's routes and admin calls read (`server.model`) is
@@ -14,7 +15,15 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from ..rows import BatchResult, EmbeddingRow
-from .process import EngineExited, ModelLoadFailed, ProcessEngine, RemoteModel
+from .process import (
+    EngineExited,
+    EngineLink,
+    EngineNotices,
+    ModelLoadFailed,
+    ProcessEngine,
+    RemoteModel,
+    spawn_engine,
+)
 from .runner import ModelRunner, load_model_for, prepare_for_serving
 from .threads import ThreadEngine
 
@@ -48,6 +57,6 @@ class ServedModel(Protocol):
 
 
 __all__ = [
-    "Engine", "EngineExited", "ModelLoadFailed", "ModelRunner", "ProcessEngine", "RemoteModel", "ServedModel",
-    "ThreadEngine", "load_model_for", "prepare_for_serving",
+    "Engine", "EngineExited", "EngineLink", "EngineNotices", "ModelLoadFailed", "ModelRunner", "ProcessEngine",
+    "RemoteModel", "ServedModel", "ThreadEngine", "load_model_for", "prepare_for_serving", "spawn_engine",
 ]

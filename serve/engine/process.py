@@ -18,9 +18,11 @@ import logging
 import multiprocessing
 import os
 import threading
+from collections.abc import Awaitable
+from dataclasses import dataclass
 
 from ..rows import BatchResult, EmbeddingRow
-from .child import engine_main
+from .child import Link, engine_main
 from .framing import FrameReader
 
 log = logging.getLogger("serve.engine")
@@ -34,10 +36,58 @@ class ModelLoadFailed(RuntimeError):
     """The model process could not load the model; the message is the original error, class name first."""
 
 
+@dataclass
+class EngineLink:
+    """A server process's end of its `Link` to the model process: requests go down `requests`, replies and
+    notices come up `replies`. Picklable, so that `nova serve --http-workers N` hands one to each worker."""
+
+    requests: multiprocessing.connection.Connection
+    replies: multiprocessing.connection.Connection
+
+    def close(self) -> None:
+        for connection in (self.requests, self.replies):
+            connection.close()
+
+
+def spawn_engine(settings, workers: int = 1, wrap_model=None) -> tuple[multiprocessing.process.BaseProcess,
+                                                                        list[EngineLink]]:
+    """Start the model process (spawned, so CUDA initializes there and only there) with one link per HTTP
+    worker; it loads the model and answers "ready" (or "failed") on every link."""
+    from transformers.dynamic_module_utils import init_hf_modules
+
+    init_hf_modules()  # the processor arrives pickled; its class is the model's remote code, a dynamic module
+    context = multiprocessing.get_context("spawn")
+    child_links, links = [], []
+    for _ in range(workers):
+        requests_in, requests_out = context.Pipe(duplex=False)
+        replies_in, replies_out = context.Pipe(duplex=False)
+        child_links.append(Link(requests_in, replies_out))
+        links.append(EngineLink(requests_out, replies_in))
+    process = context.Process(target=engine_main, args=(child_links, settings, os.getpid(), wrap_model),
+                              name="nova-engine", daemon=True)
+    process.start()
+    for link in child_links:
+        link.requests.close()
+        link.replies.close()
+    return process, links
+
+
+class EngineNotices:
+    """What a server process does when the model process tells it something unasked (several HTTP workers):
+    another worker loaded or unloaded an adapter, or wants to unload one and asks this worker to drain it."""
+
+    def adapters_changed(self, adapters: dict[str, dict]) -> None:
+        pass
+
+    async def drain(self, name: str, timeout: float) -> bool:
+        return True
+
+
 class RemoteModel:
     """The server process's view of a model that lives in the engine process: the processor (tokenizing
     happens here), the config, and adapter calls forwarded to the engine. Routing reads the adapter names
-    mirrored here, refreshed after every load or unload."""
+    mirrored here, refreshed after every load or unload (this worker's, or, with several HTTP workers, any
+    worker's: the engine sends every worker the new list)."""
 
     def __init__(self, engine: ProcessEngine, info: dict):
         self._engine = engine
@@ -75,10 +125,11 @@ class ProcessEngine:
     The child ignores SIGINT/SIGTERM: the server drains in-flight requests first and then closes the pipe,
     which ends the child; if the server dies, the closed pipe ends it too."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, link: EngineLink | None = None):
         self.settings = settings
         self.model: RemoteModel | None = None
-        self.process = None
+        self.process = None  # None when attached to a model process another process started (`link`)
+        self._link = link
         self._conn = None  # requests, down
         self._replies = None  # replies, up (a Connection used only for its file descriptor)
         self._frames = FrameReader()
@@ -87,9 +138,11 @@ class ProcessEngine:
         self._lock = threading.Lock()
         self._send_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nova-engine-send")
         self._stats: dict | None = None
+        self._tasks: set[asyncio.Task] = set()
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_exit = lambda message: None  # set by the server: the engine died under it
+        self.notices = EngineNotices()  # set by the server
 
     # ---- life cycle
 
@@ -103,31 +156,22 @@ class ProcessEngine:
         return model
 
     def _spawn(self) -> RemoteModel:
-        from transformers.dynamic_module_utils import init_hf_modules
-
-        init_hf_modules()  # the processor arrives pickled; its class is the model's remote code, a dynamic module
-        context = multiprocessing.get_context("spawn")
-        requests_in, requests_out = context.Pipe(duplex=False)
-        replies_in, replies_out = context.Pipe(duplex=False)
-        with self._lock:  # stop() may run meanwhile (the server stopped while this thread starts the child)
-            if self._stopping:
-                raise EngineExited("the server stopped before the model process started")
-            self.process = context.Process(target=engine_main, args=(requests_in, replies_out, self.settings,
-                                                                     os.getpid()), name="nova-engine", daemon=True)
-            self.process.start()
-        requests_in.close()
-        replies_out.close()
-        self._conn, self._replies = requests_out, replies_in
+        if self._link is None:
+            with self._lock:  # stop() may run meanwhile (the server stopped while this thread starts the child)
+                if self._stopping:
+                    raise EngineExited("the server stopped before the model process started")
+                self.process, (self._link,) = spawn_engine(self.settings)
+        self._conn, self._replies = self._link.requests, self._link.replies
         message = None
         while message is None:
-            chunk = os.read(replies_in.fileno(), 1 << 20)
+            chunk = os.read(self._replies.fileno(), 1 << 20)
             if not chunk:
-                self.process.join(timeout=5)
-                raise EngineExited(f"the model process exited while loading (exit code {self.process.exitcode})")
+                raise EngineExited(f"the model process exited while loading{self._exit_code()}")
             message = next(self._frames.feed(chunk), None)
         kind, payload = message
         if kind == "failed":
-            self.process.join(timeout=10)
+            if self.process is not None:
+                self.process.join(timeout=10)
             raise ModelLoadFailed(payload)
         self._stats = payload.pop("prefix_cache")
         self.model = RemoteModel(self, payload)
@@ -152,9 +196,8 @@ class ProcessEngine:
             await asyncio.to_thread(self.process.join, 30)
             if self.process.is_alive():
                 self.process.kill()
-        for connection in (self._conn, self._replies):
-            if connection is not None:
-                connection.close()
+        if self._link is not None:
+            self._link.close()
         self._fail_pending(EngineExited("the server is shutting down"))
 
     # ---- requests
@@ -208,7 +251,11 @@ class ProcessEngine:
             if not chunk:
                 self._exited()
                 return
-            for request_id, ok, value, stats in self._frames.feed(chunk):
+            for message in self._frames.feed(chunk):
+                if isinstance(message[0], str):
+                    self._notice(message)
+                    continue
+                request_id, ok, value, stats = message
                 if stats is not None:
                     self._stats = stats
                 future = self._pending.pop(request_id, None)
@@ -219,10 +266,47 @@ class ProcessEngine:
                 else:
                     future.set_exception(value)
 
+    def _notice(self, message: tuple) -> None:
+        """Event loop: a message the engine sent unasked (several HTTP workers share it)."""
+        if message[0] == "adapters":
+            if self.model is not None:
+                self.model._adapters = message[1]
+            self.notices.adapters_changed(message[1])
+        elif message[0] == "drain":
+            _, drain_id, name, timeout = message
+            self._answer_drain(drain_id, self.notices.drain(name, timeout))
+
+    def _answer_drain(self, drain_id: int, drained: Awaitable[bool]) -> None:
+        async def answer() -> None:
+            try:
+                ok = await drained
+            except Exception:  # noqa: BLE001 - the engine keeps the adapter
+                log.exception("draining an adapter for another worker failed")
+                ok = False
+            try:
+                self._send_now(("drained", drain_id, ok))
+            except EngineExited:
+                pass
+
+        task = self._loop.create_task(answer())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _send_now(self, message: tuple) -> None:
+        with self._lock:
+            if self._stopping or self._conn is None:
+                raise EngineExited("the model process is not running")
+            self._conn.send(message)
+
+    def _exit_code(self) -> str:
+        if self.process is None:
+            return ""
+        self.process.join(timeout=5)
+        return f" (exit code {self.process.exitcode})"
+
     def _exited(self) -> None:
         self._loop.remove_reader(self._replies.fileno())
-        self.process.join(timeout=1)
-        error = EngineExited(f"the model process exited (exit code {self.process.exitcode})")
+        error = EngineExited(f"the model process exited{self._exit_code()}")
         self._fail_pending(error)
         if not self._stopping:
             log.error("%s: the server cannot answer embeddings any more", error)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import socket
+import threading
 
 import httpcore
 import httpx
@@ -112,3 +114,37 @@ class LoopbackOnlyTransport(httpx.AsyncHTTPTransport):
         pool = self._pool  # httpx keeps its httpcore pool here; fail loudly if a new httpx moves it
         assert isinstance(pool, httpcore.AsyncConnectionPool) and hasattr(pool, "_network_backend")
         pool._network_backend = LoopbackOnlyBackend(pool._network_backend)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes `pid` started (from /proc)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as fh:
+            found += [int(k) for k in fh.read().split()]
+    return found
+
+
+def check_concurrent_clients(url: str, model, clients: int = 12) -> None:
+    """`clients` threads post at once, each a query and a passage of its own; every client must get its own
+    vectors (as `encode()` gives them)."""
+    words = ("rivers mountains planets violins engines gardens castles oceans forests deserts harbors tunnels "
+             "meadows glaciers canyons islands").split()
+    texts = [f"client {i} asks about {words[i % len(words)]}" for i in range(clients)]
+    answers: dict[int, list] = {}
+
+    def client(i: int) -> None:
+        items = [{"text": texts[i], "task": "retrieval.query"}, {"text": texts[-1 - i], "task": "retrieval.passage"}]
+        response = httpx.post(url + "/v1/embeddings", json={"input": items, "encoding_format": "base64"}, timeout=60)
+        assert response.status_code == 200, response.text
+        answers[i] = [decode_embedding(item) for item in response.json()["data"]]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(answers) == list(range(clients))
+    for i, (first, second) in answers.items():
+        assert_close(first, reference(model, {"text": texts[i], "task": "retrieval.query"}))
+        assert_close(second, reference(model, {"text": texts[-1 - i], "task": "retrieval.passage"}))

@@ -23,7 +23,16 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from PIL import Image
-from serve_helpers import assert_close, assert_error, b64_png, decode_embedding, free_port, reference
+from serve_helpers import (
+    assert_close,
+    assert_error,
+    b64_png,
+    check_concurrent_clients,
+    child_pids,
+    decode_embedding,
+    free_port,
+    reference,
+)
 
 from nova.loading import load_model
 from serve.app import create_app
@@ -36,21 +45,13 @@ from serve.rows import EmbeddingRow
 ADMIN = {"Authorization": "Bearer admin-test-key"}
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as fh:
-            found += [int(k) for k in fh.read().split()]
-    return found
-
-
 def engine_pid(pid: int) -> int:
     """The child running `serve.engine.child.engine_main` (multiprocessing also starts a resource tracker)."""
-    for kid in children(pid):
+    for kid in child_pids(pid):
         with open(f"/proc/{kid}/cmdline", "rb") as fh:
             if b"spawn_main" in fh.read():
                 return kid
-    raise AssertionError(f"no engine process under {pid}: {children(pid)}")
+    raise AssertionError(f"no engine process under {pid}: {child_pids(pid)}")
 
 
 def gone(pid: int, seconds: float) -> bool:
@@ -113,25 +114,7 @@ def test_the_model_runs_in_its_own_process_with_the_same_vectors(engine_server, 
 def test_concurrent_requests_through_the_model_process_each_get_their_own_vectors(engine_server, tiny_model):
     """Requests arriving together: batches queue behind the running forward, whose replies then leave from the
     model process's reply thread while the next forward runs; every client still gets its own vectors."""
-    texts = [f"request {i} asks about {word}" for i, word in enumerate(
-        "rivers mountains planets violins engines gardens castles oceans forests deserts harbors tunnels".split())]
-    answers: dict[int, list] = {}
-
-    def client(i: int) -> None:
-        items = [{"text": texts[i], "task": "retrieval.query"}, {"text": texts[-1 - i], "task": "retrieval.passage"}]
-        response = post(engine_server, {"input": items, "encoding_format": "base64"})
-        assert response.status_code == 200, response.text
-        answers[i] = [decode_embedding(item) for item in response.json()["data"]]
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(texts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert sorted(answers) == list(range(len(texts)))
-    for i, (first, second) in answers.items():
-        assert_close(first, reference(tiny_model, {"text": texts[i], "task": "retrieval.query"}))
-        assert_close(second, reference(tiny_model, {"text": texts[-1 - i], "task": "retrieval.passage"}))
+    check_concurrent_clients(engine_server.url, tiny_model)
 
 
 def test_prefix_cache_metrics_come_back_from_the_model_process(engine_server):
@@ -302,20 +285,20 @@ class Turns:
         self.collated_on: dict[object, str] = {}
         self._handled: dict[object, threading.Event] = {}
         self._lock = threading.Lock()
-        self.turns = RequestTurns(self.pipe, self.handle)
+        self.turns = RequestTurns([self.pipe], self.handle)
         threading.Thread(target=self.turns.receive_while_forwarding, name="receive", daemon=True).start()
 
     def handled(self, key) -> threading.Event:
         with self._lock:
             return self._handled.setdefault(key, threading.Event())
 
-    def handle(self, message):
+    def handle(self, message, pipe: int):
         if message[0] == "call":
             return None
-        key = "stop" if message[0] == "stop" else message[1]
+        key = message[1]
         self.collated_on[key] = threading.current_thread().name
         self.handled(key).set()
-        return STOP if key == "stop" else key
+        return key
 
     def send_when_the_model_thread_reads(self, *messages) -> None:
         """Send `messages` once the model thread is reading the pipe (after 10 s regardless, so that a
@@ -344,7 +327,6 @@ def test_an_idle_model_thread_collates_a_lone_request_itself():
     t.send_when_the_model_thread_reads(("call",), ("embed", 3))
     assert t.turns.next_batch() == 3 and t.collated_on[3] == me
     t.writer.send(("stop",))  # during "forward 3"
-    assert t.handled("stop").wait(10) and t.collated_on["stop"] == "receive"
     assert t.turns.next_batch() is STOP
 
 
@@ -367,3 +349,60 @@ def test_every_request_is_run_once_and_in_order_whoever_reads_it():
         time.sleep(rng.random() * 0.002)  # the "forward"
     assert ran == list(range(count))
     assert set(t.collated_on.values()) == {threading.current_thread().name, "receive"}  # both paths taken
+
+
+# ---------------------------------------------------------------- several HTTP workers, one model process
+
+
+def test_batches_from_several_workers_waiting_together_run_as_one_forward():
+    """Batches that arrive from different workers' pipes during a forward join the forward waiting to run (a
+    batch from a pipe already in it waits for the next one); the model process stops only when every pipe has
+    said stop."""
+    pipes = [multiprocessing.Pipe(duplex=False) for _ in range(3)]
+    readers, writers = [r for r, _ in pipes], [w for _, w in pipes]
+
+    def handle(message, pipe):
+        return [(pipe, message[1])]
+
+    def join(waiting, batch):
+        return None if any(pipe == batch[0][0] for pipe, _ in waiting) else waiting + batch
+
+    turns = RequestTurns(readers, handle, join)
+    threading.Thread(target=turns.receive_while_forwarding, daemon=True).start()
+    writers[0].send(("embed", "a1"))
+    assert turns.next_batch() == [(0, "a1")]  # "forward 1" runs; meanwhile:
+    for count, (pipe, key) in enumerate(((1, "b1"), (2, "c1"), (1, "b2"), (0, "a2")), start=1):
+        writers[pipe].send(("embed", key))
+        deadline = time.monotonic() + 10  # each read before the next is sent: the order is the test's
+        while sum(len(item) for item in list(turns.received)) < count and time.monotonic() < deadline:
+            time.sleep(0.005)
+    assert turns.next_batch() == [(1, "b1"), (2, "c1")]  # one forward; b2 could not join (pipe 1 is in it)
+    assert turns.next_batch() == [(1, "b2"), (0, "a2")]
+    writers[0].send(("stop",))
+    writers[1].send(("stop",))
+    writers[2].send(("embed", "c2"))
+    assert turns.next_batch() == [(2, "c2")]  # two pipes closed, one still open: not stopped
+    writers[2].close()  # the last worker gone (end of file)
+    assert turns.next_batch() is STOP
+
+
+def test_a_forward_merger_joins_only_within_the_batch_budget(tiny_model):
+    from serve.engine.child import Forward, ForwardMerger, Part
+
+    runner = ModelRunner(tiny_model)
+
+    def forward(link, texts):
+        rows = [EmbeddingRow.of(tiny_model.processor.prepare_item(t, index=i), multivector=False, dimensions=None)
+                for i, t in enumerate(texts)]
+        return Forward([Part(link, 0, len(rows))], rows, runner.collate(rows), 0.0)
+
+    short, longer = ["a b"] * 3, ["a long sentence of a good many words " * 3]
+    merger = ForwardMerger(runner, max_rows=4, max_padded_tokens=10_000)
+    joined = merger.join(forward(0, short), forward(1, longer))
+    assert [p.link for p in joined.parts] == [0, 1] and len(joined.rows) == 4
+    assert joined.collated.batch.input_ids.shape[0] == 4  # collated again, as one batch
+    assert merger.join(forward(0, short), forward(0, longer)) is None  # the same worker's: it split them
+    assert merger.join(forward(0, short), forward(1, short)) is None  # 6 rows > 4
+    tokens = forward(1, longer).rows[0].tokens
+    assert ForwardMerger(runner, 8, 4 * tokens - 1).join(forward(0, short), forward(1, longer)) is None
+    assert ForwardMerger(runner, 8, 4 * tokens).join(forward(0, short), forward(1, longer)) is not None
