@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
-import socket
 import sys
 from dataclasses import MISSING, fields
 
 from .config import Flag, Settings, flag_name
-
-LISTEN_BACKLOG = 2048  # uvicorn's default
+from .listening import bind_listening_sockets, cannot_listen, one_line, serve_app, url_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,45 +57,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**values)
 
 
-def bind_listening_sockets(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets for every address `host` resolves to, as uvicorn's own `create_server` would bind them.
-    Bound here, before the app starts (and before a model process is spawned), so that a port that cannot be
-    bound ends `nova serve` at once, and "listening" is only ever logged for a socket that is."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(LISTEN_BACKLOG)  # listening holds the port (two bound, unlistened sockets may share it)
-    except OSError:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
-
-
-def cannot_listen(host: str, port: int, exc: OSError) -> str:
-    """The one line `nova serve` ends with when it cannot listen."""
-    where = f"{host}:{port}"
-    if exc.errno == errno.EADDRINUSE:
-        return f"cannot listen on {where}: the address is already in use (another server?); choose another --port"
-    if exc.errno == errno.EACCES:
-        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges); choose another --port"
-    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
-        return f"cannot listen on {where}: --host {host!r} is not an address of this machine ({exc.strerror or exc})"
-    return f"cannot listen on {where}: {exc.strerror or exc}"
-
-
-def one_line(message: str) -> str:
-    """A message as one line (a library's, e.g. transformers', may span several): the process's last line."""
-    return " ".join(str(message).split())
-
-
 def run(args: argparse.Namespace) -> int:
     from nova.loading import check_model_source
 
@@ -127,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"nova serve: error: {cannot_listen(settings.host, settings.port, exc)}", file=sys.stderr)
         return 1
     log_startup_warnings(settings, log)
-    addresses = ", ".join(_url(sock) for sock in sockets)
+    addresses = ", ".join(url_of(sock) for sock in sockets)
     log.info("listening on %s (model names: %s)", addresses, ", ".join(settings.model_names()))
     try:
         if settings.http_workers > 1:
@@ -144,28 +102,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve_app(app, settings: Settings, sockets: list[socket.socket]) -> str | None:
-    """Run uvicorn with `app` on the bound `sockets` until it stops. -> why the server failed (the model did
-    not load, its process died), or None when it was stopped."""
-    import uvicorn
-
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-        timeout_graceful_shutdown=settings.graceful_shutdown_timeout, lifespan="on",
-        log_level=settings.log_level, backlog=LISTEN_BACKLOG,
-    )
-    server = uvicorn.Server(config)
-    failed: list[str] = []
-
-    def on_load_failed(message: str) -> None:
-        failed.append(message)
-        server.should_exit = True
-
-    app.state.nova.on_load_failed = on_load_failed
-    server.run(sockets=sockets)
-    return failed[0] if failed else None
-
-
 def log_startup_warnings(settings: Settings, log: logging.Logger) -> None:
     if settings.model is None:
         log.warning("no MODEL given: serving the bundled tiny checkpoint with RANDOM WEIGHTS "
@@ -173,8 +109,3 @@ def log_startup_warnings(settings: Settings, log: logging.Logger) -> None:
     if settings.api_keys == [] and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without --api-key: anyone who can reach the port can use the server",
                     settings.host)
-
-
-def _url(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else f"http://{host}:{port}"

@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level)
     cost = ForwardCost(args.stand_in_ms, args.stand_in_row_ms)
     if workers:
-        from .cli import bind_listening_sockets
+        from .listening import bind_listening_sockets
         from .workers import run_http_workers
 
         return run_http_workers(settings, bind_listening_sockets("127.0.0.1", args.port),

@@ -108,7 +108,7 @@ def worker_main(settings: Settings, sockets: list[socket.socket], link: EngineLi
     """One HTTP worker: the server app attached to the model process through `link`. Worker 0 prints the line
     the server ends with when it fails (every worker sees the same failure)."""
     from .app import create_app
-    from .cli import one_line, serve_app
+    from .listening import one_line, serve_app
     from .logs import setup_logging
 
     setup_logging(settings.log_level)
