@@ -83,3 +83,26 @@ class BatchResult:
     collate_seconds: float
     forward_seconds: float
     forward: ForwardShape | None = None
+
+    def __reduce__(self):
+        """Across the model process's pipe, a batch whose outcomes are all vectors of one shape (the usual
+        pooled batch) travels as one array: one buffer to pickle and copy instead of an array per row (a
+        64-row reply: bench/bench_pipe.py); its rows come back as views of that array."""
+        outcomes = self.outcomes
+        if outcomes and all(isinstance(o, np.ndarray) and o.shape == outcomes[0].shape and o.dtype == outcomes[0].dtype
+                            for o in outcomes):
+            outcomes = _StackedRows(np.stack(outcomes))
+        return (_batch_result, (outcomes, self.collate_seconds, self.forward_seconds, self.forward))
+
+
+@dataclass(frozen=True)
+class _StackedRows:
+    """A batch's row vectors as one array [rows, ...], as `BatchResult` pickles them."""
+
+    array: np.ndarray
+
+
+def _batch_result(outcomes, collate_seconds: float, forward_seconds: float, forward) -> BatchResult:
+    if isinstance(outcomes, _StackedRows):
+        outcomes = list(outcomes.array)
+    return BatchResult(outcomes, collate_seconds, forward_seconds, forward)

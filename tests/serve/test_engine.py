@@ -21,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 from serve_helpers import (
@@ -40,7 +41,7 @@ from serve.config import Settings
 from serve.dispatcher import _row_error
 from serve.engine import ModelRunner
 from serve.engine.child import STOP, RequestTurns, _portable
-from serve.rows import EmbeddingRow
+from serve.rows import BatchResult, EmbeddingRow, ForwardShape
 
 ADMIN = {"Authorization": "Bearer admin-test-key"}
 
@@ -221,6 +222,21 @@ def test_rows_and_item_errors_cross_processes_whole(tiny_model):
     error = pickle.loads(pickle.dumps(caught.value))
     assert (type(error), str(error), error.index, error.code, error.field) == \
         (type(caught.value), str(caught.value), 4, "invalid_input", "task")
+
+
+def test_a_batch_result_crosses_the_pipe_as_one_array_when_its_vectors_share_a_shape():
+    rng = np.random.default_rng(0)
+    vectors = [rng.standard_normal(8).astype(np.float32) for _ in range(5)]
+    shape = ForwardShape(9, 12, 2)
+    copy = pickle.loads(pickle.dumps(BatchResult(vectors, 0.25, 0.5, shape), protocol=pickle.HIGHEST_PROTOCOL))
+    assert (copy.collate_seconds, copy.forward_seconds, copy.forward) == (0.25, 0.5, shape)
+    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(copy.outcomes, vectors, strict=True))
+    assert copy.outcomes[0].base is not None and copy.outcomes[0].base is copy.outcomes[4].base  # one array
+    # a row's error, or vectors of different shapes (multi-vector rows): each outcome as it is
+    mixed = [vectors[0], ValueError("item 1: bad"), rng.standard_normal((3, 4)).astype(np.float32)]
+    copy = pickle.loads(pickle.dumps(BatchResult(mixed, 0.0, 0.0)))
+    assert np.array_equal(copy.outcomes[0], mixed[0]) and np.array_equal(copy.outcomes[2], mixed[2])
+    assert isinstance(copy.outcomes[1], ValueError) and str(copy.outcomes[1]) == "item 1: bad"
 
 
 def test_an_item_error_raised_by_the_model_reaches_its_client_as_that_items_error(tiny_model):
