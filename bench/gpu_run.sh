@@ -9,7 +9,7 @@
 #      bench/results/2026-11-27-h100*);
 #   3. on the full 3B shape, random bf16 weights written on the GPU (`nova tiny --size full`): open-loop load
 #      (bench/bench_load.py: Poisson arrivals from 8 client processes, swept to saturation, with the clients'
-#      own CPU use; extra flags in OPEN_LOOP_ARGS, e.g. --cuda-graphs), then 4 items per request and one
+#      own CPU use; extra flags in OPEN_LOOP_ARGS, e.g. --cuda-graphs or --http-workers 4), then 4 items per request and one
 #      sentence per request, closed loop.
 # Each step has its own time limit, so one that hangs does not hide the others; logs go to $OUT (or
 # /tmp/nova-gpu) and the key lines are printed again at the end.
