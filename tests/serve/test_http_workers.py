@@ -1,10 +1,12 @@
 """`nova serve --http-workers 2`: two HTTP worker processes in front of one model process, as a user runs it
 (the real command line, requests on fresh loopback connections, so the kernel spreads them over both workers).
-Same vectors as `encode()`, adapters loaded or unloaded through one worker reach the other, /metrics adds up
-both workers, the limits count both, and the server stops cleanly or, if its model process dies, loudly."""
+Same vectors as `encode()`, adapters loaded or unloaded through one worker reach the other (an unload drains
+every worker first), /metrics adds up both workers, the limits count both, and the server stops cleanly or, if
+its model process dies, loudly."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import shutil
@@ -24,9 +26,14 @@ from serve_helpers import (
     reference,
 )
 
+from nova.loading import load_model
 from serve.admission import RequestSlots, SharedLimits, Tally
+from serve.config import Settings
+from serve.engine.child import AdapterCalls, Link
+from serve.engine.framing import FrameReader
 from serve.errors import ApiError
 from serve.metrics import Metrics
+from serve.state import OtherWorkersAdapters, ServerState
 
 ADMIN = {"Authorization": "Bearer admin-test-key"}
 FRESH = 16  # requests, each on a connection of its own: both workers answer some (the kernel hands them out)
@@ -118,6 +125,72 @@ def test_the_concurrency_limit_counts_every_workers_requests():
     with second.hold(lambda: 1):
         assert first.in_use == 1
     assert limits.requests.value == 0
+
+
+class ReplyPipe:
+    """The server's end of a reply pipe: the frames the model process wrote, one at a time."""
+
+    def __init__(self):
+        self.reader, self.writer = multiprocessing.Pipe(duplex=False)
+        self.frames = FrameReader()
+        self.waiting: list = []
+
+    def next(self, seconds: float = 10):
+        deadline = time.monotonic() + seconds
+        while not self.waiting and time.monotonic() < deadline:
+            if self.reader.poll(0.05):
+                self.waiting += self.frames.feed(os.read(self.reader.fileno(), 1 << 20))
+        assert self.waiting, "no message from the model process"
+        return self.waiting.pop(0)
+
+
+def test_an_unload_waits_until_every_other_worker_has_drained_the_adapter(tiny_dir):
+    """The model process's side (`AdapterCalls`), with a real model and real pipes: an unload asked by worker 0
+    asks worker 1 to drain first; while it has not answered the adapter stays; a worker that cannot drain keeps
+    it (TimeoutError, every worker gets the unchanged list); once it has drained, the adapter goes."""
+    model = load_model(str(tiny_dir), trust_remote_code=True)
+    requests = [multiprocessing.Pipe(duplex=False) for _ in range(2)]
+    replies = [ReplyPipe() for _ in range(2)]
+    links = [Link(requests[i][0], replies[i].writer) for i in range(2)]
+    calls = AdapterCalls(model, links, drain_timeout=30)
+    try:
+        for drained in (False, True):
+            calls.submit(0, 7, "unload_adapter", ("code",))
+            kind, drain_id, name, timeout = replies[1].next()
+            assert (kind, name, timeout) == ("drain", "code", 30)
+            time.sleep(0.2)
+            assert "code" in model.list_adapters()  # not before worker 1 has answered
+            calls.drained(drain_id, drained)
+            request_id, ok, value, _ = replies[0].next()
+            assert request_id == 7 and ok is drained
+            if not drained:
+                assert isinstance(value, TimeoutError) and "HTTP worker 1" in str(value)
+            for reply in replies:  # every worker routes the list as it now is
+                kind, adapters = reply.next()
+                assert kind == "adapters" and ("code" in adapters) is not drained
+    finally:
+        calls.shutdown()
+
+
+def test_a_worker_follows_the_adapter_changes_of_the_others():
+    """The worker's side (`OtherWorkersAdapters`): names loaded elsewhere become routable, names unloaded
+    elsewhere stop being routed, a drain asked by another worker waits for this worker's admitted rows, and an
+    unload elsewhere that failed makes the adapter routable again. This worker's own unload keeps its state."""
+    server = ServerState(Settings())
+    notices = OtherWorkersAdapters(server)
+    gate = server.gate
+    notices.adapters_changed({"a": {}, "b": {}})
+    assert gate.state == {"a": "ready", "b": "ready"}
+    gate.acquire(["b"])  # a row of b admitted here
+    assert asyncio.run(notices.drain("b", 0.05)) is False and gate.state["b"] == "draining"
+    notices.adapters_changed({"a": {}, "b": {}})  # the unload elsewhere failed
+    assert gate.ready("b")
+    gate.release("b")
+    assert asyncio.run(notices.drain("b", 1.0)) is True
+    gate.state["a"] = "draining"  # this worker's own unload of a, in progress
+    notices.adapters_changed({"a": {}})  # b unloaded elsewhere
+    assert gate.state == {"a": "draining"}
+    assert asyncio.run(notices.drain("a", 1.0)) is True  # not routed here any more: nothing to wait for
 
 
 def test_sigterm_stops_every_process_cleanly(workers_server):
