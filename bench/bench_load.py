@@ -10,7 +10,9 @@ The rate sweeps up (doubling from --start-rate) until the server answers less th
 then refines between the last rate it kept up with and the first it did not. Per rate it prints:
 offered and answered req/s, p50/p99 latency (from each request's scheduled time, so a client running late
 does not hide queueing), HTTP errors, rows per forward and the model's busy share (from the server's /metrics:
-`nova_batch_rows` over `nova_model_forwards`, and `nova_model_busy_seconds` over the window), the server's CPU
+`nova_batch_rows` over `nova_model_forwards`, and `nova_model_busy_seconds` over the window), the CPU time of
+the thread that runs forwards per forward (`fwd CPU`: with the stand-in, or a device waited on without
+spinning, the host work of launching a batch, the time that thread needs the GIL), the server's CPU
 ms per request (when this script started it), and the load generator's own CPU use: each client process's
 CPU seconds over its wall time, so that a client process near one core, not the server, is seen to set the
 pace. Then, for comparison, the closed-loop mode at 1 / 8 / 32 client threads (bench_server.py's), and the
@@ -208,6 +210,7 @@ class RatePoint:
     errors: int  # non-200 answers and requests with no answer by the end of the drain
     rows_per_batch: float
     model_busy: float
+    model_thread_cpu_ms: float  # CPU of the thread that runs forwards, per forward
     server_cpu_ms: float | None
     client_cpu_cores: float  # all client processes together
     client_cpu_max: float  # the busiest client process, in cores: near 1, the generator sets the pace
@@ -243,6 +246,7 @@ def measure_rate(clients: OpenLoopClients, url: str, rate: float, duration: floa
         answered=sum(1 for s, lat in ok if s + lat <= duration) / duration,
         p50_ms=float(np.percentile(latencies, 50)), p99_ms=float(np.percentile(latencies, 99)),
         errors=len(requests) + unanswered - len(ok), rows_per_batch=activity["rows_per_batch"], model_busy=activity["model_busy"],
+        model_thread_cpu_ms=activity["model_thread_cpu_ms"],
         server_cpu_ms=((server_cpu_seconds(server_pid) - cpu_before) * 1000 / max(len(ok), 1)
                        if server_pid else None),
         client_cpu_cores=sum(run.cpu_s for run in runs) / max(window, duration),
@@ -285,7 +289,7 @@ def sweep(clients: OpenLoopClients, url: str, args, server_pid: int | None) -> l
 
 def header() -> str:
     return (f"{'rate':>7} {'offered':>8} {'answered':>9} {'p50 ms':>8} {'p99 ms':>9} {'errors':>6} {'rows/b':>7} "
-            f"{'busy':>5} {'srv CPU':>8} {'client CPU':>14} {'late ms':>8}  stand-in ends: ready/collating/queued/empty")
+            f"{'busy':>5} {'fwd CPU':>8} {'srv CPU':>8} {'client CPU':>14} {'late ms':>8}  stand-in ends: ready/collating/queued/empty")
 
 
 def row(p: RatePoint) -> str:
@@ -296,7 +300,7 @@ def row(p: RatePoint) -> str:
         ends = (f"  {p.stand_in['ready']:.0f}/{p.stand_in['collating']:.0f}/{p.stand_in['queued']:.0f}/"
                 f"{p.stand_in['empty']:.0f} (busy {p.stand_in['busy']:.0%})")
     return (f"{p.rate:7.1f} {p.offered:8.1f} {p.answered:9.1f} {p.p50_ms:8.1f} {p.p99_ms:9.1f} {p.errors:6d} "
-            f"{p.rows_per_batch:7.1f} {p.model_busy:5.0%} {server_cpu} {p.client_cpu_cores:5.2f} (max {p.client_cpu_max:.2f})"
+            f"{p.rows_per_batch:7.1f} {p.model_busy:5.0%} {p.model_thread_cpu_ms:6.2f}ms {server_cpu} {p.client_cpu_cores:5.2f} (max {p.client_cpu_max:.2f})"
             f" {p.most_late_ms:8.1f}{ends}{limit}")
 
 

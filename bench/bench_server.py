@@ -178,8 +178,10 @@ def server_activity(before: dict[str, float], after: dict[str, float], wall_seco
         return after.get(name, 0.0) - before.get(name, 0.0)
 
     # per forward: with several HTTP workers, their batches may run as one forward
-    out = {"rows_per_batch": delta("nova_batch_rows_sum") / max(delta("nova_model_forwards_total"), 1e-9),
-           "model_busy": delta("nova_model_busy_seconds_total") / wall_seconds}
+    forwards = max(delta("nova_model_forwards_total"), 1e-9)
+    out = {"rows_per_batch": delta("nova_batch_rows_sum") / forwards,
+           "model_busy": delta("nova_model_busy_seconds_total") / wall_seconds,
+           "model_thread_cpu_ms": delta("nova_model_thread_cpu_seconds_total") / forwards * 1000}
     for stage, metric in STAGES:
         out[f"{stage}_ms"] = delta(f"{metric}_sum") / max(delta(f"{metric}_count"), 1.0) * 1000
     return out

@@ -37,7 +37,7 @@ from .cost_model import BatchCostModel
 from .dispatcher import Dispatcher
 from .errors import ApiError
 from .metrics import Metrics
-from .rows import EmbeddingRow, ForwardShape
+from .rows import BatchResult, EmbeddingRow, ForwardShape
 
 log = logging.getLogger("serve.batcher")
 
@@ -312,8 +312,7 @@ class Batcher:
 
     # ------------------------------------------------------------------ results (called by the dispatcher)
 
-    def _batch_done(self, batch: list[QueuedRow], outcomes: list, elapsed: float,
-                    forward: ForwardShape | None = None) -> None:
+    def _batch_done(self, batch: list[QueuedRow], outcomes: list, result: BatchResult | None, elapsed: float) -> None:
         """Results first: the waiting handlers are scheduled before anything else runs. What the batch teaches
         (throughput, the cost fit, the batch metrics) is learned in the loop's next turn, after those handlers
         have resumed, so that learning never adds to a request's latency."""
@@ -323,16 +322,18 @@ class Batcher:
             else:
                 self._deliver(row, outcome)
         self._wake()
-        asyncio.get_running_loop().call_soon(self._learn, batch, max(elapsed, 1e-6), forward)
+        asyncio.get_running_loop().call_soon(self._learn, batch, max(elapsed, 1e-6), result)
 
-    def _learn(self, batch: list[QueuedRow], elapsed: float, forward: ForwardShape | None = None) -> None:
+    def _learn(self, batch: list[QueuedRow], elapsed: float, result: BatchResult | None = None) -> None:
+        """`result`: what the engine said of the forward (None when the engine failed the batch)."""
         tokens = sum(r.tokens for r in batch)
         rate = tokens / elapsed
         self._tokens_per_s = rate if not self._tokens_per_s else 0.8 * self._tokens_per_s + 0.2 * rate
         self._batch_seconds = elapsed if not self._batch_seconds else 0.8 * self._batch_seconds + 0.2 * elapsed
         longest = max(r.tokens for r in batch)
         padded = len(batch) * longest
-        ran = forward or ForwardShape(len(batch), longest, len({r.adapter for r in batch}))
+        ran = (result.forward if result is not None else None) or ForwardShape(
+            len(batch), longest, len({r.adapter for r in batch}))
         self.cost.observe(ran.padded_tokens, elapsed, ran.adapters, shape=(ran.rows, ran.longest))
         m = self.metrics
         m.batch_rows.observe(len(batch))
@@ -343,6 +344,8 @@ class Batcher:
         share = len(batch) / ran.rows  # of the forward this batch ran in: summed over workers, the whole of it
         m.model_busy.inc(elapsed * share)
         m.model_forwards.inc(share)
+        if result is not None:
+            m.model_thread_cpu.inc(result.forward_cpu_seconds * share)
         m.tokens.inc(tokens)
         for row in batch:
             m.adapter_rows.labels(row.adapter or "none").inc()

@@ -22,7 +22,7 @@ from typing import Protocol
 from . import error_codes as codes
 from .engine import Engine, EngineExited
 from .errors import ApiError, from_item_error
-from .rows import EmbeddingRow, ForwardShape, RowOutcome
+from .rows import BatchResult, EmbeddingRow, RowOutcome
 
 log = logging.getLogger("serve.dispatcher")
 
@@ -41,9 +41,9 @@ class Dispatcher:
 
     def __init__(self, engine: Engine | None = None):
         self.engine = engine  # set once the model is loaded (state.py)
-        # (batch, outcomes, forward seconds, the forward's shape when other batches joined it in the engine)
-        self.on_batch_done: Callable[[list[QueuedRow], list[RowOutcome], float, ForwardShape | None], None] = (
-            lambda batch, outcomes, elapsed, forward: None)
+        # (batch, outcomes, its engine result or None when the engine failed it, wall seconds)
+        self.on_batch_done: Callable[[list[QueuedRow], list[RowOutcome], BatchResult | None, float], None] = (
+            lambda batch, outcomes, result, elapsed: None)
         self._in_flight = 0  # batches collating, waiting or running
         self._busy_until = 0.0  # predicted end of the last batch handed to the engine (monotonic)
         self._collate_seconds = 0.0
@@ -78,11 +78,11 @@ class Dispatcher:
 
     async def _process(self, batch: list[QueuedRow]) -> None:
         started = time.monotonic()
-        forward = None
+        result = None
         try:
             result = await self.engine.embed([queued.row for queued in batch])
             self._collate_seconds = 0.8 * self._collate_seconds + 0.2 * result.collate_seconds
-            elapsed, forward = result.forward_seconds, result.forward
+            elapsed = result.forward_seconds
             outcomes = [_row_error(queued.row, o) if isinstance(o, Exception) else o
                         for queued, o in zip(batch, result.outcomes, strict=True)]
         except asyncio.CancelledError:
@@ -97,7 +97,7 @@ class Dispatcher:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._busy_until = time.monotonic()
-        self.on_batch_done(batch, outcomes, elapsed, forward)
+        self.on_batch_done(batch, outcomes, result, elapsed)
 
     async def stop(self) -> None:
         for task in list(self._tasks):

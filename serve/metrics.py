@@ -71,6 +71,11 @@ class Metrics:
             "nova_model_forwards", "forwards the model ran (a forward shared by several HTTP workers' batches counts "
             "in each as its share of the rows)", registry=r,
         )
+        self.model_thread_cpu = Counter(
+            "nova_model_thread_cpu_seconds", "CPU seconds of the thread that runs forwards, in forwards (with a "
+            "device that is waited on without spinning: the host's launch work, the time it holds Python's GIL; "
+            "on a CPU: the forward's compute); shared forwards count as nova_model_busy_seconds does", registry=r,
+        )
         self.batch_latency = Histogram(
             "nova_batch_duration_seconds", "model forward time per batch", buckets=_LATENCY_BUCKETS,
             registry=r,

@@ -74,6 +74,17 @@ class ForwardShape:
         return cls(len(rows), max(row.tokens for row in rows), len({row.adapter for row in rows}))
 
 
+@dataclass(frozen=True)
+class ForwardTimes:
+    """What one forward took: wall seconds, and CPU seconds of the thread that ran it. With a forward that
+    waits for a device without spinning (the stand-in; a GPU's graph replay), the thread's CPU time is the
+    host work the launching thread does per batch, the time it needs Python's GIL; on a CPU it is the
+    forward's own compute (OpenMP's other threads not counted), and CUDA's default wait spins, which counts."""
+
+    seconds: float
+    thread_cpu_seconds: float
+
+
 @dataclass
 class BatchResult:
     """One batch's answer from an engine: an outcome per row (in the batch's order) and where the time went.
@@ -83,6 +94,7 @@ class BatchResult:
     collate_seconds: float
     forward_seconds: float
     forward: ForwardShape | None = None
+    forward_cpu_seconds: float = 0.0  # the launching thread's CPU time for the forward (ForwardTimes)
 
     def __reduce__(self):
         """Across the model process's pipe, a batch whose outcomes are all vectors of one shape (the usual
@@ -92,7 +104,8 @@ class BatchResult:
         if outcomes and all(isinstance(o, np.ndarray) and o.shape == outcomes[0].shape and o.dtype == outcomes[0].dtype
                             for o in outcomes):
             outcomes = _StackedRows(np.stack(outcomes))
-        return (_batch_result, (outcomes, self.collate_seconds, self.forward_seconds, self.forward))
+        return (_batch_result, (outcomes, self.collate_seconds, self.forward_seconds, self.forward,
+                                self.forward_cpu_seconds))
 
 
 @dataclass(frozen=True)
@@ -102,7 +115,8 @@ class _StackedRows:
     array: np.ndarray
 
 
-def _batch_result(outcomes, collate_seconds: float, forward_seconds: float, forward) -> BatchResult:
+def _batch_result(outcomes, collate_seconds: float, forward_seconds: float, forward,
+                  forward_cpu_seconds: float) -> BatchResult:
     if isinstance(outcomes, _StackedRows):
         outcomes = list(outcomes.array)
-    return BatchResult(outcomes, collate_seconds, forward_seconds, forward)
+    return BatchResult(outcomes, collate_seconds, forward_seconds, forward, forward_cpu_seconds)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..rows import BatchResult, EmbeddingRow, ForwardShape
+from ..rows import BatchResult, EmbeddingRow, ForwardShape, ForwardTimes
 from .framing import write_frame
 from .runner import ModelRunner, load_model_for, prepare_for_serving
 
@@ -150,8 +150,8 @@ def engine_main(links: list[Link], settings, server_pid: int, wrap_model: Callab
     # to the sender thread and that forward starts first.
     sender = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nova-engine-reply")
     while (forward := turns.next_batch()) is not STOP:
-        outcomes, seconds = runner.run(forward.rows, forward.collated)
-        replies = _replies(forward, [_portable(o) for o in outcomes], seconds, model.prefix_cache.stats())
+        outcomes, times = runner.run(forward.rows, forward.collated)
+        replies = _replies(forward, [_portable(o) for o in outcomes], times, model.prefix_cache.stats())
         if turns.received:
             sender.submit(_send_all, links, replies)
         else:
@@ -160,12 +160,13 @@ def engine_main(links: list[Link], settings, server_pid: int, wrap_model: Callab
     adapters.shutdown()
 
 
-def _replies(forward: Forward, outcomes: list, seconds: float, stats: dict) -> list[tuple[int, tuple]]:
+def _replies(forward: Forward, outcomes: list, times: ForwardTimes, stats: dict) -> list[tuple[int, tuple]]:
     """(link, reply) per part of `forward`: each server batch gets its own rows' outcomes."""
     shape = ForwardShape.of(forward.rows) if forward.merged else None
     replies, start = [], 0
     for part in forward.parts:
-        result = BatchResult(outcomes[start:start + part.rows], forward.collate_seconds, seconds, shape)
+        result = BatchResult(outcomes[start:start + part.rows], forward.collate_seconds, times.seconds, shape,
+                             times.thread_cpu_seconds)
         replies.append((part.link, (part.request_id, True, result, stats)))
         start += part.rows
     return replies

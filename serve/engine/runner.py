@@ -8,7 +8,7 @@ import logging
 import os
 import time
 
-from ..rows import EmbeddingRow, RowOutcome
+from ..rows import EmbeddingRow, ForwardTimes, RowOutcome
 
 log = logging.getLogger("serve.engine")
 
@@ -68,15 +68,19 @@ class ModelRunner:
         except Exception:  # noqa: BLE001 - run() retries the rows one by one and reports each row's error
             return None
 
-    def run(self, rows: list[EmbeddingRow], collated) -> tuple[list[RowOutcome], float]:
-        """One forward (or, if it fails, one per row). Returns (outcomes, forward seconds)."""
-        started = time.perf_counter()
+    def run(self, rows: list[EmbeddingRow], collated) -> tuple[list[RowOutcome], ForwardTimes]:
+        """One forward (or, if it fails, one per row). Returns (outcomes, its times)."""
+        started, cpu = time.perf_counter(), time.thread_time()
+        outcomes = self._run(rows, collated)
+        return outcomes, ForwardTimes(time.perf_counter() - started, time.thread_time() - cpu)
+
+    def _run(self, rows: list[EmbeddingRow], collated) -> list[RowOutcome]:
         try:
             if collated is not None:
-                return self._embed(rows, collated), time.perf_counter() - started
+                return self._embed(rows, collated)
         except Exception as exc:
             if len(rows) == 1:
-                return [exc], time.perf_counter() - started
+                return [exc]
             log.warning("batch of %d rows failed (%s); retrying rows one by one", len(rows), exc)
         outcomes = []
         for row in rows:
@@ -84,7 +88,7 @@ class ModelRunner:
                 outcomes.extend(self._embed([row], None))
             except Exception as exc:  # noqa: BLE001 - isolated to this row
                 outcomes.append(exc)
-        return outcomes, time.perf_counter() - started
+        return outcomes
 
     def _embed(self, rows: list[EmbeddingRow], collated) -> list[RowOutcome]:
         vectors = self.model.embed_prepared([row.prepared for row in rows], [row.multivector for row in rows],

@@ -29,8 +29,8 @@ class ThreadEngine:
         started = time.perf_counter()
         collated = await loop.run_in_executor(self._collate_thread, self.runner.collate, rows)
         collate_seconds = time.perf_counter() - started
-        outcomes, seconds = await loop.run_in_executor(self._model_thread, self.runner.run, rows, collated)
-        return BatchResult(outcomes, collate_seconds, seconds)
+        outcomes, times = await loop.run_in_executor(self._model_thread, self.runner.run, rows, collated)
+        return BatchResult(outcomes, collate_seconds, times.seconds, None, times.thread_cpu_seconds)
 
     def prefix_cache_stats(self) -> dict:
         return self.model.prefix_cache.stats()

@@ -259,7 +259,7 @@ def test_an_item_error_raised_by_the_model_reaches_its_client_as_that_items_erro
     runner = ModelRunner(FailsOnRowOne())
     rows = [EmbeddingRow.of(tiny_model.processor.prepare_item(text, index=i), multivector=False, dimensions=None)
             for i, text in enumerate(["a", "b"])]
-    outcomes, _ = runner.run(rows, runner.collate(rows))
+    outcomes, _ = runner.run(rows, runner.collate(rows))  # (outcomes, times)
     outcomes = pickle.loads(pickle.dumps([_portable(o) for o in outcomes]))
     assert_close(outcomes[0], reference(tiny_model, "a"))
     error = _row_error(SimpleNamespace(position=3), outcomes[1])

@@ -92,6 +92,9 @@ def test_concurrent_clients_get_their_own_vectors_and_metrics_add_up_both_worker
     assert metric(workers_server, "nova_batch_rows_sum") - rows_before == 2 * clients
     forwards = metric(workers_server, "nova_model_forwards_total")
     assert 0 < forwards <= metric(workers_server, "nova_batch_rows_count") + 1e-6
+    busy = metric(workers_server, "nova_model_busy_seconds_total")
+    # one thread's CPU time within the forwards it ran: never more than their wall time
+    assert 0 < metric(workers_server, "nova_model_thread_cpu_seconds_total") <= 1.1 * busy + 0.01
 
 
 def test_an_adapter_loaded_or_unloaded_through_one_worker_is_routed_by_both(workers_server, tiny_model):
