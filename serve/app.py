@@ -28,6 +28,9 @@ def create_app(settings: Settings, model=None, *, engine_link=None, shared_limit
     the model process the supervisor started."""
     settings.validate()
     settings.engine_kind(model_given=model is not None)  # a model object cannot run in another process
+    if settings.http_workers > 1 and engine_link is None:
+        raise ValueError("http_workers > 1 is run by `nova serve` (serve/workers.py starts the workers); "
+                         "create_app builds one worker's app")
     server = ServerState(settings, model, engine_link=engine_link, shared_limits=shared_limits)
 
     @contextlib.asynccontextmanager

@@ -62,6 +62,8 @@ def run_http_workers(settings: Settings, sockets: list[socket.socket], wrap_mode
             workers.append(worker)
         for link in links:
             link.close()  # the workers hold their ends; the model process sees a worker's exit as end of file
+        if stopping:  # a signal came while they started: those started after it have not seen it
+            stop(None, None)
         log.info("%d HTTP workers (pids %s) in front of the model process (pid %d)", len(workers),
                  ", ".join(str(w.pid) for w in workers), engine.pid)
         return _supervise(workers, lambda: stopping, stop)

@@ -292,7 +292,7 @@ class RequestTurns:
         """One message from a ready pipe -> a collated batch, None (nothing to run, or nothing ready when not
         blocking), or STOP once every pipe is closed."""
         if block and len(self.open) == 1:
-            ready = self.open  # one server process: read straight away (no select before a lone request)
+            ready = list(self.open)  # one server process: read straight away (no select before a lone request)
         else:
             ready = multiprocessing.connection.wait(self.open, timeout=None if block else 0)
             if not ready:

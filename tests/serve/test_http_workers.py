@@ -28,6 +28,7 @@ from serve_helpers import (
 
 from nova.loading import load_model
 from serve.admission import RequestSlots, SharedLimits, Tally
+from serve.app import create_app
 from serve.config import Settings
 from serve.engine.child import AdapterCalls, Link
 from serve.engine.framing import FrameReader
@@ -113,6 +114,11 @@ def test_an_adapter_loaded_or_unloaded_through_one_worker_is_routed_by_both(work
     for _ in range(4):
         listed = httpx.get(workers_server.url + "/v1/internal/lora", headers=ADMIN, timeout=30).json()["data"]
         assert "mine" not in [a["lora_name"] for a in listed]
+
+
+def test_create_app_refuses_http_workers_it_would_not_start():
+    with pytest.raises(ValueError, match="http_workers > 1 is run by `nova serve`"):
+        create_app(Settings(http_workers=2))
 
 
 def test_the_concurrency_limit_counts_every_workers_requests():
