@@ -98,6 +98,10 @@ class RemoteModel:
         self._adapters = info["adapters"]
         self.processor.adapter_names = lambda: set(self._adapters)
 
+    def mirror(self, adapters: dict[str, dict]) -> None:
+        """The resident adapters as the engine last reported them (another worker's change included)."""
+        self._adapters = adapters
+
     def check_dimensions(self, dimensions, return_multivector=False) -> None:
         self.processor.check_dimensions(dimensions, return_multivector)
 
@@ -108,13 +112,13 @@ class RemoteModel:
         try:
             return self._engine.call("load_adapter", name, path)
         finally:
-            self._adapters = self._engine.call("list_adapters")
+            self.mirror(self._engine.call("list_adapters"))
 
     def unload_adapter(self, name) -> None:
         try:
             self._engine.call("unload_adapter", name)
         finally:
-            self._adapters = self._engine.call("list_adapters")
+            self.mirror(self._engine.call("list_adapters"))
 
 
 class ProcessEngine:
@@ -270,7 +274,7 @@ class ProcessEngine:
         """Event loop: a message the engine sent unasked (several HTTP workers share it)."""
         if message[0] == "adapters":
             if self.model is not None:
-                self.model._adapters = message[1]
+                self.model.mirror(message[1])
             self.notices.adapters_changed(message[1])
         elif message[0] == "drain":
             _, drain_id, name, timeout = message

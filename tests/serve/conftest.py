@@ -7,6 +7,7 @@ test decides, no socket is ever opened to an address other than 127.0.0.1."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -78,6 +79,14 @@ class LiveServer:
                 if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
                     total += sample.value
         return total
+
+
+@pytest.fixture(scope="module")
+def lora_root(tmp_path_factory, tiny_dir):
+    """A `--lora-root` holding one adapter, `mine` (a copy of the tiny checkpoint's `code` adapter)."""
+    root = tmp_path_factory.mktemp("lora-root")
+    shutil.copytree(tiny_dir / "adapters" / "code", root / "mine")
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -38,13 +37,6 @@ from serve.state import OtherWorkersAdapters, ServerState
 
 ADMIN = {"Authorization": "Bearer admin-test-key"}
 FRESH = 16  # requests, each on a connection of its own: both workers answer some (the kernel hands them out)
-
-
-@pytest.fixture(scope="module")
-def lora_root(tmp_path_factory, tiny_dir):
-    root = tmp_path_factory.mktemp("workers-lora-root")
-    shutil.copytree(tiny_dir / "adapters" / "code", root / "mine")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ size is refused naming the sizes; /openapi.json documents exactly the fields eac
 
 from __future__ import annotations
 
-import shutil
-
 import httpx
 import numpy as np
 import openai
@@ -14,13 +12,6 @@ import pytest
 from serve_helpers import assert_close, assert_error, b64_png, decode_embedding, reference
 
 ADMIN = {"Authorization": "Bearer admin-key"}
-
-
-@pytest.fixture(scope="module")
-def lora_root(tmp_path_factory, tiny_dir):
-    root = tmp_path_factory.mktemp("fields-lora-root")
-    shutil.copytree(tiny_dir / "adapters" / "code", root / "mine")
-    return root
 
 
 @pytest.fixture(scope="module")
