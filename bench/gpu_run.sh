@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything this project measures on a GPU, as one prepared run (at most 10 minutes; written for one H100):
+# Everything this project measures on a GPU, as prepared runs of at most 10 minutes each (written for one H100).
+# PLAN=serve (the default) measures the forward and the server:
 #   1. bench/gpu_check.py: bf16 parity, padded batches, the prefix cache, full-shape (3B) throughput (eager and
 #      with CUDA graphs, against the GPU-forward targets), the
 #      one-time cost of new batch shapes (padded to a multiple of 16 and of 1), fp16 and bf16 against fp32
@@ -11,6 +12,11 @@
 #      (bench/bench_load.py: Poisson arrivals from 8 client processes, swept to saturation, with the clients'
 #      own CPU use; extra flags in OPEN_LOOP_ARGS, e.g. --cuda-graphs or --http-workers 4), then 4 items per request and one
 #      sentence per request, closed loop.
+# PLAN=train measures `nova train`'s large contrastive batch (about 4 minutes):
+#   4. bench/bench_train.py on the full 3B shape, LoRA rank 32, bf16 autocast, gradient checkpointing: a contrastive
+#      batch of 1,024 query/passage pairs (passages of 100 words, about 100 tokens) embedded 32 at a time
+#      (GradCache), against a batch of 32 (memory) and the 1,024 in one graph (time per triplet): triplets/s,
+#      tokens/s and peak memory.
 # Each step has its own time limit, so one that hangs does not hide the others; logs go to $OUT (or
 # /tmp/nova-gpu) and the key lines are printed again at the end.
 #
@@ -18,6 +24,7 @@
 # present in .whl/, are installed to /tmp/site first: see docs/performance.md for the download command.
 # Smoke mode, the same steps on this CPU:
 #   DEVICE=cpu SIZE_CHECK=tiny SKIP_FULL=1 SKIP_WHEELS=1 ITEMS=64 PY=.venv/bin/python bash bench/gpu_run.sh
+#   PLAN=train DEVICE=cpu SKIP_FULL=1 SKIP_WHEELS=1 TRAIN_BATCH=64 PY=.venv/bin/python bash bench/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/nova-gpu}
@@ -25,6 +32,8 @@ DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
 ITEMS=${ITEMS:-128}
 ROUNDS=${ROUNDS:-2}
+PLAN=${PLAN:-serve}
+case "$PLAN" in serve|train) ;; *) echo "PLAN must be serve or train, not '$PLAN'" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 if [ -z "${SKIP_WHEELS:-}" ] && compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -49,12 +58,26 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
   $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   nproc; } | tee "$OUT/machine.log"
 
+full_model=(--model /tmp/nova-full)
+[ -z "${SKIP_FULL:-}" ] || full_model=()  # smoke mode: the tiny checkpoint
+[ -n "${SKIP_FULL:-}" ] || step full-write 40 "$PY" -m nova.cli tiny /tmp/nova-full --size full --device "$DEVICE"
+
+if [ "$PLAN" = train ]; then
+    step train 420 "$PY" bench/bench_train.py --device "$DEVICE" "${full_model[@]}" --precision bf16 --rank 32 \
+        --batch "${TRAIN_BATCH:-1024}" --mini "${TRAIN_MINI:-32}" --hard-negatives 0 --passage-words 100 \
+        --gradient-checkpointing --small-steps 2 --large-steps 1
+    echo "=== summary"
+    grep -h -e "triplets/s" -e "^memory" -e "^time per triplet" "$OUT/train.log"
+    [ ${#failed[@]} -eq 0 ] || { echo "FAILED: ${failed[*]}"; exit 1; }
+    echo "all steps passed"
+    exit 0
+fi
+
 step check 220 "$PY" bench/gpu_check.py --device "$DEVICE" --size "${SIZE_CHECK:-full}" --json "$OUT/check.json"
 step small-sentences 90 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" --mode sentences
 # whether one Python load generator paces the server: the open-loop step prints its client processes' CPU use
-load_model=(--model /tmp/nova-full)
+load_model=("${full_model[@]}")
 [ -z "${SKIP_FULL:-}" ] || load_model=(--size tiny)
-[ -n "${SKIP_FULL:-}" ] || step full-write 40 "$PY" -m nova.cli tiny /tmp/nova-full --size full --device "$DEVICE"
 # ~25 s to load the server and the in-process model, a few to warm up, ~6 s per rate: 80 s with these settings
 # shellcheck disable=SC2086  # OPEN_LOOP_ARGS: extra flags, word-split on purpose
 step open-loop 80 "$PY" bench/bench_load.py --device "$DEVICE" "${load_model[@]}" --client-processes 8 \
