@@ -331,26 +331,31 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
         activations overflowed the model's dtype, float16's 65504 most likely), an `ItemError` naming it.
         The error is returned, not raised: rows are independent, so the others keep their vectors (a server
         answers each request with its own rows' outcomes; `encode()` raises it)."""
-        if not rows:
-            return []
+        return self.launch_prepared(rows, return_multivector, collated).result()
+
+    @torch.inference_mode()
+    def launch_prepared(self, rows: list[PreparedItem], return_multivector: bool | list[bool] = False,
+                        collated: dict | None = None) -> PendingOutcomes:
+        """`embed_prepared` in two halves: this one queues the forward and the copy of its outputs to the host,
+        and `.result()` of what it returns waits for them. On a GPU the copy goes to pinned memory behind the
+        forward on its stream, so a server can launch the next batch before it reads this one's vectors; on the
+        CPU the outputs are ready when this returns."""
         wants = list(return_multivector) if isinstance(return_multivector, (list, tuple)) else [bool(return_multivector)] * len(rows)
+        if not rows:
+            return PendingOutcomes([], [], None, None, None, self.model.embed_tokens.weight.dtype)
+        cuda = self.device.type == "cuda"
+        started = torch.cuda.Event(enable_timing=True) if cuda else None
+        if started is not None:
+            started.record()
         pooled, tokens, token_mask = self.forward_rows(rows, pooled=not all(wants), multivector=any(wants),
                                                        collated=collated)
-        finite_pooled = finite_tokens = None
-        if pooled is not None:
-            pooled = pooled.cpu()
-            finite_pooled = torch.isfinite(pooled).all(-1).tolist()
-        if tokens is not None:
-            tokens, token_mask = tokens.cpu(), token_mask.cpu()
-            finite_tokens = (torch.isfinite(tokens).all(-1) | ~token_mask).all(-1).tolist()
-        dtype = self.model.embed_tokens.weight.dtype
-        outcomes: list[torch.Tensor | ItemError] = []
-        for i, (row, want) in enumerate(zip(rows, wants, strict=True)):
-            if not (finite_tokens if want else finite_pooled)[i]:
-                outcomes.append(non_finite_error(row, dtype))
-            else:
-                outcomes.append(tokens[i][token_mask[i]] if want else pooled[i])
-        return outcomes
+        # non_blocking from a GPU copies into pinned host memory; the event marks when the copies are done
+        to_host = [None if t is None else t.to("cpu", non_blocking=cuda) for t in (pooled, tokens, token_mask)]
+        done = None
+        if cuda:
+            done = torch.cuda.Event(enable_timing=True)
+            done.record()
+        return PendingOutcomes(rows, wants, *to_host, self.model.embed_tokens.weight.dtype, started, done)
 
     def check_dimensions(self, dimensions: int | None, return_multivector: bool = False) -> None:
         check_dimensions(self.config, dimensions, return_multivector)
@@ -413,6 +418,47 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
     # defined in the scoring module, so the model class holds only its name.
     rerank = _rerank
 
+
+
+@dataclass
+class PendingOutcomes:
+    """A launched forward's outputs on their way to the host (`launch_prepared`). `result()` waits for them
+    (on a GPU, for the event recorded after the copies; on the CPU they are there) and splits them into one
+    outcome per row: a float32 vector or that row's non-finite `ItemError`."""
+
+    rows: list[PreparedItem]
+    wants: list[bool]  # per row: its multi-vector (True) or its pooled vector
+    pooled: torch.Tensor | None
+    tokens: torch.Tensor | None
+    token_mask: torch.Tensor | None
+    dtype: torch.dtype  # the forward's, named in a non-finite row's error
+    started: torch.cuda.Event | None = None
+    done: torch.cuda.Event | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether `result()` returns without waiting for a device."""
+        return self.done is None or self.done.query()
+
+    def device_seconds(self) -> float | None:
+        """On a GPU, what the forward and its copies took on the device (after `result()`); None on the CPU."""
+        return None if self.done is None else self.started.elapsed_time(self.done) / 1000
+
+    def result(self) -> list[torch.Tensor | ItemError]:
+        if self.done is not None:
+            self.done.synchronize()
+        finite_pooled = finite_tokens = None
+        if self.pooled is not None:
+            finite_pooled = torch.isfinite(self.pooled).all(-1).tolist()
+        if self.tokens is not None:
+            finite_tokens = (torch.isfinite(self.tokens).all(-1) | ~self.token_mask).all(-1).tolist()
+        outcomes: list[torch.Tensor | ItemError] = []
+        for i, (row, want) in enumerate(zip(self.rows, self.wants, strict=True)):
+            if not (finite_tokens if want else finite_pooled)[i]:
+                outcomes.append(non_finite_error(row, self.dtype))
+            else:
+                outcomes.append(self.tokens[i][self.token_mask[i]] if want else self.pooled[i])
+        return outcomes
 
 
 def non_finite_error(row: PreparedItem, dtype: torch.dtype) -> ItemError:

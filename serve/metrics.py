@@ -64,17 +64,19 @@ class Metrics:
             "nova_batch_requests", "distinct requests per model batch", buckets=_ROW_BUCKETS, registry=r
         )
         self.model_busy = Counter(
-            "nova_model_busy_seconds", "seconds the model spent in forwards (each HTTP worker counts its rows' share "
-            "of a forward it shared with other workers' batches)", registry=r,
+            "nova_model_busy_seconds", "seconds the model spent in forwards (on a GPU, the device's time for each "
+            "forward and its copy to the host; each HTTP worker counts its rows' share of a forward it shared with "
+            "other workers' batches)", registry=r,
         )
         self.model_forwards = Counter(
             "nova_model_forwards", "forwards the model ran (a forward shared by several HTTP workers' batches counts "
             "in each as its share of the rows)", registry=r,
         )
         self.model_thread_cpu = Counter(
-            "nova_model_thread_cpu_seconds", "CPU seconds of the thread that runs forwards, in forwards (with a "
-            "device that is waited on without spinning: the host's launch work, the time it holds Python's GIL; "
-            "on a CPU: the forward's compute); shared forwards count as nova_model_busy_seconds does", registry=r,
+            "nova_model_thread_cpu_seconds", "CPU seconds of the thread that launches forwards, in launches (on a "
+            "GPU: the host's work per batch, the time it holds Python's GIL, the wait for the vectors being on "
+            "another thread; on a CPU: the forward's compute); shared forwards count as nova_model_busy_seconds "
+            "does", registry=r,
         )
         self.batch_latency = Histogram(
             "nova_batch_duration_seconds", "model forward time per batch", buckets=_LATENCY_BUCKETS,

@@ -76,10 +76,11 @@ class ForwardShape:
 
 @dataclass(frozen=True)
 class ForwardTimes:
-    """What one forward took: wall seconds, and CPU seconds of the thread that ran it. With a forward that
-    waits for a device without spinning (the stand-in; a GPU's graph replay), the thread's CPU time is the
-    host work the launching thread does per batch, the time it needs Python's GIL; on a CPU it is the
-    forward's own compute (OpenMP's other threads not counted), and CUDA's default wait spins, which counts."""
+    """What one forward took: seconds (on a GPU, the device's time for the forward and its copy to the host;
+    elsewhere the launch's wall time), and CPU seconds of the thread that launched it. On a GPU that is the
+    host work the launching thread does per batch, the time it needs Python's GIL (the wait for the vectors
+    happens on another thread); with the stand-in it is that work plus the synthesis of its vectors; on a
+    CPU it is the forward's own compute (OpenMP's other threads not counted)."""
 
     seconds: float
     thread_cpu_seconds: float

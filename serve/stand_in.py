@@ -64,6 +64,20 @@ class ForwardEnds:
     next_batch: dict[str, int] = field(default_factory=lambda: dict.fromkeys(NEXT_BATCH_STATES, 0))
 
 
+@dataclass
+class WaitedOutcomes:
+    """A stand-in forward's outcomes, waited for already (the model's `PendingOutcomes`, ready)."""
+
+    outcomes: list[torch.Tensor]
+    ready = True
+
+    def result(self) -> list[torch.Tensor]:
+        return self.outcomes
+
+    def device_seconds(self) -> None:
+        return None
+
+
 class StandInModel:
     """A real model (`inner`) whose forward is replaced by a fixed-cost, GIL-free wait (see the module doc).
 
@@ -114,6 +128,11 @@ class StandInModel:
         with self._lock:
             e = self.ends
             return ForwardEnds(e.forwards, e.rows, e.busy_seconds, e.waiting_seconds, dict(e.next_batch))
+
+    def launch_prepared(self, rows, return_multivector=False, collated=None) -> WaitedOutcomes:
+        """The model's launch, here with its wait: the stand-in's forward ends when its launch returns, as a
+        GPU forward whose launching thread waits for it."""
+        return WaitedOutcomes(self.embed_prepared(rows, return_multivector, collated))
 
     @torch.inference_mode()
     def embed_prepared(self, rows, return_multivector=False, collated=None) -> list[torch.Tensor]:

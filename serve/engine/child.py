@@ -145,23 +145,37 @@ def engine_main(links: list[Link], settings, server_pid: int, wrap_model: Callab
     threading.Thread(target=turns.receive_while_forwarding, name="nova-engine-receive", daemon=True).start()
     # Forwards run on the main thread: OpenMP's spinning workers serve its forwards faster than a secondary
     # thread's on a quiet CPU (bench/results/2026-11-27-cpu-server).
-    # A forward's replies (pickling its vectors, writing the pipes) are sent from here when nothing waits to
-    # run, so that a lone request pays no thread hand-over; when the next forward is already collated, they go
-    # to the sender thread and that forward starts first.
+    run_forwards(turns, runner, links)
+    adapters.shutdown()
+
+
+def run_forwards(turns: RequestTurns, runner: ModelRunner, links: list[Link]) -> None:
+    """Launch each batch `turns` gives, until it says STOP, and send each part its rows' outcomes.
+
+    A forward whose vectors are on the host when its launch returns (the CPU) is finished on this thread, and
+    its replies (pickling the vectors, writing the pipes) are sent from here when nothing waits to run, so
+    that a lone request pays no thread hand-over; when the next forward is already collated, they go to the
+    sender thread and that forward starts first. A forward a device still runs (a GPU) goes to the sender
+    thread whole, which waits for its vectors while this thread launches the next forward behind it."""
     sender = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nova-engine-reply")
     while (forward := turns.next_batch()) is not STOP:
-        outcomes, times = runner.run(forward.rows, forward.collated)
-        replies = _replies(forward, [_portable(o) for o in outcomes], times, model.prefix_cache.stats())
+        launched = runner.launch(forward.rows, forward.collated)
+        stats = runner.model.prefix_cache.stats()  # read here: this thread's forwards change the cache
+        if not launched.ready:
+            sender.submit(_finish_and_send, runner, links, forward, launched, stats)
+            continue
+        replies = _replies(forward, runner.finish(launched), stats)
         if turns.received:
             sender.submit(_send_all, links, replies)
         else:
             _send_all(links, replies)
     sender.shutdown(wait=True)
-    adapters.shutdown()
 
 
-def _replies(forward: Forward, outcomes: list, times: ForwardTimes, stats: dict) -> list[tuple[int, tuple]]:
+def _replies(forward: Forward, finished: tuple[list, ForwardTimes], stats: dict) -> list[tuple[int, tuple]]:
     """(link, reply) per part of `forward`: each server batch gets its own rows' outcomes."""
+    outcomes, times = finished
+    outcomes = [_portable(o) for o in outcomes]
     shape = ForwardShape.of(forward.rows) if forward.merged else None
     replies, start = [], 0
     for part in forward.parts:
@@ -170,6 +184,10 @@ def _replies(forward: Forward, outcomes: list, times: ForwardTimes, stats: dict)
         replies.append((part.link, (part.request_id, True, result, stats)))
         start += part.rows
     return replies
+
+
+def _finish_and_send(runner: ModelRunner, links: list[Link], forward: Forward, launched, stats: dict) -> None:
+    _send_all(links, _replies(forward, runner.finish(launched), stats))
 
 
 def _send_all(links: list[Link], replies: list[tuple[int, tuple]]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 from ..rows import EmbeddingRow, ForwardTimes, RowOutcome
 
@@ -55,8 +56,27 @@ def prepare_for_serving(model, settings) -> None:
     model.embed_prepared([row], False, collated=model.collate_rows([row]))
 
 
+@dataclass
+class LaunchedForward:
+    """A batch's forward, launched: its rows and either the pending outputs or, when the batch forward failed
+    and its rows were run one by one, their outcomes already."""
+
+    rows: list[EmbeddingRow]
+    pending: object | None  # the model's PendingOutcomes
+    outcomes: list[RowOutcome] | None
+    seconds: float  # wall time of the launch
+    thread_cpu_seconds: float  # the launching thread's CPU time: what it held the GIL for, at most
+
+    @property
+    def ready(self) -> bool:
+        """Whether `ModelRunner.finish` returns without waiting for a device."""
+        return self.pending is None or self.pending.ready
+
+
 class ModelRunner:
-    """A batch of rows -> one outcome per row (a float32 numpy vector, or the exception that row raised)."""
+    """A batch of rows -> one outcome per row (a float32 numpy vector, or the exception that row raised).
+    `launch` then `finish`, so that an engine can launch the next batch while a device still runs this one;
+    `run` does both."""
 
     def __init__(self, model):
         self.model = model
@@ -70,35 +90,60 @@ class ModelRunner:
 
     def run(self, rows: list[EmbeddingRow], collated) -> tuple[list[RowOutcome], ForwardTimes]:
         """One forward (or, if it fails, one per row). Returns (outcomes, its times)."""
+        return self.finish(self.launch(rows, collated))
+
+    def launch(self, rows: list[EmbeddingRow], collated) -> LaunchedForward:
+        """Queue one forward over `rows`; if it fails, run them one by one (each row's error its own)."""
         started, cpu = time.perf_counter(), time.thread_time()
-        outcomes = self._run(rows, collated)
-        return outcomes, ForwardTimes(time.perf_counter() - started, time.thread_time() - cpu)
-
-    def _run(self, rows: list[EmbeddingRow], collated) -> list[RowOutcome]:
-        try:
-            if collated is not None:
-                return self._embed(rows, collated)
-        except Exception as exc:
-            if len(rows) == 1:
-                return [exc]
-            log.warning("batch of %d rows failed (%s); retrying rows one by one", len(rows), exc)
-        outcomes = []
-        for row in rows:
+        pending, outcomes = None, None
+        if collated is None:  # collation failed: each row's error is its own
+            outcomes = [self._alone(row) for row in rows]
+        else:
             try:
-                outcomes.extend(self._embed([row], None))
-            except Exception as exc:  # noqa: BLE001 - isolated to this row
-                outcomes.append(exc)
-        return outcomes
+                pending = self.model.launch_prepared([row.prepared for row in rows],
+                                                     [row.multivector for row in rows], collated=collated)
+            except Exception as exc:  # noqa: BLE001 - isolated below
+                if len(rows) == 1:
+                    outcomes = [exc]
+                else:
+                    log.warning("batch of %d rows failed (%s); retrying rows one by one", len(rows), exc)
+                    outcomes = [self._alone(row) for row in rows]
+        return LaunchedForward(rows, pending, outcomes, time.perf_counter() - started, time.thread_time() - cpu)
 
-    def _embed(self, rows: list[EmbeddingRow], collated) -> list[RowOutcome]:
-        vectors = self.model.embed_prepared([row.prepared for row in rows], [row.multivector for row in rows],
-                                            collated=collated)
-        out = []
+    def finish(self, launched: LaunchedForward) -> tuple[list[RowOutcome], ForwardTimes]:
+        """Wait for a launched forward's vectors -> (one outcome per row, the forward's times). The forward's
+        seconds are its device time where the device reports it (a GPU), else the launch's wall time."""
+        device_seconds = None
+        if launched.outcomes is not None:
+            outcomes = launched.outcomes
+        else:
+            try:
+                outcomes = self._finished(launched.rows, launched.pending.result())
+                device_seconds = launched.pending.device_seconds()
+            except Exception as exc:  # noqa: BLE001 - a device error surfacing at the wait: every row has it
+                outcomes = [exc] * len(launched.rows)
+        seconds = launched.seconds if device_seconds is None else device_seconds
+        return outcomes, ForwardTimes(seconds, launched.thread_cpu_seconds)
+
+    def _alone(self, row: EmbeddingRow) -> RowOutcome:
+        """One row's own forward, when its batch's failed: its error is its own."""
+        try:
+            return self._finished([row], self.model.embed_prepared([row.prepared], [row.multivector]))[0]
+        except Exception as exc:  # noqa: BLE001 - isolated to this row
+            return exc
+
+    def _finished(self, rows: list[EmbeddingRow], vectors: list) -> list[RowOutcome]:
+        """The model's per-row outputs -> what a row's request gets: its matryoshka size, as numpy. A row's
+        error (a non-finite vector, a size it cannot have) is its request's only."""
+        out: list[RowOutcome] = []
         for row, vector in zip(rows, vectors, strict=True):
-            if isinstance(vector, Exception):  # this row's own error (a non-finite vector): its request only
+            if isinstance(vector, Exception):
                 out.append(vector)
                 continue
-            if not row.multivector and row.dimensions is not None:
-                vector = self.model.truncate(vector, row.dimensions)
-            out.append(vector.float().numpy())
+            try:
+                if not row.multivector and row.dimensions is not None:
+                    vector = self.model.truncate(vector, row.dimensions)
+                out.append(vector.float().numpy())
+            except Exception as exc:  # noqa: BLE001 - this row's own
+                out.append(exc)
         return out

@@ -251,10 +251,13 @@ def test_an_item_error_raised_by_the_model_reaches_its_client_as_that_items_erro
         def __getattr__(self, name):
             return getattr(tiny_model, name)
 
-        def embed_prepared(self, rows, return_multivector=False, collated=None):
+        def launch_prepared(self, rows, return_multivector=False, collated=None):
             if any(row.index == 1 for row in rows):
                 raise item_error(1, "the forward refused this row", field="image_embeds")
-            return tiny_model.embed_prepared(rows, return_multivector, collated=collated)
+            return tiny_model.launch_prepared(rows, return_multivector, collated=collated)
+
+        def embed_prepared(self, rows, return_multivector=False, collated=None):
+            return self.launch_prepared(rows, return_multivector, collated).result()
 
     runner = ModelRunner(FailsOnRowOne())
     rows = [EmbeddingRow.of(tiny_model.processor.prepare_item(text, index=i), multivector=False, dimensions=None)
@@ -265,6 +268,108 @@ def test_an_item_error_raised_by_the_model_reaches_its_client_as_that_items_erro
     error = _row_error(SimpleNamespace(position=3), outcomes[1])
     assert (error.status, error.param, error.code) == (400, "input[3].image_embeds", "invalid_input")
     assert "the forward refused this row" in str(error)
+
+
+class DeviceLike:
+    """The tiny model as a GPU would run it: a launch returns at once, and the vectors can be read only after
+    the test opens that forward's gate (its device work ending). `events` is what happened, in order."""
+
+    def __init__(self, model):
+        self.model, self.events, self.gates = model, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def launch_prepared(self, rows, return_multivector=False, collated=None):
+        number = len(self.gates)
+        gate = threading.Event()
+        self.gates.append(gate)
+        self.events.append(("launch", number))
+        return GatedOutcomes(self.model.launch_prepared(rows, return_multivector, collated), gate, self.events,
+                             number)
+
+
+class GatedOutcomes:
+    def __init__(self, pending, gate, events, number, fails=None):
+        self.pending, self.gate, self.events, self.number, self.fails = pending, gate, events, number, fails
+
+    @property
+    def ready(self):
+        return self.gate.is_set()
+
+    def result(self):
+        assert self.gate.wait(30), "the test never opened this forward's gate"
+        self.events.append(("read", self.number))
+        if self.fails is not None:
+            raise self.fails
+        return self.pending.result()
+
+    def device_seconds(self):
+        return 0.25
+
+
+def _rows(model, texts):
+    return [EmbeddingRow.of(model.processor.prepare_item(t, index=i), multivector=False, dimensions=None)
+            for i, t in enumerate(texts)]
+
+
+def test_the_next_forward_launches_while_the_device_still_runs_the_last(tiny_model):
+    from serve.engine.child import Forward, Part, run_forwards
+
+    model = DeviceLike(tiny_model)
+    runner = ModelRunner(model)
+    texts = [["a cat", "a dog"], ["the mat"]]
+    forwards = [Forward([Part(0, n, len(t))], _rows(tiny_model, t), runner.collate(_rows(tiny_model, t)), 0.0)
+                for n, t in enumerate(texts)]
+
+    class Turns:  # the batches, then STOP; nothing else received meanwhile
+        received = ()
+
+        def next_batch(self):
+            return forwards.pop(0) if forwards else STOP
+
+    class Link:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, message):
+            self.sent.append(message)
+
+    link = Link()
+    loop = threading.Thread(target=run_forwards, args=(Turns(), runner, [link]))
+    loop.start()
+    deadline = time.monotonic() + 30
+    while len(model.events) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    launched_before_reading = list(model.events)
+    for gate in model.gates:
+        gate.set()
+    while len(model.gates) < 2 and time.monotonic() < deadline:  # a serial loop launches the second only now
+        time.sleep(0.01)
+    for gate in model.gates:
+        gate.set()
+    loop.join(30)
+    assert launched_before_reading == [("launch", 0), ("launch", 1)]
+    assert not loop.is_alive()
+    replies = {request_id: result for request_id, ok, result, _ in link.sent}
+    assert sorted(replies) == [0, 1]
+    for n, t in enumerate(texts):
+        for got, text in zip(replies[n].outcomes, t, strict=True):
+            assert_close(got, reference(tiny_model, text))
+        assert replies[n].forward_seconds == 0.25  # the device's time for the forward, not the launch's
+
+
+def test_a_device_error_at_the_wait_is_every_row_of_that_forward(tiny_model):
+    class Faulty(DeviceLike):
+        def launch_prepared(self, rows, return_multivector=False, collated=None):
+            gate = threading.Event()
+            gate.set()
+            return GatedOutcomes(None, gate, self.events, 0, fails=RuntimeError("CUDA error: an illegal memory access"))
+
+    runner = ModelRunner(Faulty(tiny_model))
+    rows = _rows(tiny_model, ["a", "b"])
+    outcomes, _ = runner.finish(runner.launch(rows, runner.collate(rows)))
+    assert [str(o) for o in outcomes] == ["CUDA error: an illegal memory access"] * 2
 
 
 # ---------------------------------------------------------------- who reads the request pipe (pure threading)

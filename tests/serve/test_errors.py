@@ -281,7 +281,7 @@ def test_a_failing_batch_is_retried_row_by_row(start_server, server_model_factor
     validation missed): the batch is retried row by row, the other clients' rows in that batch succeed with
     the right vectors, and only the client that sent the bad row gets an error."""
     model = server_model_factory()
-    real_embed = model.embed_prepared
+    real_launch = model.launch_prepared
     poison = model.processor.tokenizer(POISON, add_special_tokens=False)["input_ids"]
     batches: list[tuple[int, bool]] = []
 
@@ -289,14 +289,17 @@ def test_a_failing_batch_is_retried_row_by_row(start_server, server_model_factor
         ids = [int(i) for i in row.input_ids]
         return any(ids[i:i + len(poison)] == poison for i in range(len(ids) - len(poison) + 1))
 
-    def embed_prepared(rows, return_multivector=False, **kwargs):
+    def launch_prepared(rows, return_multivector=False, **kwargs):  # a batch's forward
         bad = any(has_poison(r) for r in rows)
         batches.append((len(rows), bad))
         if bad:
             raise RuntimeError("the forward pass failed on one row (fault injected by the test)")
-        return real_embed(rows, return_multivector, **kwargs)
+        return real_launch(rows, return_multivector, **kwargs)
 
-    model.embed_prepared = embed_prepared
+    def embed_prepared(rows, return_multivector=False, **kwargs):  # a row retried alone
+        return launch_prepared(rows, return_multivector, **kwargs).result()
+
+    model.launch_prepared, model.embed_prepared = launch_prepared, embed_prepared
     slow = start_server(model=model, max_wait_ms=400, max_batch_tokens=100_000, max_batch_size=1000)
     try:
         texts = [f"good client {i}" for i in range(6)]
