@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from ..rows import BatchResult, EmbeddingRow, ForwardShape, ForwardTimes
 from .framing import write_frame
-from .runner import ModelRunner, load_model_for, prepare_for_serving
+from .runner import LaunchedForward, ModelRunner, load_model_for, prepare_for_serving
 
 log = logging.getLogger("serve.engine")
 
@@ -186,7 +186,8 @@ def _replies(forward: Forward, finished: tuple[list, ForwardTimes], stats: dict)
     return replies
 
 
-def _finish_and_send(runner: ModelRunner, links: list[Link], forward: Forward, launched, stats: dict) -> None:
+def _finish_and_send(runner: ModelRunner, links: list[Link], forward: Forward, launched: LaunchedForward,
+                     stats: dict) -> None:
     _send_all(links, _replies(forward, runner.finish(launched), stats))
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..rows import EmbeddingRow, ForwardTimes, RowOutcome
 
@@ -56,13 +57,25 @@ def prepare_for_serving(model, settings) -> None:
     model.embed_prepared([row], False, collated=model.collate_rows([row]))
 
 
+class PendingVectors(Protocol):
+    """What a model's `launch_prepared` returns (the model's `PendingOutcomes`, the stand-in's
+    `WaitedOutcomes`)."""
+
+    @property
+    def ready(self) -> bool: ...  # whether result() returns without waiting for a device
+
+    def result(self) -> list: ...  # one vector (torch) or error per row, once on the host
+
+    def device_seconds(self) -> float | None: ...  # the device's time for it, where the device reports one
+
+
 @dataclass
 class LaunchedForward:
     """A batch's forward, launched: its rows and either the pending outputs or, when the batch forward failed
     and its rows were run one by one, their outcomes already."""
 
     rows: list[EmbeddingRow]
-    pending: object | None  # the model's PendingOutcomes
+    pending: PendingVectors | None
     outcomes: list[RowOutcome] | None
     seconds: float  # wall time of the launch
     thread_cpu_seconds: float  # the launching thread's CPU time: what it held the GIL for, at most
