@@ -81,13 +81,23 @@ def wait_for_replicas(url: str, n: int, proc=None, log=None, timeout: float = 40
     raise AssertionError(f"{n} healthy replicas did not show up; last /health: {body}")
 
 
-def adapters_per_replica(url: str, tries: int = 40) -> dict[str, list[str]]:
-    """Ask the admin list route until both replicas answered: {replica id: adapter names}."""
+def adapters_per_replica(url: str, replicas: set[str] | None = None, tries: int = 40,
+                         seconds: float = 120) -> dict[str, list[str]]:
+    """Ask the admin list route `tries` times, and on until every replica in `replicas` (default: any two)
+    answered or `seconds` passed: the proxy routes to a new replica a while after it reports healthy.
+    Returns {replica id: its last answer's adapter names}."""
     seen: dict[str, list[str]] = {}
-    for _ in range(tries):
+    deadline = time.monotonic() + seconds
+
+    def all_answered() -> bool:
+        return set(seen) >= replicas if replicas else len(seen) >= 2
+
+    asked = 0
+    while asked < tries or (not all_answered() and time.monotonic() < deadline):
         response = httpx.get(url + "/v1/internal/lora", headers=ADMIN, timeout=30)
         assert response.status_code == 200, response.text
         seen[response.headers["x-nova-replica"]] = sorted(a["lora_name"] for a in response.json()["data"])
+        asked += 1
     return seen
 
 
@@ -182,5 +192,5 @@ def test_killed_replica_loses_no_retried_request_and_its_replacement_loads_the_a
     assert len(results) > 10
     for got in results:
         assert cosines(got, want).min() >= 0.9999
-    seen = adapters_per_replica(ray_server)
+    seen = adapters_per_replica(ray_server, set(health["replicas"]))
     assert set(seen) == set(health["replicas"]) and all("later" in names for names in seen.values()), seen
