@@ -20,10 +20,10 @@ in-process reference: `encode()` of the same sentences at its best batch size. R
 this one run.
 
 With `--stand-in-ms MS` the server's forward is replaced by a fixed-cost wait that releases the GIL
-(serve/stand_in.py): the pipeline as a GPU would see it, on any machine. Its reference is then the forward's
-own capacity (rows per batch budget / cost of a full batch), and the stand-in's counts are printed per rate:
-what the model found at the end of each forward (the next batch collated, being collated, only queued rows,
-nothing).
+(serve/stand_in.py): the pipeline as a GPU would see it, on any machine (an asynchronous device, unless
+`--stand-in-waits`). Its reference is then the forward's own capacity (rows per batch budget / cost of a full
+batch), and the stand-in's counts are printed per rate: what the model found at the end of each forward (the
+next forward launched behind it, the next batch collated, being collated, only queued rows, nothing).
 
 Usage:
     .venv/bin/python bench/bench_load.py                          # tiny checkpoint, `nova serve` started here
@@ -236,9 +236,8 @@ def measure_rate(clients: OpenLoopClients, url: str, rate: float, duration: floa
     activity = server_activity(before, after, max(window, duration))
     stand_in = None
     if "nova_stand_in_forwards_total" in after:
-        stand_in = {key: after[f'nova_stand_in_forward_ends_total{{next_batch="{key}"}}']
-                    - before[f'nova_stand_in_forward_ends_total{{next_batch="{key}"}}']
-                    for key in ("ready", "collating", "queued", "empty")}
+        ends = [key for key in after if key.startswith("nova_stand_in_forward_ends_total{")]  # per next_batch
+        stand_in = {key.split('"')[1]: after[key] - before[key] for key in ends}
         stand_in["busy"] = (after["nova_stand_in_busy_seconds_total"]
                             - before["nova_stand_in_busy_seconds_total"]) / max(window, duration)
     return RatePoint(
@@ -289,7 +288,7 @@ def sweep(clients: OpenLoopClients, url: str, args, server_pid: int | None) -> l
 
 def header() -> str:
     return (f"{'rate':>7} {'offered':>8} {'answered':>9} {'p50 ms':>8} {'p99 ms':>9} {'errors':>6} {'rows/b':>7} "
-            f"{'busy':>5} {'fwd CPU':>8} {'srv CPU':>8} {'client CPU':>14} {'late ms':>8}  stand-in ends: ready/collating/queued/empty")
+            f"{'busy':>5} {'fwd CPU':>8} {'srv CPU':>8} {'client CPU':>14} {'late ms':>8}  stand-in forward ends")
 
 
 def row(p: RatePoint) -> str:
@@ -297,8 +296,8 @@ def row(p: RatePoint) -> str:
     limit = "  CLIENT-BOUND" if p.client_cpu_max > 0.8 or p.most_late_ms > LATE_MS else ""
     ends = ""
     if p.stand_in is not None:
-        ends = (f"  {p.stand_in['ready']:.0f}/{p.stand_in['collating']:.0f}/{p.stand_in['queued']:.0f}/"
-                f"{p.stand_in['empty']:.0f} (busy {p.stand_in['busy']:.0%})")
+        counts = " ".join(f"{state} {n:.0f}" for state, n in p.stand_in.items() if state != "busy")
+        ends = f"  {counts} (busy {p.stand_in['busy']:.0%})"
     return (f"{p.rate:7.1f} {p.offered:8.1f} {p.answered:9.1f} {p.p50_ms:8.1f} {p.p99_ms:9.1f} {p.errors:6d} "
             f"{p.rows_per_batch:7.1f} {p.model_busy:5.0%} {p.model_thread_cpu_ms:6.2f}ms {server_cpu} {p.client_cpu_cores:5.2f} (max {p.client_cpu_max:.2f})"
             f" {p.most_late_ms:8.1f}{ends}{limit}")
@@ -314,7 +313,9 @@ def start_server(args, port: int) -> subprocess.Popen:
               *(["--max-wait-ms", str(args.max_wait_ms)] if args.max_wait_ms is not None else [])]
     if args.stand_in_ms is not None:
         cmd = [sys.executable, "-m", "serve.stand_in", args.model_dir, "--stand-in-ms", str(args.stand_in_ms),
-               "--stand-in-row-ms", str(args.stand_in_row_ms), *common]
+               "--stand-in-row-ms", str(args.stand_in_row_ms), "--stand-in-launch-ms", str(args.stand_in_launch_ms),
+               *(["--stand-in-waits"] if args.stand_in_waits else []),
+               *common]
     else:
         cmd = [sys.executable, "-m", "nova.cli", "serve", args.model_dir, "--trust-remote-code", *common,
                "--device", args.device, *(["--engine", args.engine] if args.engine else []),
@@ -396,6 +397,10 @@ def main() -> int:
     parser.add_argument("--stand-in-ms", type=float, default=None,
                         help="serve a stand-in forward of this fixed cost per batch (serve/stand_in.py)")
     parser.add_argument("--stand-in-row-ms", type=float, default=0.0, help="the stand-in's cost per row")
+    parser.add_argument("--stand-in-launch-ms", type=float, default=0.0,
+                        help="the stand-in's host work per launch, holding the GIL (default: %(default)s)")
+    parser.add_argument("--stand-in-waits", action="store_true",
+                        help="the stand-in's launch waits for its forward (default: queued on an asynchronous device)")
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="server --max-batch-size, the row budget (default: the server's own)")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="server --max-wait-ms")

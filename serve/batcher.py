@@ -9,9 +9,10 @@
   being tokenized (`preparing`) are worth a short grace (a quarter of the measured batch time, at most 50 ms),
   so that clients answered together do not split into alternating small and large batches.
 - While the model is busy, rows gather; the next batch is taken shortly before the running one is predicted to
-  end (the prediction is the cost model's, the lead the measured collation time plus how late this event loop
-  has been running the batcher's timed wake-ups, `WakeLateness`), so that it is collated while the current one
-  runs and the model never waits for the host, even when a loaded event loop wakes the batcher late.
+  end (the prediction is the cost model's, the lead the measured collation time, plus on a GPU the measured
+  launch time, plus how late this event loop has been running the batcher's timed wake-ups, `WakeLateness`),
+  so that it is collated (and launched, on a GPU) while the current one runs and the model never waits for
+  the host, even when a loaded event loop wakes the batcher late.
 - Padding is paid for: when the rows at hand differ a lot in length, the candidate batch is split into
   length-sorted groups where that is cheaper under a cost model `seconds = a + b x padded_tokens (+ c x
   adapters)` fitted online to the measured batches (cost_model.py); the group holding the oldest row runs
@@ -275,10 +276,10 @@ class Batcher:
             return deadline
         if not self.dispatcher.has_room():
             return math.inf  # a batch is already collated and waiting: gather until the model takes it
-        # one batch running: take the next so that it is collated just before the model frees up, allowing for a
+        # one batch running: take the next so that it is ready just before the model frees up, allowing for a
         # late wake-up, but never before half of the running batch's time (its rows would miss the next batch)
         early = min(self.lateness.allowance(), 0.5 * self._batch_seconds)
-        return self.dispatcher.expected_free_at() - self.dispatcher.collate_lead() - early
+        return self.dispatcher.expected_free_at() - self.dispatcher.host_lead() - early
 
     async def _loop(self) -> None:
         assert self._wakeup is not None

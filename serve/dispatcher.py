@@ -2,7 +2,7 @@
 or threads of this one) and its results back to the batcher.
 
 Two batches at most are in flight at once: one running and the next one being collated (or collated and
-waiting), so that the forward never waits for host-side work. The engine returns float32 numpy vectors,
+waiting; on a GPU, launched behind the running one), so that the forward never waits for host-side work. The engine returns float32 numpy vectors,
 matryoshka-truncated, with one device-to-host copy per batch; response encoding happens in the HTTP layer's
 worker pool.
 
@@ -46,7 +46,8 @@ class Dispatcher:
             lambda batch, outcomes, result, elapsed: None)
         self._in_flight = 0  # batches collating, waiting or running
         self._busy_until = 0.0  # predicted end of the last batch handed to the engine (monotonic)
-        self._collate_seconds = 0.0
+        self._collate_seconds = 0.0  # smoothed, as the engine reports them
+        self._launch_seconds = 0.0  # launches that ran ahead of a device (a GPU's); 0 on a CPU
         self._tasks: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ state the batcher paces on
@@ -62,8 +63,11 @@ class Dispatcher:
         predicted forward time after the previous one's end (one model thread, first in first out)."""
         return self._busy_until
 
-    def collate_lead(self) -> float:
-        return self._collate_seconds + 0.001
+    def host_lead(self) -> float:
+        """How long before the model frees up the next batch must be handed over for the model not to wait:
+        its collation, plus, where launches run ahead of a device, its launch (a GPU's eager forward launches
+        thousands of kernels, tens of milliseconds of host work, while the device runs the previous one)."""
+        return self._collate_seconds + self._launch_seconds + 0.001
 
     # ------------------------------------------------------------------ running batches
 
@@ -71,7 +75,7 @@ class Dispatcher:
         """Start collating `batch` now and run it when the model thread is free (returns at once)."""
         self._in_flight += 1
         now = time.monotonic()
-        self._busy_until = max(self._busy_until, now + self.collate_lead()) + predicted_seconds
+        self._busy_until = max(self._busy_until, now + self.host_lead()) + predicted_seconds
         task = asyncio.create_task(self._process(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -81,7 +85,8 @@ class Dispatcher:
         result = None
         try:
             result = await self.engine.embed([queued.row for queued in batch])
-            self._collate_seconds = 0.8 * self._collate_seconds + 0.2 * result.collate_seconds
+            self._collate_seconds = _smoothed(self._collate_seconds, result.collate_seconds)
+            self._launch_seconds = _smoothed(self._launch_seconds, result.launch_seconds)
             elapsed = result.forward_seconds
             outcomes = [_row_error(queued.row, o) if isinstance(o, Exception) else o
                         for queued, o in zip(batch, result.outcomes, strict=True)]
@@ -104,6 +109,10 @@ class Dispatcher:
             task.cancel()
         if self.engine is not None:
             await self.engine.stop()
+
+
+def _smoothed(mean: float, seconds: float) -> float:
+    return seconds if not mean else 0.8 * mean + 0.2 * seconds
 
 
 def _row_error(row: EmbeddingRow, exc: Exception) -> Exception:

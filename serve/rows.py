@@ -80,10 +80,14 @@ class ForwardTimes:
     elsewhere the launch's wall time), and CPU seconds of the thread that launched it. On a GPU that is the
     host work the launching thread does per batch, the time it needs Python's GIL (the wait for the vectors
     happens on another thread); with the stand-in it is that work plus the synthesis of its vectors; on a
-    CPU it is the forward's own compute (OpenMP's other threads not counted)."""
+    CPU it is the forward's own compute (OpenMP's other threads not counted). `launch_seconds`: the launch's
+    wall time when the device still ran the forward as the launch returned (a GPU): host work that must end
+    before the device frees up, or the device waits for the next forward; 0 when the launch returned with the
+    vectors (a CPU, whose launch is the forward)."""
 
     seconds: float
     thread_cpu_seconds: float
+    launch_seconds: float = 0.0
 
 
 @dataclass
@@ -96,6 +100,7 @@ class BatchResult:
     forward_seconds: float
     forward: ForwardShape | None = None
     forward_cpu_seconds: float = 0.0  # the launching thread's CPU time for the forward (ForwardTimes)
+    launch_seconds: float = 0.0  # the launch's wall time, where it ran ahead of the device (ForwardTimes)
 
     def __reduce__(self):
         """Across the model process's pipe, a batch whose outcomes are all vectors of one shape (the usual
@@ -106,7 +111,7 @@ class BatchResult:
                             for o in outcomes):
             outcomes = _StackedRows(np.stack(outcomes))
         return (_batch_result, (outcomes, self.collate_seconds, self.forward_seconds, self.forward,
-                                self.forward_cpu_seconds))
+                                self.forward_cpu_seconds, self.launch_seconds))
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,7 @@ class _StackedRows:
 
 
 def _batch_result(outcomes, collate_seconds: float, forward_seconds: float, forward,
-                  forward_cpu_seconds: float) -> BatchResult:
+                  forward_cpu_seconds: float, launch_seconds: float) -> BatchResult:
     if isinstance(outcomes, _StackedRows):
         outcomes = list(outcomes.array)
-    return BatchResult(outcomes, collate_seconds, forward_seconds, forward, forward_cpu_seconds)
+    return BatchResult(outcomes, collate_seconds, forward_seconds, forward, forward_cpu_seconds, launch_seconds)

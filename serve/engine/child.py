@@ -180,7 +180,7 @@ def _replies(forward: Forward, finished: tuple[list, ForwardTimes], stats: dict)
     replies, start = [], 0
     for part in forward.parts:
         result = BatchResult(outcomes[start:start + part.rows], forward.collate_seconds, times.seconds, shape,
-                             times.thread_cpu_seconds)
+                             times.thread_cpu_seconds, times.launch_seconds)
         replies.append((part.link, (part.request_id, True, result, stats)))
         start += part.rows
     return replies

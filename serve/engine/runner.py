@@ -79,6 +79,7 @@ class LaunchedForward:
     outcomes: list[RowOutcome] | None
     seconds: float  # wall time of the launch
     thread_cpu_seconds: float  # the launching thread's CPU time: what it held the GIL for, at most
+    ahead: bool = False  # the device still ran the forward when the launch returned
 
     @property
     def ready(self) -> bool:
@@ -121,7 +122,9 @@ class ModelRunner:
                 else:
                     log.warning("batch of %d rows failed (%s); retrying rows one by one", len(rows), exc)
                     outcomes = [self._alone(row) for row in rows]
-        return LaunchedForward(rows, pending, outcomes, time.perf_counter() - started, time.thread_time() - cpu)
+        launched = LaunchedForward(rows, pending, outcomes, time.perf_counter() - started, time.thread_time() - cpu)
+        launched.ahead = not launched.ready
+        return launched
 
     def finish(self, launched: LaunchedForward) -> tuple[list[RowOutcome], ForwardTimes]:
         """Wait for a launched forward's vectors -> (one outcome per row, the forward's times). The forward's
@@ -136,7 +139,7 @@ class ModelRunner:
             except Exception as exc:  # noqa: BLE001 - a device error surfacing at the wait: every row has it
                 outcomes = [exc] * len(launched.rows)
         seconds = launched.seconds if device_seconds is None else device_seconds
-        return outcomes, ForwardTimes(seconds, launched.thread_cpu_seconds)
+        return outcomes, ForwardTimes(seconds, launched.thread_cpu_seconds, launched.seconds if launched.ahead else 0.0)
 
     def _alone(self, row: EmbeddingRow) -> RowOutcome:
         """One row's own forward, when its batch's failed: its error is its own."""

@@ -120,6 +120,41 @@ def test_an_idle_model_takes_a_lone_row_at_once_and_a_busy_one_paces_on_its_pred
     assert math.isinf(batcher._take_at())
 
 
+def test_where_launches_run_ahead_of_a_device_the_next_batch_is_taken_earlier_by_the_launch_time():
+    """On a GPU a forward's launch is host work that must end before the running forward does: the engine
+    reports it (`launch_seconds`, 0 on a CPU, whose launch is the forward) and the lead grows by it."""
+    import asyncio
+    import time
+
+    import numpy as np
+
+    from serve.rows import BatchResult
+
+    batcher = _batcher()
+    dispatcher = batcher.dispatcher
+    dispatcher.on_batch_done = lambda batch, outcomes, result, elapsed: None
+
+    class Engine:
+        launch_seconds = 0.0
+
+        async def embed(self, rows):
+            return BatchResult([np.zeros(4, np.float32)] * len(rows), 0.01, 0.2, launch_seconds=self.launch_seconds)
+
+    dispatcher.engine = Engine()
+
+    async def one_batch():
+        await dispatcher._process([SimpleNamespace(row=SimpleNamespace(position=0))])
+
+    asyncio.run(one_batch())  # a CPU's forward: the lead is the collation's
+    dispatcher._in_flight, dispatcher._busy_until = 1, time.monotonic() + 0.5
+    assert abs(batcher._take_at() - (dispatcher._busy_until - 0.011)) < 1e-9
+    dispatcher.engine.launch_seconds = 0.04
+    dispatcher._in_flight = 0
+    asyncio.run(one_batch())  # a launch that returned while the device still ran the forward
+    dispatcher._in_flight, dispatcher._busy_until = 1, time.monotonic() + 0.5
+    assert abs(batcher._take_at() - (dispatcher._busy_until - 0.051)) < 1e-9
+
+
 def test_a_busy_model_takes_the_next_batch_earlier_by_how_late_the_batcher_wakes():
     """The event loop ran the batcher's timers late: the next batch is taken earlier by the smoothed lateness,
     never earlier than half of a batch's time before the collation lead."""

@@ -357,6 +357,52 @@ def test_the_next_forward_launches_while_the_device_still_runs_the_last(tiny_mod
         for got, text in zip(replies[n].outcomes, t, strict=True):
             assert_close(got, reference(tiny_model, text))
         assert replies[n].forward_seconds == 0.25  # the device's time for the forward, not the launch's
+    assert replies[0].launch_seconds > 0  # returned before its forward ended (the second launch came first)
+
+
+def test_the_thread_engine_launches_the_next_forward_while_the_device_still_runs_the_last(tiny_model):
+    """The engine of a model handed to the server (Ray Serve replicas, --engine thread) launches ahead too."""
+    import asyncio
+
+    from serve.engine import ThreadEngine
+
+    model = DeviceLike(tiny_model)
+    engine = ThreadEngine(model)
+    texts = [["a cat", "a dog"], ["the mat"]]
+
+    async def two_batches():
+        batches = [asyncio.create_task(engine.embed(_rows(tiny_model, t))) for t in texts]
+        deadline = time.monotonic() + 30
+        while len(model.events) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        launched = list(model.events)
+        for gate in model.gates:
+            gate.set()
+        while len(model.gates) < 2 and time.monotonic() < deadline:  # a serial engine launches the second now
+            await asyncio.sleep(0.01)
+        for gate in model.gates:
+            gate.set()
+        results = await asyncio.gather(*batches)
+        await engine.stop()
+        return launched, results
+
+    launched_before_reading, results = asyncio.run(two_batches())
+    assert launched_before_reading == [("launch", 0), ("launch", 1)]
+    for result, batch in zip(results, texts, strict=True):
+        for got, text in zip(result.outcomes, batch, strict=True):
+            assert_close(got, reference(tiny_model, text))
+        assert result.forward_seconds == 0.25  # the device's time for the forward
+    # the first launch returned before its forward ended (its gate opened after the second launch began), so
+    # the batcher leads by its time; the second's gate may open before its launch looks
+    assert results[0].launch_seconds > 0
+
+
+def test_a_cpu_forward_is_not_counted_as_a_launch_ahead(tiny_model):
+    """On a CPU the launch is the forward: the batcher must not take the next batch a whole forward early."""
+    runner = ModelRunner(tiny_model)
+    rows = _rows(tiny_model, ["a cat", "a dog"])
+    _, times = runner.run(rows, runner.collate(rows))
+    assert times.seconds > 0 and times.launch_seconds == 0.0
 
 
 def test_a_device_error_at_the_wait_is_every_row_of_that_forward(tiny_model):
