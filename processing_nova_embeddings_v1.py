@@ -8,6 +8,7 @@ the item itself. Without instructions the rendered ids are exactly Jina V4's.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
@@ -15,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 import jinja2
+import numpy as np
 import torch
 from PIL import Image
 from transformers import Qwen2Tokenizer, Qwen2VLImageProcessorPil
@@ -79,9 +81,16 @@ class PreparedItem:
 
     @property
     def content_end(self) -> int:
-        """One past the last token that is pooled or returned as a multi-vector row."""
-        used = [p or m for p, m in zip(self.pool_mask, self.multi_mask, strict=True)]
-        return len(used) - used[::-1].index(True) if True in used else len(used)
+        """One past the last token that is pooled or returned as a multi-vector row. Searched from the end
+        (a few tokens at most: an instructed text's closing markup), since collation asks it of every row."""
+        n = len(self.input_ids)
+        if len(self.pool_mask) != n or len(self.multi_mask) != n:
+            raise ValueError(f"item {self.index}: {n} tokens, but a pool mask of {len(self.pool_mask)} and a "
+                             f"multi-vector mask of {len(self.multi_mask)}")
+        for i in range(n - 1, -1, -1):
+            if self.pool_mask[i] or self.multi_mask[i]:
+                return i + 1
+        return n
 
     @property
     def has_image(self) -> bool:
@@ -590,12 +599,18 @@ class NovaEmbeddingsV1Processor:
         positions = torch.arange(width).unsqueeze(0)
         attended = positions < lengths.unsqueeze(1)
         spans = list(zip(rows, starts, ends, strict=True))
+        total = int(lengths.sum())
+
+        def concatenated(field: str, dtype) -> torch.Tensor:  # the rows' spans of one field, joined in C
+            values = itertools.chain.from_iterable(getattr(row, field)[a:b] for row, a, b in spans)
+            return torch.from_numpy(np.fromiter(values, dtype=dtype, count=total))
+
         input_ids = torch.full(attended.shape, self.pad_token_id, dtype=torch.long)
-        input_ids[attended] = torch.tensor([t for row, a, b in spans for t in row.input_ids[a:b]], dtype=torch.long)
+        input_ids[attended] = concatenated("input_ids", np.int64)
         pool_mask = torch.zeros(attended.shape, dtype=torch.bool)
-        pool_mask[attended] = torch.tensor([m for row, a, b in spans for m in row.pool_mask[a:b]], dtype=torch.bool)
+        pool_mask[attended] = concatenated("pool_mask", np.bool_)
         multi_mask = torch.zeros(attended.shape, dtype=torch.bool)
-        multi_mask[attended] = torch.tensor([m for row, a, b in spans for m in row.multi_mask[a:b]], dtype=torch.bool)
+        multi_mask[attended] = concatenated("multi_mask", np.bool_)
         attention_mask = attended.long()
         pixel_rows = [row for row in rows if row.pixel_values is not None]
         grids = [row.image_grid_thw for row in rows if row.has_image]

@@ -2,7 +2,9 @@
 (the batch's `EmbeddingRow`s) and the reply (`BatchResult`: one vector per row), each pickled on one side
 and unpickled on the other. The reply is timed as it travels (`BatchResult.__reduce__`: vectors of one shape
 as one array) and as it would travel with an array per row, in alternating rounds of one run; it prints
-microseconds per batch and their ratio.
+microseconds per batch and their ratio. Then the rest of the model process's host work on a request before
+its forward: collating it (`collate_rows`), without and with an instruction (whose cached prefix is left out),
+in CPU time of the calling thread (time the machine's other tenants take from it does not count).
 
 These costs are paid on the threads that also launch forwards (the model process) and run the event loop
 (the server process): on a GPU with a forward of a few milliseconds, every tenth of a millisecond here is a
@@ -50,11 +52,12 @@ def main() -> int:
     from nova.tiny import ensure_tiny_checkpoint
     from serve.rows import BatchResult, EmbeddingRow
 
-    processor = load_model(str(ensure_tiny_checkpoint()), trust_remote_code=True).processor
+    model = load_model(str(ensure_tiny_checkpoint()), trust_remote_code=True)
+    processor = model.processor
     words = "rivers mountains planets violins engines gardens castles oceans forests deserts harbors".split()
-    rows = [EmbeddingRow.of(processor.prepare_item(" ".join(words[(i + j) % len(words)] for j in range(15)),
-                                                   index=0), multivector=False, dimensions=None)
-            for i in range(args.rows)]
+    sentences = [" ".join(words[(i + j) % len(words)] for j in range(15)) for i in range(args.rows)]
+    rows = [EmbeddingRow.of(processor.prepare_item(sentence, index=0), multivector=False, dimensions=None)
+            for sentence in sentences]
     rng = np.random.default_rng(0)
     vectors = [rng.standard_normal(args.dim).astype(np.float32) for _ in range(args.rows)]
     reply = (0, True, BatchResult(vectors, 0.001, 0.005), None)
@@ -76,6 +79,19 @@ def main() -> int:
         print(f"{name:24} {dumps:9.1f} {loads:9.1f} {size:9d}")
     print(f"reply, one array / array per row (dumps + loads): "
           f"{medians['reply, one array'] / medians['reply, array per row']:.2f}x")
+    instructed = [processor.prepare_item(sentence, index=i,
+                                         instructions="Represent the query for retrieving relevant passages")
+                  for i, sentence in enumerate(sentences)]
+    batches = {"collate_rows, plain": [row.prepared for row in rows], "collate_rows, instructed": instructed}
+    collations: dict[str, list[float]] = {name: [] for name in batches}
+    for _ in range(args.rounds):
+        for name, items in batches.items():
+            started = time.thread_time()
+            for _ in range(args.repeats):
+                model.collate_rows(items)
+            collations[name].append((time.thread_time() - started) / args.repeats * 1e6)
+    for name in batches:
+        print(f"{name:24} {statistics.median(collations[name]):9.1f} us of CPU")
     return 0
 
 

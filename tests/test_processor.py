@@ -284,3 +284,39 @@ def test_template_layouts_kept_between_items_never_leak_into_other_items(tiny_di
     for item, instructions in items:
         fresh = AutoProcessor.from_pretrained(str(tiny_dir), trust_remote_code=True)
         assert prepared(seasoned, item, instructions) == prepared(fresh, item, instructions), (item, instructions)
+
+
+@pytest.mark.parametrize("drop_prefix", [False, True], ids=["whole", "cached-prefix-dropped"])
+def test_collation_places_each_rows_own_span_and_pads_the_rest(tiny_model, image, drop_prefix):
+    """The batch tensors, field by field, against each row's own lists: its span (from its prefix when that is
+    cached, to its last used token) left-aligned, padding after it, for rows of different lengths, with and
+    without instructions, text and image."""
+    processor = tiny_model.processor
+    rows = [processor.prepare_item("a short one", index=0),
+            processor.prepare_item("a much longer text, with many more tokens than the first", index=1,
+                                   instructions="Find passages about text"),
+            processor.prepare_item({"image": image}, index=2),
+            processor.prepare_item("mid-sized text here", index=3, instructions="Another instruction")]
+    batch = processor.collate(rows, drop_prefix=drop_prefix, pad_to_multiple_of=8)
+    assert batch.input_ids.shape[1] % 8 == 0
+    for i, row in enumerate(rows):
+        start = row.prefix_len if drop_prefix else 0
+        used = [k for k in range(row.num_tokens) if row.pool_mask[k] or row.multi_mask[k]]
+        end = used[-1] + 1
+        n = end - start
+        assert batch.input_ids[i, :n].tolist() == row.input_ids[start:end]
+        assert batch.pool_mask[i, :n].tolist() == row.pool_mask[start:end]
+        assert batch.multi_mask[i, :n].tolist() == row.multi_mask[start:end]
+        assert batch.attention_mask[i].tolist() == [1] * n + [0] * (batch.input_ids.shape[1] - n)
+        assert set(batch.input_ids[i, n:].tolist()) <= {processor.pad_token_id}
+        assert not batch.pool_mask[i, n:].any() and not batch.multi_mask[i, n:].any()
+    assert batch.prefix_lens == ([row.prefix_len for row in rows] if drop_prefix else None)
+
+
+def test_a_row_whose_masks_do_not_match_its_tokens_is_refused_by_name(tiny_model):
+    from dataclasses import replace
+
+    row = tiny_model.processor.prepare_item("hello world", index=3)
+    broken = replace(row, pool_mask=row.pool_mask[:-1])
+    with pytest.raises(ValueError, match=rf"item 3: {row.num_tokens} tokens, but a pool mask of {row.num_tokens - 1}"):
+        tiny_model.processor.collate([broken])
