@@ -2,9 +2,9 @@
 or threads of this one) and its results back to the batcher.
 
 Two batches at most are in flight at once: one running and the next one being collated (or collated and
-waiting; on a GPU, launched behind the running one), so that the forward never waits for host-side work. The engine returns float32 numpy vectors,
-matryoshka-truncated, with one device-to-host copy per batch; response encoding happens in the HTTP layer's
-worker pool.
+waiting; on a GPU, launched behind the running one), so that the forward never waits for host-side work. The
+engine returns float32 numpy vectors, matryoshka-truncated, with one device-to-host copy per batch; response
+encoding happens in the HTTP layer's worker pool.
 
 If a batch fails, the engine retries its rows one by one, so that one bad row never fails another client's
 rows; a row's item error is mapped to OpenAI's shape here (`errors.from_item_error`), naming the row's position

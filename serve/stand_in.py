@@ -16,9 +16,9 @@ measured. `asynchronous=False` (`--stand-in-waits`) makes the launch itself wait
 are on the host when its launch returns (the model on a CPU).
 
 At the end of each forward it records what the model would do next (`ForwardEnds`): run the next forward at
-once (already launched behind it, or collated and waiting for its launch), wait for one being collated, wait
-while rows sit in the batcher's queue, or idle with nothing to do. The middle two are the model waiting on
-the host with work available.
+once (already launched behind it, or collated and waiting for its launch), wait for one being launched or
+collated, wait while rows sit in the batcher's queue, or idle with nothing to do. All but the first two and
+the last are the model waiting on the host with work available.
 
 Serve it with `python -m serve.stand_in --stand-in-ms 5 --port 8080` (bench/bench_load.py does), or hand it to
 `serve.app.create_app(settings, model=StandInModel(...))`; the counts are exported on `/metrics` as
@@ -65,8 +65,9 @@ class ForwardCost:
 class ForwardEnds:
     """Counts taken at the end of each forward, by what was there for the model to run next:
     `launched`: the next forward, already queued on the device behind this one (an asynchronous stand-in);
-    `launching`: the next forward being launched (the device waits for the host's launch); `ready`: a batch already collated (the model goes on as soon as it is launched); `collating`: a batch taken
-    but still being collated; `queued`: rows waiting in the batcher, none taken; `empty`: nothing to run (no demand).
+    `launching`: the next forward being launched (the device waits for the host's launch); `ready`: a batch
+    already collated (the model goes on as soon as it is launched); `collating`: a batch taken but still being
+    collated; `queued`: rows waiting in the batcher, none taken; `empty`: nothing to run (no demand).
     `busy_seconds`: forward time; `waiting_seconds`: time from a forward's end to the next one's start after the
     ends that were not `empty` (the model idle while work existed)."""
 
