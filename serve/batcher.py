@@ -131,6 +131,7 @@ class Batcher:
         self.lateness = WakeLateness()
         metrics.watch_batch_cost(self.cost)
         metrics.watch_wake_lateness(self.lateness)
+        metrics.watch_host_lead(dispatcher.host_lead)
         self.preparing = 0  # rows of admitted requests still being decoded/tokenized
         self._stopping = False
         dispatcher.on_batch_done = self._batch_done

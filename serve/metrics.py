@@ -159,5 +159,18 @@ class Metrics:
 
         self.register(_Collector())
 
+    def watch_host_lead(self, host_lead) -> None:
+        """Export how long before the running forward's predicted end the next batch is handed over
+        (`Dispatcher.host_lead`: its collation, plus its launch where launches run ahead of a device)."""
+
+        class _Collector:
+            def collect(self):
+                yield GaugeMetricFamily("nova_batcher_host_lead_seconds", "how long before the running forward's "
+                                        "predicted end the next batch is handed to the model: its measured "
+                                        "collation, plus its launch where launches run ahead of a device (a GPU)",
+                                        value=host_lead())
+
+        self.register(_Collector())
+
     def render(self) -> bytes:
         return generate_latest(self.exposed)

@@ -153,6 +153,7 @@ def test_where_launches_run_ahead_of_a_device_the_next_batch_is_taken_earlier_by
     asyncio.run(one_batch())  # a launch that returned while the device still ran the forward
     dispatcher._in_flight, dispatcher._busy_until = 1, time.monotonic() + 0.5
     assert abs(batcher._take_at() - (dispatcher._busy_until - 0.051)) < 1e-9
+    assert b"nova_batcher_host_lead_seconds 0.051" in batcher.metrics.render()  # what operators see of it
 
 
 def test_a_busy_model_takes_the_next_batch_earlier_by_how_late_the_batcher_wakes():
