@@ -216,6 +216,7 @@ class RatePoint:
     client_cpu_max: float  # the busiest client process, in cores: near 1, the generator sets the pace
     most_late_ms: float
     stand_in: dict[str, float] | None
+    host_lead_ms: float | None = None  # the batcher's lead at the rate's end (nova_batcher_host_lead_seconds)
 
     @property
     def kept_up(self) -> bool:
@@ -250,7 +251,8 @@ def measure_rate(clients: OpenLoopClients, url: str, rate: float, duration: floa
                        if server_pid else None),
         client_cpu_cores=sum(run.cpu_s for run in runs) / max(window, duration),
         client_cpu_max=max(run.cpu_s / max(run.ended - run.started, duration) for run in runs),
-        most_late_ms=max(run.most_late_s for run in runs) * 1000, stand_in=stand_in)
+        most_late_ms=max(run.most_late_s for run in runs) * 1000, stand_in=stand_in,
+        host_lead_ms=after["nova_batcher_host_lead_seconds"] * 1000 if "nova_batcher_host_lead_seconds" in after else None)
 
 
 def sweep(clients: OpenLoopClients, url: str, args, server_pid: int | None) -> list[RatePoint]:
@@ -478,7 +480,8 @@ def main() -> int:
     half = min(kept, key=lambda p: abs(p.answered - top.answered / 2))
     print(f"\nsaturation: {top.answered:.1f} answered req/s (offered {top.offered:.1f}) = {top.answered / base:.3f}x "
           f"the reference ({base:.1f}/s, {base_how}); rows per batch {top.rows_per_batch:.1f} = "
-          f"{top.rows_per_batch / row_budget:.0%} of the row budget {row_budget}; model busy {top.model_busy:.0%}")
+          f"{top.rows_per_batch / row_budget:.0%} of the row budget {row_budget}; model busy {top.model_busy:.0%}"
+          + (f"; the batcher's lead {top.host_lead_ms:.2f} ms" if top.host_lead_ms is not None else ""))
     print(f"lone request (1 client, p50): {lone['p50_ms']:.1f} ms; p99 at {half.answered:.1f} req/s (about half of "
           f"saturation): {half.p99_ms:.1f} ms = {half.p99_ms / lone['p50_ms']:.2f}x it")
     for c, result in closed_points.items():

@@ -160,9 +160,12 @@ def server_summary(url: str) -> str:
     forwards = max(v["nova_model_forwards_total"], 1e-9)
     terms = {term: v.get('nova_batch_cost_seconds{term="' + term + '"}') for term in ("fixed", "per_token", "per_adapter")}
     fit = ", ".join(f"{term} {value * 1e3:.4g} ms" for term, value in terms.items() if value is not None)
+    lead = v.get("nova_batcher_host_lead_seconds")
     return (f"server over the run: {v['nova_model_forwards_total']:.0f} forwards, {v['nova_batch_rows_sum'] / forwards:.1f} "
             f"rows/forward, {v['nova_model_busy_seconds_total'] / forwards * 1e3:.1f} ms per forward; "
-            f"fitted cost: {fit or 'none (nothing is split)'}")
+            f"fitted cost: {fit or 'none (nothing is split)'}"
+            + (f"; the batcher's lead (collation, and a launch ahead of a device): {lead * 1e3:.2f} ms"
+               if lead is not None else ""))
 
 
 STAGES = (("prep", "nova_request_preparation_seconds"), ("queue", "nova_queue_wait_seconds"),
