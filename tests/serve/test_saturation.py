@@ -1,7 +1,8 @@
 """The serving pipeline at saturating open-loop load, with a stand-in for a GPU forward (serve/stand_in.py: a
 fixed cost per batch spent without the GIL, tokenization and collation real): batches carry the row budget,
-and whenever a forward ends with work waiting, the next batch is already collated (the model never waits on
-the host). Asserted as counts the stand-in takes at the end of each forward, never as timings.
+and whenever a forward ends with work waiting, the next one is already launched behind it (an asynchronous
+stand-in, as a GPU runs) or collated (a stand-in whose launch waits): the model never waits on the host.
+Asserted as counts the stand-in takes at the end of each forward, never as timings.
 
 Real server (uvicorn on 127.0.0.1), real HTTP clients: Poisson arrivals at twice the forward's capacity, sent
 at their times without waiting for answers."""
