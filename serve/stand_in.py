@@ -211,8 +211,7 @@ class StandInModel:
         with self._lock:
             if collated is not None:
                 self._collated -= 1
-            if self._last_end is not None and self._last_end_waiting:
-                self.ends.waiting_seconds += started - self._last_end
+            self._count_start(started)
         outcomes = self._outcomes(rows, return_multivector, collated)
         if not rows:
             return outcomes
@@ -230,8 +229,7 @@ class StandInModel:
             forward = self._device_queue.get()
             started = time.perf_counter()
             with self._lock:
-                if self._last_end is not None and self._last_end_waiting:
-                    self.ends.waiting_seconds += started - self._last_end
+                self._count_start(started)
             time.sleep(forward.cost_seconds)
             ended = time.perf_counter()
             forward.seconds = ended - started
@@ -263,6 +261,11 @@ class StandInModel:
             tokens = F.normalize(torch.cos(phase * projector).float(), dim=-1)  # [B, T, 128]
         multi_mask = batch.multi_mask.bool()
         return [tokens[i][multi_mask[i]] if want else pooled[i] for i, want in enumerate(wants)]
+
+    def _count_start(self, started: float) -> None:
+        """A forward starts (under the lock): the model's idle time since the last end counts if work existed."""
+        if self._last_end is not None and self._last_end_waiting:
+            self.ends.waiting_seconds += started - self._last_end
 
     def _count_end(self, rows: int, seconds: float, ended: float) -> None:
         queued = self.queued_rows() if self.queued_rows is not None else 0

@@ -122,9 +122,8 @@ class ModelRunner:
                 else:
                     log.warning("batch of %d rows failed (%s); retrying rows one by one", len(rows), exc)
                     outcomes = [self._alone(row) for row in rows]
-        launched = LaunchedForward(rows, pending, outcomes, time.perf_counter() - started, time.thread_time() - cpu)
-        launched.ahead = not launched.ready
-        return launched
+        return LaunchedForward(rows, pending, outcomes, time.perf_counter() - started, time.thread_time() - cpu,
+                               ahead=pending is not None and not pending.ready)
 
     def finish(self, launched: LaunchedForward) -> tuple[list[RowOutcome], ForwardTimes]:
         """Wait for a launched forward's vectors -> (one outcome per row, the forward's times). The forward's
