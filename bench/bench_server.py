@@ -14,8 +14,10 @@ Prints, on a mid-size random-weight config (`nova.tiny` size "small" unless --mo
 request in the plain OpenAI form (a RAG query, the OpenAI SDK in a loop), from 1 / 8 / 32 client threads
 (threads + httpx); it prints throughput as a ratio of in-process encode() of the same sentences, the server's
 CPU milliseconds per request beyond what encode() spends per sentence (from the server process's CPU time,
-which does not depend on the client), the load generator's own CPU use, and a lone request's latency next to
-encode() of that one sentence, measured in pairs (through httpx, and through curl where it is installed).
+which does not depend on the client) and split between the HTTP process and the model process, the load
+generator's own CPU use, and a lone request's latency next to encode() of that one sentence, measured in pairs
+(through httpx, and through curl where it is installed). Each side is measured after the other side's OpenMP
+workers have stopped spin-waiting (`settle()`).
 
 Both modes also print, from the server's /metrics: rows per batch, where a request's time goes (preparation,
 queue, inference, rendering), the share of the wall time the model spent in forwards, and the batch cost the
@@ -86,8 +88,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# OpenMP's workers (libgomp, torch's CPU backend) spin-wait after each parallel region before they sleep: after
+# an encode() of one sentence its process burns about 7 ms of CPU over the next 20 ms (measured on the 2-core
+# sandbox, bench/results/2026-12-03-cpu-closed-loop/README.md).
+SPIN_SETTLE_S = 0.05
+
+
+def settle() -> None:
+    """Wait out the last run's spinning OpenMP workers before the other side runs: with as many cores as threads,
+    a figure taken right after the other side's run carries the other side's spin-waits. Every measurement here
+    that follows a run of the other side (in-process, or the server's model process) starts with it."""
+    time.sleep(SPIN_SETTLE_S)
+
+
 def in_process(model, items: list[dict], batch_size: int) -> float:
     """items/s of model.encode() on `items`."""
+    settle()
     started = time.perf_counter()
     model.encode(items, batch_size=batch_size, show_progress=False)
     return len(items) / (time.perf_counter() - started)
@@ -132,18 +148,20 @@ def make_sentences(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(13, 17))) + "?" for _ in range(n)]
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process, all its threads, from /proc (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def server_cpu_seconds(pid: int) -> float:
     """User + system CPU time of the server: its process and its children (the model's engine process), all
     their threads, from /proc."""
-    total = 0.0
-    for proc in [pid, *_children(pid)]:
-        try:
-            with open(f"/proc/{proc}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    return sum(process_cpu_seconds(proc) for proc in [pid, *_children(pid)])
 
 
 def server_metrics(url: str) -> dict[str, float]:
@@ -237,6 +255,7 @@ def run_sentence_clients(url: str, sentences: list[str], concurrency: int, proce
     Several processes: one Python process of client threads shares one GIL, which on a GPU's throughput
     (thousands of requests a second) can pace the run instead of the server; the processes start their
     clocks together and the run lasts from the first start to the last end."""
+    settle()
     if processes == 1:
         timed = _client_threads(url, sentences, concurrency)
     else:
@@ -323,19 +342,23 @@ def curl_ms(url: str, sentence: str) -> float:
 def lone_pairs(url: str, model, sentences: list[str]) -> dict:
     """A lone request next to `encode()` of the same sentence, measured in pairs: each sentence is sent alone
     (httpx on an open connection, then curl where it is installed), then encoded in process, one right after
-    the other; the figures are medians of the per-pair differences. (Medians of two separate series, taken
-    a minute apart, moved by +-0.5 ms with this machine's load: as much as what they compared.)"""
+    the other (each after `settle()`); the figures are medians of the per-pair differences. (Medians of two
+    separate series, taken a minute apart, moved by +-0.5 ms with this machine's load: as much as what they
+    compared.)"""
     curl = shutil.which("curl") is not None
     httpx_ms, curl_ms_, encode_ms = [], [], []
     with httpx.Client(base_url=url, timeout=600) as http:
         http.get("/health")
         for sentence in sentences:
+            settle()
             started = time.perf_counter()
             response = http.post("/v1/embeddings", json={"input": sentence, "encoding_format": "base64"})
             httpx_ms.append((time.perf_counter() - started) * 1000)
             response.raise_for_status()
             if curl:
+                settle()
                 curl_ms_.append(curl_ms(url, sentence))
+            settle()
             started = time.perf_counter()
             model.encode([sentence], show_progress=False)
             encode_ms.append((time.perf_counter() - started) * 1000)
@@ -356,10 +379,12 @@ def sentence_rounds(url: str, pid: int, model, sentences: list[str], batch_size:
         r["inproc"] = in_process(model, sentences, batch_size)
         r["inproc_cpu_ms"] = (time.process_time() - cpu) * 1000 / len(sentences)
         for c in (1, 8, 32):
-            before = server_cpu_seconds(pid)
+            before, before_http = server_cpu_seconds(pid), process_cpu_seconds(pid)
             r[f"server_c{c}"] = measured(
                 url, lambda c=c: run_sentence_clients(url, sentences, c, processes=min(c, client_processes)))
             r[f"server_c{c}"]["cpu_ms"] = (server_cpu_seconds(pid) - before) * 1000 / len(sentences)
+            # with one HTTP worker (the default) the server's own process is the HTTP side, its child the model
+            r[f"server_c{c}"]["http_cpu_ms"] = (process_cpu_seconds(pid) - before_http) * 1000 / len(sentences)
         r["lone"] = lone_pairs(url, model, sentences[:48])
         r["inproc_2"] = in_process(model, sentences, batch_size)
         out.append(r)
@@ -391,6 +416,12 @@ def report_sentences(rounds: list[dict]) -> int:
     beyond = [r["server_c32"]["cpu_ms"] - r["inproc_cpu_ms"] for r in rounds]
     print(f"server CPU ms per request beyond encode()'s per sentence (32 clients): {median(beyond):.2f} "
           f"(rounds {min(beyond):.2f}-{max(beyond):.2f})")
+    c32 = [r["server_c32"] for r in rounds]
+    http = median([x["http_cpu_ms"] for x in c32])
+    print(f"CPU ms per request at 32 clients: HTTP process {http:.2f}, model process "
+          f"{median([x['cpu_ms'] for x in c32]) - http:.2f} (encode() at batch 32: "
+          f"{median([r['inproc_cpu_ms'] for r in rounds]):.2f} per sentence), clients "
+          f"{median([x['client_cpu_ms'] for x in c32]):.2f}")
     lone = [r["lone"] for r in rounds]
     print(f"lone request (a sentence alone, then encode() of it, in pairs; medians): encode() "
           f"{median([x['encode_ms'] for x in lone]):.1f} ms; httpx {median([x['httpx_ms'] for x in lone]):.1f} ms, "
