@@ -29,6 +29,7 @@ from nova.repo import is_base_model_name, model_class
 from . import error_codes as codes
 from .admission import adapter_not_found
 from .errors import ApiError, bad_request
+from .openmp import run_single_threaded
 
 log = logging.getLogger("serve.lora")
 
@@ -113,7 +114,7 @@ def lora_routes(server, *, require_admin, read_json) -> list[Route]:
                                   code=codes.ADAPTER_EXISTS)
             server.gate.state[name] = "loading"
             try:
-                await asyncio.to_thread(server.model.load_adapter, name, path)
+                await asyncio.to_thread(run_single_threaded, server.model.load_adapter, name, path)
             except ValueError as exc:
                 server.gate.state.pop(name, None)
                 log.warning("adapter %r refused: %s", name, exc)
@@ -142,7 +143,7 @@ def lora_routes(server, *, require_admin, read_json) -> list[Route]:
                                f"{server.settings.lora_drain_timeout:g}s; not unloaded", code=codes.DRAIN_TIMEOUT,
                                headers={"Retry-After": "5"})
             try:
-                await asyncio.to_thread(server.model.unload_adapter, name)
+                await asyncio.to_thread(run_single_threaded, server.model.unload_adapter, name)
             except ValueError as exc:
                 server.gate.state[name] = "ready"
                 raise bad_request(str(exc), param="lora_name") from None

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 from . import error_codes as codes
 from .admission import adapter_not_found
 from .config import Settings
 from .errors import ApiError, from_item_error
 from .images import ImageError, ImageFetcher, classify_source, decode_image
+from .openmp import helper_pool
 from .rows import EmbeddingRow
 from .schemas import ITEM_KEYS, EmbeddingRequest
 
@@ -29,7 +29,9 @@ class Preparer:
         self.settings = settings
         self.fetcher = fetcher
         workers = settings.preprocess_workers or min(4, os.cpu_count() or 1)
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nova-prep")
+        # per-request torch work stays on each worker thread (serve/openmp.py): with the thread engine, a team
+        # here would slow the forwards in this same process
+        self.pool = helper_pool("nova-prep", workers)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

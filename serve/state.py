@@ -32,6 +32,7 @@ from .engine import (
 from .errors import ApiError
 from .images import ImageFetcher, ImagePolicy
 from .metrics import Metrics
+from .openmp import run_single_threaded
 from .preparation import Preparer
 
 log = logging.getLogger("serve")
@@ -122,7 +123,7 @@ class ServerState:
                 engine.notices = OtherWorkersAdapters(self)
                 model = await engine.start()
             else:
-                model = await asyncio.to_thread(self._load_in_process_sync)
+                model = await asyncio.to_thread(run_single_threaded, self._load_in_process_sync)
                 engine = ThreadEngine(model, self.settings.torch_threads)
         except Exception as exc:
             if self._shutting_down:

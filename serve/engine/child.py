@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..openmp import helper_pool, single_threaded_openmp
 from ..rows import BatchResult, EmbeddingRow, ForwardShape, ForwardTimes
 from .framing import write_frame
 from .runner import LaunchedForward, ModelRunner, load_model_for, prepare_for_serving
@@ -157,7 +158,7 @@ def run_forwards(turns: RequestTurns, runner: ModelRunner, links: list[Link]) ->
     that a lone request pays no thread hand-over; when the next forward is already collated, they go to the
     sender thread and that forward starts first. A forward a device still runs (a GPU) goes to the sender
     thread whole, which waits for its vectors while this thread launches the next forward behind it."""
-    sender = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nova-engine-reply")
+    sender = helper_pool("nova-engine-reply")
     while (forward := turns.next_batch()) is not STOP:
         launched = runner.launch(forward.rows, forward.collated)
         stats = runner.model.prefix_cache.stats()  # read here: this thread's forwards change the cache
@@ -212,7 +213,7 @@ class AdapterCalls:
         self.model = model
         self.links = links
         self.drain_timeout = drain_timeout
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nova-engine-calls")
+        self._thread = helper_pool("nova-engine-calls")
         self._drain_ids = itertools.count()
         self._drains: dict[int, concurrent.futures.Future] = {}
 
@@ -350,6 +351,7 @@ class RequestTurns:
 
     def receive_while_forwarding(self) -> None:
         """The receive thread: read and collate requests while the main thread runs forwards."""
+        single_threaded_openmp()  # collation's torch work must not give this thread a team of its own
         while True:
             self._turn_started.wait()
             multiprocessing.connection.wait([*self.open, self._turn_ended_r])

@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import time
 
+from ..openmp import helper_pool
 from ..rows import BatchResult, EmbeddingRow, ForwardTimes, RowOutcome
 from .runner import LaunchedForward, ModelRunner
 
@@ -21,9 +22,10 @@ class ThreadEngine:
     def __init__(self, model, torch_threads: int | None = None):
         self.model = model
         self.runner = ModelRunner(model)
-        self._collate_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nova-collate")
+        # only the model thread gets an OpenMP team (serve/openmp.py)
+        self._collate_thread = helper_pool("nova-collate")
         self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nova-model")
-        self._finish_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nova-finish")
+        self._finish_thread = helper_pool("nova-finish")
         if torch_threads:  # OpenMP keeps the thread count per thread: set it where the forwards run
             import torch
 
