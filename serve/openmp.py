@@ -4,7 +4,7 @@ libgomp (torch's CPU backend on Linux) gives every thread that starts a parallel
 its own, kept for as long as that thread lives. Once a process holds more OpenMP threads than the machine has
 CPUs, libgomp shortens how long every worker spin-waits before it sleeps, and each of a forward's hundreds of
 parallel regions then waits for sleeping workers to wake. On the 2-core sandbox, one live helper thread that
-had once run a large enough torch operation made a one-sentence CPU forward take 1.7-2x as long
+had once run a large enough torch operation made one-sentence CPU forwards take up to twice as long
 (bench/results/2026-12-03-openmp-teams). The server's helper threads (receiving and collating batches,
 sending replies, adapter calls, request preparation) call `single_threaded_openmp()` first, so that only the
 thread that runs forwards has a team. Their own torch work is small, per batch or per request.
@@ -20,19 +20,24 @@ import os
 
 @functools.cache
 def _runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch loaded (GNU, Intel or LLVM), found among this process's mapped libraries;
-    None where there is none or no /proc to read it from (then there is nothing to keep apart)."""
+    """The OpenMP runtime torch loaded (GNU, Intel or LLVM), found among this process's mapped libraries, the
+    copy in torch's own folders first (another library may have loaded a second copy); None where there is none
+    or no /proc to read it from (then there is nothing to keep apart)."""
+    import torch
+
     try:
         with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if len(line.split()) >= 6})
+            paths = {line.split()[-1] for line in maps if len(line.split()) >= 6}
     except OSError:
         return None
-    for path in paths:
-        if os.path.basename(path).startswith(("libgomp", "libiomp", "libomp")):
-            try:
-                return ctypes.CDLL(path)
-            except OSError:
-                return None
+    torch_dir = os.path.dirname(torch.__file__)
+    runtimes = sorted((path for path in paths if os.path.basename(path).startswith(("libgomp", "libiomp", "libomp"))),
+                      key=lambda path: (not path.startswith((torch_dir + os.sep, torch_dir + ".libs")), path))
+    for path in runtimes:
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
     return None
 
 
