@@ -176,7 +176,7 @@ class PrefixCachingMixin:
         # adapter's prefixes; prefixes computed without an adapter stay
         cache.check_weights(self.lora.weights_identity(), part="adapters", depends=lambda key: key[1] != NO_ROUTE)
         param = self.model.embed_tokens.weight
-        keys = [(tuple(row.input_ids[: row.prefix_len]), self.lora.identity(adapter), param.dtype, param.device)
+        keys = [(row.prefix_ids, self.lora.identity(adapter), param.dtype, param.device)
                 for row, adapter in zip(rows, adapters, strict=True)]
         states: dict[tuple, list] = {}
         missing: dict[tuple, str | None] = {}

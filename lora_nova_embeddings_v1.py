@@ -411,9 +411,10 @@ class LoraRegistry(nn.Module):
         """The masks of one forward from its rows' slot indices (device tensors): a fixed number of operations
         whatever the batch, so a CUDA graph can capture it with the indices in static buffers."""
         routing = LoraRouting(text={}, vision={})
+        rows = text.unsqueeze(1)  # [B, 1]: each group size's mask indexed straight to [B, 1, k * width]
         for size in self.group_sizes:
             table = self.mask_table(size)
-            routing.text[size] = table[text].unsqueeze(1)
+            routing.text[size] = table[rows]
             for index in vision or ():
                 routing.vision[(index.shape[0], size)] = table[index]
         return routing

@@ -229,21 +229,18 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
         return torch.cat([embeds.to(self.device) if embeds is not None else next(encoded) for embeds in given])
 
     def rope_positions(self, batch: TokenBatch) -> torch.Tensor:
-        """Qwen2.5-VL's 3-D (t, h, w) rotary positions, computed per row so padding never shifts a row."""
-        input_ids, attention_mask = batch.input_ids, batch.attention_mask
-        batch_size, length = input_ids.shape
-        positions = torch.zeros(3, batch_size, length, dtype=torch.long)
-        image_rows = batch.image_rows
+        """Qwen2.5-VL's 3-D (t, h, w) rotary positions, computed per row so padding never shifts a row. On the
+        host, in numpy, as collation is (a few numpy operations where torch's would cost several times more)."""
+        attention_mask = batch.attention_mask.numpy()
+        batch_size, length = attention_mask.shape
         # a dropped (cached) instruction prefix of p tokens: the row's positions continue at p
-        offsets = torch.tensor(batch.prefix_lens or [0] * batch_size, dtype=torch.long)
-        text_rows = torch.ones(batch_size, dtype=torch.bool)
-        text_rows[image_rows] = False
+        offsets = np.asarray(batch.prefix_lens or [0] * batch_size, dtype=np.int64)
         # text rows: p..p+n-1 on all three axes, vectorized (padding stays 0)
-        steps = torch.arange(length).unsqueeze(0) + offsets[text_rows].unsqueeze(1)
-        positions[:, text_rows] = (steps * attention_mask[text_rows]).unsqueeze(0)
-        if image_rows:
-            positions[:, image_rows] = torch.from_numpy(self._image_row_positions(batch))
-        return positions
+        steps = (np.arange(length, dtype=np.int64)[None, :] + offsets[:, None]) * attention_mask
+        positions = np.repeat(steps[None], 3, axis=0)
+        if batch.image_rows:
+            positions[:, batch.image_rows] = self._image_row_positions(batch)
+        return torch.from_numpy(positions)
 
     def _image_row_positions(self, batch: TokenBatch) -> np.ndarray:
         """[3, image rows, length] positions of the image rows, in numpy (host work, no torch operation per

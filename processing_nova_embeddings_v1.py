@@ -13,7 +13,8 @@ import json
 import os
 import pathlib
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import jinja2
 import numpy as np
@@ -54,15 +55,17 @@ DEFAULT_ITEM_TEMPLATE = (
 
 @dataclass
 class PreparedItem:
-    """One item ready for the model: what the batcher needs to pack, pad and route it."""
+    """One item ready for the model: what the batcher needs to pack, pad and route it. Its token fields are lists
+    as `prepare_item` makes them, or 1-D numpy arrays (views of a `PackedItems`' columns, in a server's model
+    process); everything that reads them takes either."""
 
     index: int
     task: str
     adapter: str | None
-    input_ids: list[int]
-    pool_mask: list[bool]  # the tokens averaged into the pooled vector
+    input_ids: Sequence[int]
+    pool_mask: Sequence[bool]  # the tokens averaged into the pooled vector
     instruction_len: int  # tokens of the instruction turn (the system turn)
-    multi_mask: list[bool] | None = None  # the item's own tokens: its multi-vector rows (None: after the instruction)
+    multi_mask: Sequence[bool] | None = None  # the item's own tokens: its multi-vector rows (None: after the instruction)
     prefix_len: int | None = None  # tokens before the first of the item's own: a shareable, cacheable prefix
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None  # [1, 3]
@@ -95,6 +98,50 @@ class PreparedItem:
     @property
     def has_image(self) -> bool:
         return self.image_grid_thw is not None
+
+    @property
+    def prefix_ids(self) -> tuple[int, ...]:
+        """The shareable prefix's token ids as Python ints (the prefix cache's key, whatever the fields' type)."""
+        head = self.input_ids[: self.prefix_len]
+        return tuple(head.tolist() if isinstance(head, np.ndarray) else head)
+
+
+# The token fields: one value per token, packed into one flat array each (`PackedItems`).
+TOKEN_FIELDS = {"input_ids": np.int64, "pool_mask": np.bool_, "multi_mask": np.bool_}
+
+
+@dataclass
+class PackedItems:
+    """Prepared items as columns: the form in which a batch crosses to another process (a server's model process).
+    Each token field of all items is one flat array, so the batch pickles and copies as a few buffers rather than
+    a Python object per token; every other field of `PreparedItem` is one list per field (all of them: a field
+    added to `PreparedItem` travels without a change here). `unpack()` gives the items back, their token fields
+    as views of the arrays, which `collate` joins without a Python loop over tokens."""
+
+    lengths: list[int]  # tokens per item
+    tokens: dict[str, np.ndarray]  # TOKEN_FIELDS' name -> the items' values, concatenated
+    columns: dict[str, list]  # every other PreparedItem field's name -> one value per item
+
+    @classmethod
+    def of(cls, items: list[PreparedItem]) -> PackedItems:
+        lengths = [len(item.input_ids) for item in items]
+        total = sum(lengths)
+        tokens = {name: np.fromiter(itertools.chain.from_iterable(getattr(item, name) for item in items),
+                                    dtype=dtype, count=total)
+                  for name, dtype in TOKEN_FIELDS.items()}
+        columns = {f.name: [getattr(item, f.name) for item in items]
+                   for f in fields(PreparedItem) if f.name not in TOKEN_FIELDS}
+        return cls(lengths, tokens, columns)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def unpack(self) -> list[PreparedItem]:
+        ends = list(itertools.accumulate(self.lengths))
+        spans = list(zip([end - length for end, length in zip(ends, self.lengths, strict=True)], ends, strict=True))
+        by_field = [[column[a:b] for a, b in spans] if (column := self.tokens.get(f.name)) is not None
+                    else self.columns[f.name] for f in fields(PreparedItem)]
+        return [PreparedItem(*values) for values in zip(*by_field, strict=True)]  # positional: a third of kwargs' cost
 
 
 class ItemError(ValueError):
@@ -580,9 +627,15 @@ class NovaEmbeddingsV1Processor:
 
     # ---- batches -------------------------------------------------------------------------------------
 
+    def pack(self, items: list[PreparedItem]) -> PackedItems:
+        """Items as columns, to send to another process (`PackedItems.unpack()` there)."""
+        return PackedItems.of(items)
+
     def collate(self, rows: list[PreparedItem], *, drop_prefix: bool = False, pad_to_multiple_of: int = 1) -> TokenBatch:
         """Right-padded batch tensors (right padding keeps every row's positions independent of the batch).
-        Vectorized: one tensor per field from the rows' concatenated lists, scattered through a length mask.
+        Vectorized, in numpy (a numpy operation costs a fraction of a torch one, and collation is host work a
+        server does per batch): one array per field from the rows' concatenated token fields (lists, or arrays),
+        scattered through a length mask, then shared with torch without a copy.
 
         `drop_prefix`: leave out each row's shareable prefix (its first `prefix_len` tokens, whose key/values
         come from the prefix cache); `prefix_lens` then says where each row's positions continue.
@@ -594,24 +647,26 @@ class NovaEmbeddingsV1Processor:
         # Tokens after a row's last pooled or returned one (an instructed text's closing `<|im_end|>\n`) are
         # never output and, attention being causal, change nothing before them: they are not computed.
         ends = [row.content_end for row in rows]
-        lengths = torch.tensor([end - start for start, end in zip(starts, ends, strict=True)], dtype=torch.long)
+        lengths = np.array([end - start for start, end in zip(starts, ends, strict=True)], dtype=np.int64)
         width = -(-int(lengths.max()) // pad_to_multiple_of) * pad_to_multiple_of
-        positions = torch.arange(width).unsqueeze(0)
-        attended = positions < lengths.unsqueeze(1)
+        attended = np.arange(width)[None, :] < lengths[:, None]
         spans = list(zip(rows, starts, ends, strict=True))
         total = int(lengths.sum())
 
-        def concatenated(field: str, dtype) -> torch.Tensor:  # the rows' spans of one field, joined in C
-            values = itertools.chain.from_iterable(getattr(row, field)[a:b] for row, a, b in spans)
-            return torch.from_numpy(np.fromiter(values, dtype=dtype, count=total))
+        def scattered(field: str, fill, dtype) -> torch.Tensor:  # the rows' spans of one field, joined in C
+            parts = [getattr(row, field)[a:b] for row, a, b in spans]
+            if set(map(type, parts)) == {np.ndarray}:  # unpacked rows: views of one array
+                values = np.concatenate(parts)
+            else:
+                values = np.fromiter(itertools.chain.from_iterable(parts), dtype=dtype, count=total)
+            out = np.full(attended.shape, fill, dtype=dtype)
+            out[attended] = values
+            return torch.from_numpy(out)
 
-        input_ids = torch.full(attended.shape, self.pad_token_id, dtype=torch.long)
-        input_ids[attended] = concatenated("input_ids", np.int64)
-        pool_mask = torch.zeros(attended.shape, dtype=torch.bool)
-        pool_mask[attended] = concatenated("pool_mask", np.bool_)
-        multi_mask = torch.zeros(attended.shape, dtype=torch.bool)
-        multi_mask[attended] = concatenated("multi_mask", np.bool_)
-        attention_mask = attended.long()
+        input_ids = scattered("input_ids", self.pad_token_id, np.int64)
+        pool_mask = scattered("pool_mask", False, np.bool_)
+        multi_mask = scattered("multi_mask", False, np.bool_)
+        attention_mask = torch.from_numpy(attended.astype(np.int64))
         pixel_rows = [row for row in rows if row.pixel_values is not None]
         grids = [row.image_grid_thw for row in rows if row.has_image]
         return TokenBatch(
@@ -629,4 +684,4 @@ class NovaEmbeddingsV1Processor:
         )
 
 
-__all__ = ["NovaEmbeddingsV1Processor", "PreparedItem", "TokenBatch", "ItemError", "Route", "INHERIT", "decode_image", "load_chat_templates"]
+__all__ = ["NovaEmbeddingsV1Processor", "PreparedItem", "PackedItems", "TokenBatch", "ItemError", "Route", "INHERIT", "decode_image", "load_chat_templates"]

@@ -56,6 +56,31 @@ def budget_tokens(prepared) -> int:
 
 
 @dataclass(frozen=True)
+class PackedRows:
+    """A batch of rows as it crosses to the model process: columns, not an object per row. The items are the
+    processor's `PackedItems` (each token field of every row one flat array); the row fields are one list each.
+    The model process unpacks it into the same rows, whose token fields are then views of those arrays
+    (bench/bench_pipe.py: what this saves each side)."""
+
+    items: Any  # PackedItems (the model's remote code defines the class)
+    multivector: list[bool]
+    dimensions: list[int | None]
+    tokens: list[int]
+
+    @classmethod
+    def of(cls, rows: list[EmbeddingRow], processor) -> PackedRows:
+        return cls(processor.pack([row.prepared for row in rows]), [row.multivector for row in rows],
+                   [row.dimensions for row in rows], [row.tokens for row in rows])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def unpack(self) -> list[EmbeddingRow]:
+        return [EmbeddingRow(prepared, multivector, dimensions, tokens) for prepared, multivector, dimensions, tokens
+                in zip(self.items.unpack(), self.multivector, self.dimensions, self.tokens, strict=True)]
+
+
+@dataclass(frozen=True)
 class ForwardShape:
     """What one forward ran: its rows, its longest row's budget tokens and how many adapters it mixed. A model
     process serving several HTTP workers runs their waiting batches in one forward; each worker's cost model

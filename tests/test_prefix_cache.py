@@ -1,5 +1,6 @@
 """The instruction prefix cache: exact, LoRA-aware, one forward per batch, bounded, invalidated."""
 
+import pickle
 import shutil
 
 import pytest
@@ -70,6 +71,23 @@ def test_cached_equals_uncached_and_rows_continue_after_the_prefix(model, image,
     # and the instruction still matters (through attention only): not the no-instruction vector
     plain = model.encode([{"text": "contract termination clause"}])[0]
     assert float(plain @ warm[0][0]) < 0.9999
+
+
+def test_rows_unpacked_from_columns_share_the_cache_and_the_vectors(model, image, make_image):
+    """A server's model process gets its rows unpacked from columns (numpy token fields): they find the prefixes
+    rows from `prepare_item` stored, and their vectors are those rows' vectors, bit for bit."""
+    processor = model.processor
+    rows = [processor.prepare_item(item, index=i) for i, item in enumerate(mixed(image, make_image))]
+    unpacked = pickle.loads(pickle.dumps(processor.pack(rows), protocol=pickle.HIGHEST_PROTOCOL)).unpack()
+    wants = [i % 2 == 1 for i in range(len(rows))]  # pooled and multi-vector rows
+    want = model.embed_prepared(rows, wants)
+    before = model.prefix_cache.stats()
+    got = model.embed_prepared(unpacked, wants)
+    after = model.prefix_cache.stats()
+    assert (after["entries"], after["misses"]) == (before["entries"], before["misses"]) == (6, 6)
+    assert after["hits"] > before["hits"]
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_one_backbone_forward_per_batch_with_mixed_rows(model, image, make_image):

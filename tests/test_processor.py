@@ -1,11 +1,16 @@
 """Rendering and tokenization: without instructions the ids are exactly Jina V4's."""
 
 import base64
+import dataclasses
 import io
 import json
+import pickle
+import pickletools
 import zlib
 
+import numpy as np
 import pytest
+import torch
 
 from nova.repo import repo_file
 
@@ -286,19 +291,29 @@ def test_template_layouts_kept_between_items_never_leak_into_other_items(tiny_di
         assert prepared(seasoned, item, instructions) == prepared(fresh, item, instructions), (item, instructions)
 
 
+def packed_and_back(processor, rows):
+    """`rows` as a server's model process gets them: packed into columns, pickled, unpickled and unpacked."""
+    return pickle.loads(pickle.dumps(processor.pack(rows), protocol=pickle.HIGHEST_PROTOCOL)).unpack()
+
+
+@pytest.mark.parametrize("form", ["lists", "packed"])
 @pytest.mark.parametrize("drop_prefix", [False, True], ids=["whole", "cached-prefix-dropped"])
-def test_collation_places_each_rows_own_span_and_pads_the_rest(tiny_model, image, drop_prefix):
+def test_collation_places_each_rows_own_span_and_pads_the_rest(tiny_model, image, drop_prefix, form):
     """The batch tensors, field by field, against each row's own lists: its span (from its prefix when that is
     cached, to its last used token) left-aligned, padding after it, for rows of different lengths, with and
-    without instructions, text and image."""
+    without instructions, text and image; the rows as `prepare_item` makes them (lists) and as a server's model
+    process collates them (unpacked from columns: numpy views)."""
     processor = tiny_model.processor
     rows = [processor.prepare_item("a short one", index=0),
             processor.prepare_item("a much longer text, with many more tokens than the first", index=1,
                                    instructions="Find passages about text"),
             processor.prepare_item({"image": image}, index=2),
             processor.prepare_item("mid-sized text here", index=3, instructions="Another instruction")]
-    batch = processor.collate(rows, drop_prefix=drop_prefix, pad_to_multiple_of=8)
+    given = packed_and_back(processor, rows) if form == "packed" else rows
+    batch = processor.collate(given, drop_prefix=drop_prefix, pad_to_multiple_of=8)
     assert batch.input_ids.shape[1] % 8 == 0
+    assert (batch.input_ids.dtype, batch.attention_mask.dtype) == (torch.long, torch.long)
+    assert (batch.pool_mask.dtype, batch.multi_mask.dtype) == (torch.bool, torch.bool)
     for i, row in enumerate(rows):
         start = row.prefix_len if drop_prefix else 0
         used = [k for k in range(row.num_tokens) if row.pool_mask[k] or row.multi_mask[k]]
@@ -311,6 +326,47 @@ def test_collation_places_each_rows_own_span_and_pads_the_rest(tiny_model, image
         assert set(batch.input_ids[i, n:].tolist()) <= {processor.pad_token_id}
         assert not batch.pool_mask[i, n:].any() and not batch.multi_mask[i, n:].any()
     assert batch.prefix_lens == ([row.prefix_len for row in rows] if drop_prefix else None)
+
+
+def test_packed_items_give_back_every_field(tiny_model, image):
+    """Every field of every kind of item (text, instructed, truncated, routed to an adapter, image pixels,
+    precomputed image embeddings) comes back from columns as it went in, the token fields as numpy views."""
+    processor = tiny_model.processor
+    rows = [processor.prepare_item("plain text", index=0),
+            processor.prepare_item({"text": "code here", "task": "code.query"}, index=1, instructions="Find code"),
+            processor.prepare_item({"text": "word " * 200}, index=2, max_length=30),
+            processor.prepare_item({"image": image, "text": "a caption"}, index=3),
+            processor.prepare_item({"image_embeds": [[0.1] * 64] * 3, "image_grid_thw": [1, 2, 6]}, index=4),
+            processor.prepare_item({"text": "no adapter", "adapter": None}, index=5)]
+    assert rows[2].truncated and rows[1].adapter == "code" and rows[5].adapter is None
+    back = packed_and_back(processor, rows)
+    assert len(back) == len(rows)
+    for row, unpacked in zip(rows, back, strict=True):
+        for field in dataclasses.fields(row):
+            went, came = getattr(row, field.name), getattr(unpacked, field.name)
+            if isinstance(went, torch.Tensor):
+                assert torch.equal(went, came) and went.dtype == came.dtype, field.name
+            elif field.name in ("input_ids", "pool_mask", "multi_mask"):
+                assert isinstance(came, np.ndarray) and came.tolist() == went, field.name
+            else:
+                assert type(came) is type(went) and came == went, field.name
+        assert unpacked.prefix_ids == row.prefix_ids and unpacked.content_end == row.content_end
+
+
+def test_packed_items_pickle_as_columns_not_an_object_per_token(tiny_model):
+    """What crosses to the model process grows with the number of items, never with their tokens: the token
+    fields travel as one buffer each (the pickle's opcodes counted, as machine-independent as it gets)."""
+    processor = tiny_model.processor
+
+    def opcodes(text: str) -> int:
+        rows = [processor.prepare_item(text, index=i) for i in range(8)]
+        return sum(1 for _ in pickletools.genops(pickle.dumps(processor.pack(rows), protocol=pickle.HIGHEST_PROTOCOL)))
+
+    short, long = opcodes("two words"), opcodes("many more words " * 40)
+    assert short == long, (short, long)
+    rows = [processor.prepare_item("two words", index=i) for i in range(8)]
+    per_row = sum(1 for _ in pickletools.genops(pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)))
+    assert per_row > short  # the same rows as objects: opcodes for every token
 
 
 def test_a_row_whose_masks_do_not_match_its_tokens_is_refused_by_name(tiny_model):

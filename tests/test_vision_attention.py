@@ -169,6 +169,8 @@ def test_rope_positions_of_image_rows_equal_transformers(tiny_model, make_image)
     rows = batch.image_rows
     assert rows == [0, 2, 3]
     assert torch.equal(positions[:, rows], want[:, rows])
+    attended = batch.attention_mask[1].bool()  # the text row, where it is not padding (transformers pads with 1)
+    assert torch.equal(positions[:, 1, attended], want[:, 1, attended])
 
 
 def test_rope_positions_of_an_image_row_continue_after_a_dropped_prefix(tiny_model, make_image):

@@ -129,8 +129,9 @@ def engine_main(links: list[Link], settings, server_pid: int, wrap_model: Callab
     def handle(message: tuple, link: int):
         """One request -> a collated `Forward` to run, or None (nothing to run)."""
         if message[0] == "embed":
-            _, request_id, rows = message
+            _, request_id, packed = message
             started = time.perf_counter()
+            rows = packed.unpack()
             collated = runner.collate(rows)
             return Forward([Part(link, request_id, len(rows))], rows, collated, time.perf_counter() - started)
         if message[0] == "call":

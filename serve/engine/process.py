@@ -6,7 +6,7 @@ the server process parses JSON, tokenizes and renders responses on other threads
 thread queues behind them for the GIL (docs/server.md, "Where the model runs"), which is why vLLM V1 split its
 API server and engine into two processes; TEI keeps its Python backend out of the router's process the same way.
 The server process keeps the processor (tokenizing never leaves the HTTP side) and talks to the engine over
-one pipe: rows go in, a `BatchResult` (numpy vectors, or a row's exception) comes back.
+one pipe: rows go in as columns (`PackedRows`), a `BatchResult` (numpy vectors, or a row's exception) comes back.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import threading
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
-from ..rows import BatchResult, EmbeddingRow
+from ..rows import BatchResult, EmbeddingRow, PackedRows
 from .child import Link, engine_main
 from .framing import FrameReader
 
@@ -123,7 +123,7 @@ class RemoteModel:
 
 class ProcessEngine:
     """The runner in a child process (spawned, so CUDA initializes there and only there). Two one-way pipes:
-    requests ("embed", id, rows) and ("call", id, method, args) go down one (blocking writes, so a large image
+    requests ("embed", id, PackedRows) and ("call", id, method, args) go down one (blocking writes, so a large image
     batch never meets a full non-blocking pipe), replies (id, ok, value, prefix-cache stats) come up the other
     as length-prefixed pickles, read without blocking on the event loop as they arrive.
     The child ignores SIGINT/SIGTERM: the server drains in-flight requests first and then closes the pipe,
@@ -223,15 +223,18 @@ class ProcessEngine:
             raise EngineExited(f"the model process is unreachable: {exc}") from exc
 
     async def embed(self, rows: list[EmbeddingRow]) -> BatchResult:
-        """Text rows are pickled and sent from the event loop (a few kilobytes); batches with images are sent
-        from a worker thread."""
+        """The rows go as columns (`PackedRows`). Text rows are packed, pickled and sent from the event loop (a
+        few kilobytes); batches with images from a worker thread."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if any(row.carries_image for row in rows):
-            await loop.run_in_executor(self._send_thread, self._send, ("embed", rows), future)
+            await loop.run_in_executor(self._send_thread, self._send_rows, rows, future)
         else:
-            self._send(("embed", rows), future)
+            self._send_rows(rows, future)
         return await future
+
+    def _send_rows(self, rows: list[EmbeddingRow], future) -> None:
+        self._send(("embed", PackedRows.of(rows, self.model.processor)), future)
 
     def call(self, method: str, *args):
         """A model method in the engine (adapter load/unload/list); blocking, from a worker thread."""

@@ -41,7 +41,7 @@ from serve.config import Settings
 from serve.dispatcher import _row_error
 from serve.engine import ModelRunner
 from serve.engine.child import STOP, RequestTurns, _portable
-from serve.rows import BatchResult, EmbeddingRow, ForwardShape
+from serve.rows import BatchResult, EmbeddingRow, ForwardShape, PackedRows
 
 ADMIN = {"Authorization": "Bearer admin-test-key"}
 
@@ -237,6 +237,31 @@ def test_a_batch_result_crosses_the_pipe_as_one_array_when_its_vectors_share_a_s
     copy = pickle.loads(pickle.dumps(BatchResult(mixed, 0.0, 0.0)))
     assert np.array_equal(copy.outcomes[0], mixed[0]) and np.array_equal(copy.outcomes[2], mixed[2])
     assert isinstance(copy.outcomes[1], ValueError) and str(copy.outcomes[1]) == "item 1: bad"
+
+
+def test_a_batch_of_rows_crosses_the_pipe_as_columns_and_embeds_as_itself(tiny_model):
+    """What the server sends the model process: the rows' token fields as one array each (every row's a view of
+    it), the row fields as they were; the rows it unpacks give the vectors the rows themselves give."""
+    processor = tiny_model.processor
+    image = Image.open(io.BytesIO(base64.b64decode(b64_png()))).convert("RGB")
+    dims = tiny_model.config.matryoshka_dims[0]
+    rows = [EmbeddingRow.of(processor.prepare_item("plain text", index=0), multivector=False, dimensions=dims),
+            EmbeddingRow.of(processor.prepare_item({"text": "q", "task": "code.query"}, index=1,
+                                                   instructions="Find code"), multivector=True, dimensions=None),
+            EmbeddingRow.of(processor.prepare_item({"image": image, "text": "a cat"}, index=2),
+                            multivector=False, dimensions=None)]
+    packed = PackedRows.of(rows, processor)
+    assert isinstance(packed.items.tokens["input_ids"], np.ndarray)
+    back = pickle.loads(pickle.dumps(packed, protocol=pickle.HIGHEST_PROTOCOL)).unpack()
+    assert [(r.multivector, r.dimensions, r.tokens) for r in back] == \
+        [(r.multivector, r.dimensions, r.tokens) for r in rows]
+    assert back[0].prepared.input_ids.base is back[2].prepared.input_ids.base is not None  # one array
+    runner = ModelRunner(tiny_model)
+    want, _ = runner.run(rows, runner.collate(rows))
+    got, _ = runner.run(back, runner.collate(back))
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and np.array_equal(a, b)
+    assert want[0].shape == (dims,) and want[1].ndim == 2
 
 
 def test_an_item_error_raised_by_the_model_reaches_its_client_as_that_items_error(tiny_model):
