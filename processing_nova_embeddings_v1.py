@@ -86,13 +86,18 @@ class PreparedItem:
     def content_end(self) -> int:
         """One past the last token that is pooled or returned as a multi-vector row. Searched from the end
         (a few tokens at most: an instructed text's closing markup), since collation asks it of every row."""
+        n = self.check_masks()
+        for i in range(n - 1, -1, -1):
+            if self.pool_mask[i] or self.multi_mask[i]:
+                return i + 1
+        return n
+
+    def check_masks(self) -> int:
+        """The number of tokens; ValueError naming the item if a mask does not hold one value per token."""
         n = len(self.input_ids)
         if len(self.pool_mask) != n or len(self.multi_mask) != n:
             raise ValueError(f"item {self.index}: {n} tokens, but a pool mask of {len(self.pool_mask)} and a "
                              f"multi-vector mask of {len(self.multi_mask)}")
-        for i in range(n - 1, -1, -1):
-            if self.pool_mask[i] or self.multi_mask[i]:
-                return i + 1
         return n
 
     @property
@@ -124,7 +129,7 @@ class PackedItems:
 
     @classmethod
     def of(cls, items: list[PreparedItem]) -> PackedItems:
-        lengths = [len(item.input_ids) for item in items]
+        lengths = [item.check_masks() for item in items]  # a mask of another length would shift every later row
         total = sum(lengths)
         tokens = {name: np.fromiter(itertools.chain.from_iterable(getattr(item, name) for item in items),
                                     dtype=dtype, count=total)

@@ -376,3 +376,5 @@ def test_a_row_whose_masks_do_not_match_its_tokens_is_refused_by_name(tiny_model
     broken = replace(row, pool_mask=row.pool_mask[:-1])
     with pytest.raises(ValueError, match=rf"item 3: {row.num_tokens} tokens, but a pool mask of {row.num_tokens - 1}"):
         tiny_model.processor.collate([broken])
+    with pytest.raises(ValueError, match=rf"item 3: {row.num_tokens} tokens, but a pool mask of {row.num_tokens - 1}"):
+        tiny_model.processor.pack([row, broken])  # never packed into the next row's span
