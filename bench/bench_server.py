@@ -182,7 +182,7 @@ def server_summary(url: str) -> str:
     return (f"server over the run: {v['nova_model_forwards_total']:.0f} forwards, {v['nova_batch_rows_sum'] / forwards:.1f} "
             f"rows/forward, {v['nova_model_busy_seconds_total'] / forwards * 1e3:.1f} ms per forward; "
             f"fitted cost: {fit or 'none (nothing is split)'}"
-            + (f"; the batcher's lead (collation, and a launch ahead of a device): {lead * 1e3:.2f} ms"
+            + (f"; the batcher's lead (preparation, and a launch ahead of a device): {lead * 1e3:.2f} ms"
                if lead is not None else ""))
 
 

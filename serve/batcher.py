@@ -9,7 +9,8 @@
   being tokenized (`preparing`) are worth a short grace (a quarter of the measured batch time, at most 50 ms),
   so that clients answered together do not split into alternating small and large batches.
 - While the model is busy, rows gather; the next batch is taken shortly before the running one is predicted to
-  end (the prediction is the cost model's, the lead the measured collation time, plus on a GPU the measured
+  end (the prediction is the cost model's, the lead the measured preparation time (from hand-off until the
+  batch is collated, in the model process), plus on a GPU the measured
   launch time, plus how late this event loop has been running the batcher's timed wake-ups, `WakeLateness`),
   so that it is collated (and launched, on a GPU) while the current one runs and the model never waits for
   the host, even when a loaded event loop wakes the batcher late.

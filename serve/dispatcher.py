@@ -46,7 +46,7 @@ class Dispatcher:
             lambda batch, outcomes, result, elapsed: None)
         self._in_flight = 0  # batches collating, waiting or running
         self._busy_until = 0.0  # predicted end of the last batch handed to the engine (monotonic)
-        self._collate_seconds = 0.0  # smoothed, as the engine reports them
+        self._prepare_seconds = 0.0  # smoothed: from a batch's hand-off until it is collated, ready to launch
         self._launch_seconds = 0.0  # launches that ran ahead of a device (a GPU's); 0 on a CPU
         self._tasks: set[asyncio.Task] = set()
 
@@ -65,9 +65,10 @@ class Dispatcher:
 
     def host_lead(self) -> float:
         """How long before the model frees up the next batch must be handed over for the model not to wait:
-        its collation, plus, where launches run ahead of a device, its launch (a GPU's eager forward launches
+        its preparation (to a model process: packing, the pipe, unpacking, collation), plus, where launches run
+        ahead of a device, its launch (a GPU's eager forward launches
         thousands of kernels, tens of milliseconds of host work, while the device runs the previous one)."""
-        return self._collate_seconds + self._launch_seconds + 0.001
+        return self._prepare_seconds + self._launch_seconds + 0.001
 
     # ------------------------------------------------------------------ running batches
 
@@ -85,7 +86,10 @@ class Dispatcher:
         result = None
         try:
             result = await self.engine.embed([queued.row for queued in batch])
-            self._collate_seconds = _smoothed(self._collate_seconds, result.collate_seconds)
+            # what handing a batch over takes until it can launch: packing, the pipe, unpacking and collation
+            # in a model process; collation alone where the engine reports no ready time
+            prepared = result.collate_seconds if result.ready_at is None else result.ready_at - started
+            self._prepare_seconds = _smoothed(self._prepare_seconds, prepared)
             self._launch_seconds = _smoothed(self._launch_seconds, result.launch_seconds)
             elapsed = result.forward_seconds
             outcomes = [_row_error(queued.row, o) if isinstance(o, Exception) else o

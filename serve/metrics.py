@@ -161,13 +161,14 @@ class Metrics:
 
     def watch_host_lead(self, host_lead) -> None:
         """Export how long before the running forward's predicted end the next batch is handed over
-        (`Dispatcher.host_lead`: its collation, plus its launch where launches run ahead of a device)."""
+        (`Dispatcher.host_lead`: its preparation, plus its launch where launches run ahead of a device)."""
 
         class _Collector:
             def collect(self):
                 yield GaugeMetricFamily("nova_batcher_host_lead_seconds", "how long before the running forward's "
                                         "predicted end the next batch is handed to the model: its measured "
-                                        "collation, plus its launch where launches run ahead of a device (a GPU)",
+                                        "preparation (from hand-off to collated, in the model process), plus "
+                                        "its launch where launches run ahead of a device (a GPU)",
                                         value=host_lead())
 
         self.register(_Collector())

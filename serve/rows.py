@@ -126,6 +126,9 @@ class BatchResult:
     forward: ForwardShape | None = None
     forward_cpu_seconds: float = 0.0  # the launching thread's CPU time for the forward (ForwardTimes)
     launch_seconds: float = 0.0  # the launch's wall time, where it ran ahead of the device (ForwardTimes)
+    # time.monotonic() when the batch was collated, ready to launch. CLOCK_MONOTONIC is one clock for every
+    # process of the machine, so the server can time a hand-off to its model process end to end with it.
+    ready_at: float | None = None
 
     def __reduce__(self):
         """Across the model process's pipe, a batch whose outcomes are all vectors of one shape (the usual
@@ -136,7 +139,7 @@ class BatchResult:
                             for o in outcomes):
             outcomes = _StackedRows(np.stack(outcomes))
         return (_batch_result, (outcomes, self.collate_seconds, self.forward_seconds, self.forward,
-                                self.forward_cpu_seconds, self.launch_seconds))
+                                self.forward_cpu_seconds, self.launch_seconds, self.ready_at))
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,8 @@ class _StackedRows:
 
 
 def _batch_result(outcomes, collate_seconds: float, forward_seconds: float, forward,
-                  forward_cpu_seconds: float, launch_seconds: float) -> BatchResult:
+                  forward_cpu_seconds: float, launch_seconds: float, ready_at: float | None) -> BatchResult:
     if isinstance(outcomes, _StackedRows):
         outcomes = list(outcomes.array)
-    return BatchResult(outcomes, collate_seconds, forward_seconds, forward, forward_cpu_seconds, launch_seconds)
+    return BatchResult(outcomes, collate_seconds, forward_seconds, forward, forward_cpu_seconds, launch_seconds,
+                       ready_at)

@@ -69,6 +69,7 @@ class Forward:
     rows: list[EmbeddingRow]
     collated: object
     collate_seconds: float
+    ready_at: float  # time.monotonic() when it was collated (the server's batcher times its hand-offs by it)
 
     @property
     def merged(self) -> bool:
@@ -96,7 +97,8 @@ class ForwardMerger:
         started = time.perf_counter()
         collated = self.runner.collate(rows)
         return Forward(waiting.parts + batch.parts, rows, collated,
-                       waiting.collate_seconds + batch.collate_seconds + time.perf_counter() - started)
+                       waiting.collate_seconds + batch.collate_seconds + time.perf_counter() - started,
+                       time.monotonic())
 
 
 def engine_main(links: list[Link], settings, server_pid: int, wrap_model: Callable | None = None) -> None:
@@ -133,7 +135,8 @@ def engine_main(links: list[Link], settings, server_pid: int, wrap_model: Callab
             started = time.perf_counter()
             rows = packed.unpack()
             collated = runner.collate(rows)
-            return Forward([Part(link, request_id, len(rows))], rows, collated, time.perf_counter() - started)
+            return Forward([Part(link, request_id, len(rows))], rows, collated, time.perf_counter() - started,
+                           time.monotonic())
         if message[0] == "call":
             _, request_id, method, args = message
             adapters.submit(link, request_id, method, args)
@@ -182,7 +185,7 @@ def _replies(forward: Forward, finished: tuple[list, ForwardTimes], stats: dict)
     replies, start = [], 0
     for part in forward.parts:
         result = BatchResult(outcomes[start:start + part.rows], forward.collate_seconds, times.seconds, shape,
-                             times.thread_cpu_seconds, times.launch_seconds)
+                             times.thread_cpu_seconds, times.launch_seconds, forward.ready_at)
         replies.append((part.link, (part.request_id, True, result, stats)))
         start += part.rows
     return replies

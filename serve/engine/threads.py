@@ -35,13 +35,13 @@ class ThreadEngine:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         collated = await loop.run_in_executor(self._collate_thread, self.runner.collate, rows)
-        collate_seconds = time.perf_counter() - started
+        collate_seconds, ready_at = time.perf_counter() - started, time.monotonic()
         done = await loop.run_in_executor(self._model_thread, self._launch, rows, collated)
         if isinstance(done, LaunchedForward):  # the device still runs it
             done = await loop.run_in_executor(self._finish_thread, self.runner.finish, done)
         outcomes, times = done
         return BatchResult(outcomes, collate_seconds, times.seconds, None, times.thread_cpu_seconds,
-                           times.launch_seconds)
+                           times.launch_seconds, ready_at)
 
     def _launch(self, rows: list[EmbeddingRow], collated) -> LaunchedForward | tuple[list[RowOutcome], ForwardTimes]:
         """Model thread: launch the forward; finish it here if its vectors are already on the host."""

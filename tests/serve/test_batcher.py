@@ -112,7 +112,7 @@ def test_an_idle_model_takes_a_lone_row_at_once_and_a_busy_one_paces_on_its_pred
     waiting = _batcher(max_wait_ms=200)
     assert waiting._take_at() == waiting._pending[0].enqueued + 0.2
     dispatcher = batcher.dispatcher
-    dispatcher._collate_seconds = 0.01
+    dispatcher._prepare_seconds = 0.01
     dispatcher._in_flight, dispatcher._busy_until = 1, time.monotonic() + 0.5  # one batch in, predicted to take 0.5 s
     assert batcher._take_at() == dispatcher._busy_until - 0.011
     assert batcher._take_at() > oldest.enqueued
@@ -156,6 +156,33 @@ def test_where_launches_run_ahead_of_a_device_the_next_batch_is_taken_earlier_by
     assert b"nova_batcher_host_lead_seconds 0.051" in batcher.metrics.render()  # what operators see of it
 
 
+def test_the_lead_is_the_whole_hand_off_when_the_engine_says_when_a_batch_was_ready():
+    """A model process reports when each batch was collated (`ready_at`, the machine's monotonic clock): the lead
+    is then the hand-off's whole time (packing, the pipe, unpacking, collation), not the collation's alone, which
+    leaves the rest out and lets the model wait."""
+    import asyncio
+    import time
+
+    import numpy as np
+
+    from serve.rows import BatchResult
+
+    batcher = _batcher()
+    dispatcher = batcher.dispatcher
+    dispatcher.on_batch_done = lambda batch, outcomes, result, elapsed: None
+    called = []
+
+    class Engine:
+        async def embed(self, rows):
+            called.append(time.monotonic())  # ready 50 ms after this; collation alone took 10
+            return BatchResult([np.zeros(4, np.float32)] * len(rows), 0.01, 0.2, ready_at=called[-1] + 0.05)
+
+    dispatcher.engine = Engine()
+    before = time.monotonic()
+    asyncio.run(dispatcher._process([SimpleNamespace(row=SimpleNamespace(position=0))]))
+    assert 0.05 + 0.001 <= dispatcher.host_lead() <= called[0] - before + 0.05 + 0.001
+
+
 def test_a_busy_model_takes_the_next_batch_earlier_by_how_late_the_batcher_wakes():
     """The event loop ran the batcher's timers late: the next batch is taken earlier by the smoothed lateness,
     never earlier than half of a batch's time before the collation lead."""
@@ -163,7 +190,7 @@ def test_a_busy_model_takes_the_next_batch_earlier_by_how_late_the_batcher_wakes
 
     batcher = _batcher()
     dispatcher = batcher.dispatcher
-    dispatcher._collate_seconds = 0.01
+    dispatcher._prepare_seconds = 0.01
     dispatcher._in_flight, dispatcher._busy_until = 1, time.monotonic() + 0.5
     batcher._batch_seconds = 0.5
     on_time = batcher._take_at()

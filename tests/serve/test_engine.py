@@ -5,6 +5,7 @@ run: they hand `create_app` a model object.)"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import multiprocessing
@@ -262,6 +263,33 @@ def test_a_batch_of_rows_crosses_the_pipe_as_columns_and_embeds_as_itself(tiny_m
     for a, b in zip(got, want, strict=True):
         assert a.shape == b.shape and np.array_equal(a, b)
     assert want[0].shape == (dims,) and want[1].ndim == 2
+
+
+def test_a_model_process_embeds_a_packed_batch_and_says_when_it_was_ready(tiny_dir, tiny_model):
+    """Through a real model process: the rows (as columns) come back as the model's own vectors, and the reply
+    says when the batch was collated, on the one monotonic clock every process of the machine reads, between
+    the hand-off and the reply (the batcher's lead is timed by it)."""
+    from serve.engine.process import ProcessEngine
+
+    items = [{"text": "a short one"}, {"text": "a longer text with several more words", "task": "code.query"}]
+    rows = [EmbeddingRow.of(tiny_model.processor.prepare_item(item, index=i), multivector=False, dimensions=None)
+            for i, item in enumerate(items)]
+
+    async def embed_once():
+        engine = ProcessEngine(Settings(model=str(tiny_dir), trust_remote_code=True))
+        await engine.start()
+        try:
+            handed = time.monotonic()
+            result = await engine.embed(rows)
+            return handed, result, time.monotonic()
+        finally:
+            await engine.stop()
+
+    handed, result, replied = asyncio.run(embed_once())
+    assert handed < result.ready_at < replied
+    want = tiny_model.encode(items)
+    for got, expected in zip(result.outcomes, want, strict=True):
+        assert_close(got, expected.numpy())
 
 
 def test_an_item_error_raised_by_the_model_reaches_its_client_as_that_items_error(tiny_model):
