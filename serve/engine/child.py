@@ -69,7 +69,8 @@ class Forward:
     rows: list[EmbeddingRow]
     collated: object
     collate_seconds: float
-    ready_at: float  # time.monotonic() when it was collated (the server's batcher times its hand-offs by it)
+    # time.monotonic() when it was built, right after its collation (the server's batcher times hand-offs by it)
+    ready_at: float = field(default_factory=time.monotonic)
 
     @property
     def merged(self) -> bool:
@@ -97,8 +98,7 @@ class ForwardMerger:
         started = time.perf_counter()
         collated = self.runner.collate(rows)
         return Forward(waiting.parts + batch.parts, rows, collated,
-                       waiting.collate_seconds + batch.collate_seconds + time.perf_counter() - started,
-                       time.monotonic())
+                       waiting.collate_seconds + batch.collate_seconds + time.perf_counter() - started)
 
 
 def engine_main(links: list[Link], settings, server_pid: int, wrap_model: Callable | None = None) -> None:
@@ -135,8 +135,7 @@ def engine_main(links: list[Link], settings, server_pid: int, wrap_model: Callab
             started = time.perf_counter()
             rows = packed.unpack()
             collated = runner.collate(rows)
-            return Forward([Part(link, request_id, len(rows))], rows, collated, time.perf_counter() - started,
-                           time.monotonic())
+            return Forward([Part(link, request_id, len(rows))], rows, collated, time.perf_counter() - started)
         if message[0] == "call":
             _, request_id, method, args = message
             adapters.submit(link, request_id, method, args)
