@@ -138,9 +138,6 @@ class PackedItems:
                    for f in fields(PreparedItem) if f.name not in TOKEN_FIELDS}
         return cls(lengths, tokens, columns)
 
-    def __len__(self) -> int:
-        return len(self.lengths)
-
     def unpack(self) -> list[PreparedItem]:
         ends = list(itertools.accumulate(self.lengths))
         spans = list(zip([end - length for end, length in zip(ends, self.lengths, strict=True)], ends, strict=True))

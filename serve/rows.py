@@ -72,9 +72,6 @@ class PackedRows:
         return cls(processor.pack([row.prepared for row in rows]), [row.multivector for row in rows],
                    [row.dimensions for row in rows], [row.tokens for row in rows])
 
-    def __len__(self) -> int:
-        return len(self.tokens)
-
     def unpack(self) -> list[EmbeddingRow]:
         return [EmbeddingRow(prepared, multivector, dimensions, tokens) for prepared, multivector, dimensions, tokens
                 in zip(self.items.unpack(), self.multivector, self.dimensions, self.tokens, strict=True)]
