@@ -5,7 +5,10 @@ Exact by construction: a row's forward sees the cached keys/values of its own pr
 their own positions 0..p-1), its tokens continue at position p, and a mask hides the other rows' longer
 prefixes, so the arithmetic is the uncached computation's, split in two.
 
-`PrefixCache` is the bounded store (LRU by bytes, counters); `PrefixKV` is the object handed to the
+`PrefixCache` is the bounded store (LRU by bytes, counters). An entry is one tensor per prefix, every
+layer's keys and values stacked: [layers, 2, kv_heads, p, head_dim], so that a batch's prefixes are padded
+(or copied into a CUDA graph's static buffer) in one operation per distinct prefix, not one per layer.
+`RowPrefixes` is one batch's prefixes: which rows share which entry. `PrefixKV` is the object handed to the
 backbone as its cache: it records each layer's key/values (to fill the store) and/or prepends a batch's
 padded prefix key/values. It implements only what the attention layers call (`update`), so it does not
 depend on the Cache classes that change between transformers releases. `PrefixCachingMixin` is how the model
@@ -18,6 +21,7 @@ import functools
 import inspect
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
@@ -32,7 +36,7 @@ class PrefixCache:
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES):
         self.lock = threading.Lock()
-        self._entries: OrderedDict[tuple, tuple[list[tuple[torch.Tensor, torch.Tensor]], int]] = OrderedDict()
+        self._entries: OrderedDict[tuple, tuple[torch.Tensor, int]] = OrderedDict()
         self.max_bytes = 0
         self.hits = self.misses = self.evictions = self.bytes = 0
         self._weights: dict[str, object] = {}
@@ -65,13 +69,14 @@ class PrefixCache:
             self.hits += 1
             return entry[0]
 
-    def put(self, key: tuple, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+    def put(self, key: tuple, states: torch.Tensor) -> None:
+        """Store one prefix's key/values, [layers, 2, kv_heads, p, head_dim]."""
+        size = states.numel() * states.element_size()
         with self.lock:
             if size > self.max_bytes or key in self._entries:
                 return
             self._evict_to(self.max_bytes - size)
-            self._entries[key] = (layers, size)
+            self._entries[key] = (states, size)
             self.bytes += size
 
     def check_weights(self, identity: object, *, part: str = "model", depends=lambda key: True) -> None:
@@ -102,15 +107,53 @@ class PrefixCache:
             self.evictions += 1
 
 
+@dataclass
+class RowPrefixes:
+    """One batch's cached prefixes: each distinct prefix's stacked key/values ([layers, 2, kv_heads, p,
+    head_dim], a `PrefixCache` entry) and the rows that continue after it. Rows in none of them have no prefix."""
+
+    states: list[torch.Tensor]
+    rows: list[list[int]]  # per entry of `states`, ascending
+    batch_size: int
+
+    @property
+    def width(self) -> int:
+        """The longest prefix: the prefix slots an eager forward needs."""
+        return max(state.shape[3] for state in self.states)
+
+    def padded(self) -> torch.Tensor:
+        """[layers, 2, B, kv_heads, width, head_dim]: one expanded view when every row shares one prefix (the
+        common case: one instruction on every query), else zeros with each prefix copied into its rows."""
+        if len(self.states) == 1 and len(self.rows[0]) == self.batch_size:
+            state = self.states[0]
+            return state.unsqueeze(2).expand(-1, -1, self.batch_size, -1, -1, -1)
+        some = self.states[0]
+        layers, _, heads, _, head_dim = some.shape
+        out = torch.zeros(layers, 2, self.batch_size, heads, self.width, head_dim, dtype=some.dtype,
+                          device=some.device)
+        self.copy_into(out)
+        return out
+
+    def copy_into(self, buffer: torch.Tensor) -> None:
+        """Copy each prefix into its rows' first slots of `buffer` ([layers, 2, >= B, kv_heads, >= width,
+        head_dim]; the other slots are left as they are): one copy per distinct prefix."""
+        for state, rows in zip(self.states, self.rows, strict=True):
+            n = state.shape[3]
+            if rows[-1] - rows[0] + 1 == len(rows):  # a run of rows: a slice, no index tensor to send
+                buffer[:, :, rows[0] : rows[-1] + 1, :, :n] = state.unsqueeze(2)
+            else:
+                buffer[:, :, torch.tensor(rows, device=buffer.device), :, :n] = state.unsqueeze(2)
+
+
 class PrefixKV:
     """Passed to the backbone as its cache for one forward.
 
-    `prefix`: per layer (keys, values) of shape [B, kv_heads, P, head_dim] (P the batch's longest prefix,
-    shorter ones zero-padded and masked), prepended to the layer's own key/values. `record`: keep each
-    layer's own (already rotated) key/values in `recorded`, to store them as prefixes.
+    `prefix`: [layers, 2, B, kv_heads, P, head_dim], every layer's prefix keys and values (P prefix slots,
+    each row's own prefix first, the rest masked), prepended to the layer's own key/values. `record`: keep
+    each layer's own (already rotated) key/values in `recorded`, to store them as prefixes.
     """
 
-    def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None, record: bool = False):
+    def __init__(self, prefix: torch.Tensor | None = None, record: bool = False):
         self.prefix = prefix
         self.record = record
         self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -124,30 +167,32 @@ class PrefixKV:
         return torch.cat([keys, key_states], dim=2), torch.cat([values, value_states], dim=2)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self.prefix is None else self.prefix[0][0].shape[2]
+        return 0 if self.prefix is None else self.prefix.shape[4]
 
 
-def attention_bias(prefix_lens: list[int] | None, lengths, width: int, dtype, device) -> torch.Tensor:
+def attention_bias(prefix_lens, lengths, width: int, dtype, device, prefix_slots: int | None = None) -> torch.Tensor:
     """Additive mask [B, 1, T, P + T]: row b's queries see its own prefix slots (the first prefix_lens[b] of P)
     and, causally, its own tokens. Padded queries still see their row's tokens, so no row is all -inf.
 
-    `lengths` may be a list or a device tensor; with `prefix_lens` None (no prefix slots) nothing here reads a
-    tensor's value on the host, so a CUDA graph can capture it with the lengths in a static buffer."""
+    `lengths` and `prefix_lens` may be lists or device tensors; P is `prefix_slots`, else the longest prefix
+    (0 with `prefix_lens` None). Given P, nothing here reads a tensor's value on the host, so a CUDA graph can
+    capture it with the lengths in static buffers."""
     lengths = torch.as_tensor(lengths, device=device)
     query = torch.arange(width, device=device)
     own = query[None, :] <= query[:, None]  # causal over the row's own tokens [T, T]
     valid = query[None, :] < lengths[:, None]  # [B, T]
     allowed = own[None] & valid[:, None, :]
-    slots = max(prefix_lens, default=0) if prefix_lens is not None else 0
+    slots = prefix_slots if prefix_slots is not None else max(prefix_lens, default=0) if prefix_lens is not None else 0
     if slots:
-        prefix = torch.arange(slots, device=device)[None, :] < torch.tensor(prefix_lens, device=device)[:, None]
+        prefix_lens = torch.as_tensor(prefix_lens, device=device)
+        prefix = torch.arange(slots, device=device)[None, :] < prefix_lens[:, None]
         allowed = torch.cat([prefix[:, None, :].expand(len(prefix_lens), width, slots), allowed], dim=2)
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
     bias.masked_fill_(~allowed, torch.finfo(dtype).min)
     return bias[:, None]
 
 
-__all__ = ["PrefixCache", "PrefixKV", "attention_bias", "DEFAULT_MAX_BYTES"]
+__all__ = ["PrefixCache", "PrefixKV", "RowPrefixes", "attention_bias", "DEFAULT_MAX_BYTES"]
 
 
 class PrefixCachingMixin:
@@ -167,9 +212,9 @@ class PrefixCachingMixin:
         """Changes whenever a backbone weight is replaced, modified in place, or moved (dtype, device)."""
         return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.model.parameters())
 
-    def prefix_states(self, rows: list[PreparedItem], adapters: list[str | None]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, the rows' prefix keys/values padded to the longest prefix: [B, kv_heads, P, head_dim].
-        Cached prefixes are reused; the missing ones are computed together in one forward and stored."""
+    def prefix_states(self, rows: list[PreparedItem], adapters: list[str | None]) -> RowPrefixes:
+        """The rows' prefix key/values, each distinct prefix once. Cached prefixes are reused; the missing ones
+        are computed together in one forward and stored."""
         cache = self.prefix_cache
         cache.check_weights(self._weights_identity())
         # the adapters' stacks are shared, so a change to any adapter (an in-place edit included) drops every
@@ -178,50 +223,28 @@ class PrefixCachingMixin:
         param = self.model.embed_tokens.weight
         keys = [(row.prefix_ids, self.lora.identity(adapter), param.dtype, param.device)
                 for row, adapter in zip(rows, adapters, strict=True)]
-        states: dict[tuple, list] = {}
-        missing: dict[tuple, str | None] = {}
-        for key, adapter in zip(keys, adapters, strict=True):
-            if key[0] and key not in states and key not in missing:
-                found = cache.get(key)
-                if found is None:
-                    missing[key] = adapter
-                else:
-                    states[key] = found
-        if missing:
-            computed = self._compute_prefixes([list(key[0]) for key in missing], list(missing.values()))
-            for key, layers in zip(missing, computed, strict=True):
-                cache.put(key, layers)
-                states[key] = layers
-        return self._pad_prefix_states(keys, states)
-
-    def _pad_prefix_states(self, keys: list[tuple], states: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, the rows' prefix key/values as one [B, kv_heads, P, head_dim] pair, in a few ops per
-        layer whatever the batch size (on a GPU every op is a launch): one expanded view when every row
-        shares one prefix (the common case: one instruction on every query), else one scatter per distinct
-        prefix into zeros."""
-        rows_of: dict[tuple, list[int]] = {}
+        rows_of: dict[tuple, list[int]] = {}  # each distinct prefix's rows
         for i, key in enumerate(keys):
             if key[0]:
                 rows_of.setdefault(key, []).append(i)
-        layers = range(len(self.model.layers))
-        if len(rows_of) == 1 and len(next(iter(rows_of.values()))) == len(keys):
-            only = states[next(iter(rows_of))]
-            return [tuple(t.unsqueeze(0).expand(len(keys), -1, -1, -1) for t in only[layer]) for layer in layers]
-        width = max(len(key[0]) for key in keys)
-        some = next(iter(states.values()))[0][0]
-        index = {key: torch.tensor(rows, device=some.device) for key, rows in rows_of.items()}
-        padded = []
-        for layer in layers:
-            shape = (len(keys), some.shape[0], width, some.shape[2])
-            k, v = torch.zeros(shape, dtype=some.dtype, device=some.device), torch.zeros(shape, dtype=some.dtype, device=some.device)
-            for key, rows in index.items():
-                n = len(key[0])
-                k[rows, :, :n], v[rows, :, :n] = states[key][layer]
-            padded.append((k, v))
-        return padded
+        states: dict[tuple, torch.Tensor] = {}
+        missing: dict[tuple, str | None] = {}
+        for key, prefix_rows in rows_of.items():
+            found = cache.get(key)
+            if found is None:
+                missing[key] = adapters[prefix_rows[0]]
+            else:
+                states[key] = found
+        if missing:
+            computed = self._compute_prefixes([list(key[0]) for key in missing], list(missing.values()))
+            for key, state in zip(missing, computed, strict=True):
+                cache.put(key, state)
+                states[key] = state
+        return RowPrefixes([states[key] for key in rows_of], list(rows_of.values()), len(keys))
 
-    def _compute_prefixes(self, prefixes: list[list[int]], adapters: list[str | None]) -> list[list[tuple]]:
-        """Key/values of several prefixes (text only), each through its adapter, in one forward."""
+    def _compute_prefixes(self, prefixes: list[list[int]], adapters: list[str | None]) -> list[torch.Tensor]:
+        """Key/values of several prefixes (text only), each through its adapter, in one forward: per prefix
+        [layers, 2, kv_heads, p, head_dim]."""
         lengths = [len(ids) for ids in prefixes]
         width = max(lengths)
         input_ids = torch.full((len(prefixes), width), self.processor.pad_token_id, dtype=torch.long)
@@ -234,8 +257,10 @@ class PrefixCachingMixin:
             bias = attention_bias([0] * len(prefixes), lengths, width, embeds.dtype, embeds.device)
             self.model(inputs_embeds=embeds, attention_mask={"full_attention": bias, "sliding_attention": bias},
                        position_ids=positions.to(self.device), use_cache=False, **{self._cache_argument: recorder})
-        return [[(k[i, :, :n].clone(), v[i, :, :n].clone()) for k, v in (recorder.recorded[layer]
-                 for layer in range(len(self.model.layers)))] for i, n in enumerate(lengths)]
+        layers = len(self.model.layers)
+        stacked = torch.stack([t for layer in range(layers) for t in recorder.recorded[layer]])
+        stacked = stacked.unflatten(0, (layers, 2))  # [layers, 2, prefixes, kv_heads, width, head_dim]
+        return [stacked[:, :, i, :, :n].clone() for i, n in enumerate(lengths)]
 
     @functools.cached_property
     def _cache_argument(self) -> str:

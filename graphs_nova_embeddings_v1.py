@@ -3,17 +3,21 @@ that bucket's static input buffers.
 
 Why: on a GPU a forward of a few short rows is bound by launching its thousands of operations, not by
 arithmetic; a replay launches them all at once. What is captured is `model.text_forward` (token embeddings,
-the language model with per-row LoRA routing, the multi-vector projector when asked) of a text-only batch
-without cached instruction prefixes, on CUDA, without gradients, with sdpa or eager attention. Everything else
-(images, cached prefixes, training, CPU, shapes outside the buckets, flash-attention 2) runs eagerly, with the
-same arithmetic.
+the language model with per-row LoRA routing and the rows' cached instruction prefixes, the multi-vector
+projector when asked) of a text-only batch, on CUDA, without gradients, with sdpa or eager attention.
+Everything else (images, training, CPU, shapes outside the buckets, flash-attention 2) runs eagerly, with
+the same arithmetic.
 
 A bucket is (rows rounded up to a power of two, the batch's padded length, which `pad_to_multiple_of` already
-rounds, LoRA on or off, multi-vector on or off). Rows added to fill a bucket are one pad token long, use no
-adapter, and are dropped from the output. All graphs share one memory pool; capture stops at `max_graphs`
-graphs or once they hold `memory_budget` bytes, and new shapes then run eagerly. Loading or unloading an
-adapter, or moving the model, drops every graph (they read the old tensors); an in-place weight edit needs
-nothing, since a replay reads the same memory.
+rounds, LoRA on or off, multi-vector on or off, prefix slots: the longest cached prefix rounded up to a
+multiple of 16, 0 without). Rows added to fill a bucket are one pad token long, use no adapter and no prefix,
+and are dropped from the output. A prefix bucket's static buffer holds every layer's prefix keys/values
+([layers, 2, rows, kv_heads, slots, head_dim]); each batch zeroes it (so a slot no row uses never holds a
+stale, possibly non-finite, value) and copies in each distinct prefix once. All graphs share one memory
+pool; capture stops at `max_graphs` graphs or once they hold `memory_budget` bytes (static buffers
+included), and new shapes then run eagerly. Loading or unloading an adapter, or moving the model, drops every
+graph (they read the old tensors); an in-place weight edit needs nothing, since a replay reads the same
+memory (the prefix cache drops the prefixes computed with the old weights, as without graphs).
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .caching_nova_embeddings_v1 import attention_bias
+from .caching_nova_embeddings_v1 import RowPrefixes, attention_bias
 from .processing_nova_embeddings_v1 import TokenBatch
+
+PREFIX_SLOTS_MULTIPLE = 16  # prefix buckets: instructions of 33 to 48 tokens share one graph
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class Bucket:
     length: int
     adapters: bool
     multivector: bool
+    prefix: int = 0  # prefix slots (0: no cached prefix)
 
 
 @dataclass
@@ -58,14 +65,23 @@ class StaticForward:
             self.position_ids = torch.zeros(3, bucket.rows, bucket.length, dtype=torch.long, device=device)
             self.slots = torch.full((bucket.rows,), model.lora.no_slot, dtype=torch.long, device=device) \
                 if bucket.adapters else None
+            self.prefix_lens = self.prefix_kv = None
+            if bucket.prefix:
+                config = model.model.config
+                head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+                self.prefix_lens = torch.zeros(bucket.rows, dtype=torch.long, device=device)
+                self.prefix_kv = torch.zeros(len(model.model.layers), 2, bucket.rows, config.num_key_value_heads,
+                                             bucket.prefix, head_dim, dtype=model.model.embed_tokens.weight.dtype,
+                                             device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, model) -> tuple[torch.Tensor, torch.Tensor | None]:
-        bias = attention_bias(None, self.lengths, self.bucket.length, model.model.embed_tokens.weight.dtype,
-                              self.input_ids.device)
+        bias = attention_bias(self.prefix_lens, self.lengths, self.bucket.length, model.model.embed_tokens.weight.dtype,
+                              self.input_ids.device, prefix_slots=self.bucket.prefix)
         attention = {"full_attention": bias, "sliding_attention": bias}
-        return model.text_forward(self.input_ids, attention, self.position_ids, self.slots, self.bucket.multivector)
+        return model.text_forward(self.input_ids, attention, self.position_ids, self.slots, self.bucket.multivector,
+                                  self.prefix_kv)
 
     def capture(self, model, pool) -> None:
         """Warm up on a side stream (cuBLAS and the allocator set themselves up outside the capture), then
@@ -80,8 +96,10 @@ class StaticForward:
         with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = self.forward(model)
 
-    def fill(self, batch: TokenBatch, position_ids: torch.Tensor, slots: list[int], no_slot: int) -> None:
-        """Copy a batch (host tensors) into the buffers: one host-to-device copy per buffer."""
+    def fill(self, batch: TokenBatch, position_ids: torch.Tensor, slots: list[int], no_slot: int,
+             prefixes: RowPrefixes | None = None) -> None:
+        """Copy a batch (host tensors) into the buffers: one host-to-device copy per buffer; its prefixes
+        (device tensors) with one zeroing and one copy per distinct prefix."""
         rows, length = self.bucket.rows, self.bucket.length
         n = batch.input_ids.shape[0]
         ids = torch.full((rows, length), self.pad_token_id, dtype=torch.long)
@@ -95,6 +113,10 @@ class StaticForward:
         self.position_ids.copy_(positions, non_blocking=True)
         if self.slots is not None:
             self.slots.copy_(torch.tensor(slots + [no_slot] * (rows - n)), non_blocking=True)
+        if self.prefix_kv is not None:
+            self.prefix_lens.copy_(torch.tensor(batch.prefix_lens + [0] * (rows - n)), non_blocking=True)
+            self.prefix_kv.zero_()
+            prefixes.copy_into(self.prefix_kv)
 
     def run(self, model, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The filled batch's (hidden, projected), as copies: the buffers are overwritten by the next batch."""
@@ -113,8 +135,10 @@ class TextGraphs:
     def __init__(self):
         self.enabled = False
         self.capture = True
+        self.prefixes = True  # batches with cached instruction prefixes too (prefix buckets)
         self.max_rows = 64
         self.max_length = 512
+        self.max_prefix_length = 256
         self.max_graphs = 64
         self.memory_budget = 4 << 30
         self.stats = GraphStats()
@@ -123,15 +147,21 @@ class TextGraphs:
         self._identity: tuple | None = None
 
     def configure(self, enabled: bool | None = None, *, max_rows: int | None = None, max_length: int | None = None,
-                  max_graphs: int | None = None, memory_budget: int | None = None, capture: bool | None = None) -> None:
+                  max_graphs: int | None = None, memory_budget: int | None = None, capture: bool | None = None,
+                  prefixes: bool | None = None, max_prefix_length: int | None = None) -> None:
         """Change the switch or a limit (dropping the graphs captured so far). `capture=False` runs the bucket
-        path eagerly on its static buffers: any device, no graph (for tests)."""
+        path eagerly on its static buffers: any device, no graph (for tests). `prefixes=False` leaves batches
+        with cached instruction prefixes to the eager forward."""
         for name, value in (("max_rows", max_rows), ("max_length", max_length), ("max_graphs", max_graphs),
-                            ("memory_budget", memory_budget)):
+                            ("memory_budget", memory_budget), ("max_prefix_length", max_prefix_length)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"cuda graphs: {name} must be a non-negative integer, got {value!r}")
-        updates = {"enabled": enabled, "capture": capture, "max_rows": max_rows, "max_length": max_length,
-                   "max_graphs": max_graphs, "memory_budget": memory_budget}
+        for name, value in (("enabled", enabled), ("capture", capture), ("prefixes", prefixes)):
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"cuda graphs: {name} must be True or False, got {value!r}")
+        updates = {"enabled": enabled, "capture": capture, "prefixes": prefixes, "max_rows": max_rows,
+                   "max_length": max_length, "max_graphs": max_graphs, "memory_budget": memory_budget,
+                   "max_prefix_length": max_prefix_length}
         for name, value in updates.items():
             if value is not None:
                 setattr(self, name, value)
@@ -148,10 +178,12 @@ class TextGraphs:
         self._identity = None
         self.stats.memory_bytes = 0
 
-    def run(self, model, batch: TokenBatch, prefix_kv, position_ids: torch.Tensor, adapters: list[str | None],
-            multivector: bool):
+    def run(self, model, batch: TokenBatch, prefixes: RowPrefixes | None, position_ids: torch.Tensor,
+            adapters: list[str | None], multivector: bool):
         """(hidden, projected) of `batch` through its bucket's graph, or None where the batch runs eagerly."""
-        if not self.enabled or prefix_kv is not None or batch.image_rows or torch.is_grad_enabled():
+        if not self.enabled or batch.image_rows or torch.is_grad_enabled():
+            return None
+        if prefixes is not None and not self.prefixes:
             return None
         if self.capture and model.device.type != "cuda":
             return None
@@ -160,35 +192,38 @@ class TextGraphs:
         rows, length = batch.input_ids.shape
         self._check_identity(model)
         slots = model.lora.slot_indices(adapters)
-        bucket = Bucket(_power_of_two(rows), length, any(slot != model.lora.no_slot for slot in slots), multivector)
+        prefix = _round_up(prefixes.width, PREFIX_SLOTS_MULTIPLE) if prefixes is not None else 0
+        bucket = Bucket(_power_of_two(rows), length, any(slot != model.lora.no_slot for slot in slots), multivector,
+                        prefix)
         forward = self._forwards.get(bucket) or self._add(model, bucket)
         if forward is None:
             self.stats.eager += 1
             return None
-        forward.fill(batch, position_ids, slots, model.lora.no_slot)
+        forward.fill(batch, position_ids, slots, model.lora.no_slot, prefixes)
         self.stats.replays += 1
         return forward.run(model, rows)
 
     def prepare(self, model, rows=(1, 2, 4, 8, 16, 32), lengths=(16, 32, 64), adapters=(False, True),
-                multivector=(False,)) -> list[Bucket]:
-        """Capture these buckets now (at load, say) instead of on their first batch, within the same limits.
-        Returns the buckets held afterwards."""
+                multivector=(False,), prefixes=(0,)) -> list[Bucket]:
+        """Capture these buckets now (at load, say) instead of on their first batch, within the same limits
+        (`prefixes`: prefix lengths, rounded up to their slots as batches are; 0: none). Returns the buckets
+        held afterwards."""
         self._check_identity(model)
         with torch.inference_mode():
-            for bucket in (Bucket(_power_of_two(r), n, a, m) for r in rows for n in lengths for a in adapters
-                           for m in multivector):
+            for bucket in (Bucket(_power_of_two(r), n, a, m, _round_up(p, PREFIX_SLOTS_MULTIPLE)) for r in rows
+                           for n in lengths for a in adapters for m in multivector for p in prefixes):
                 if bucket not in self._forwards and not (bucket.adapters and not model.lora.adapters):
                     self._add(model, bucket)
         return self.buckets
 
     def _add(self, model, bucket: Bucket) -> StaticForward | None:
-        if (bucket.rows > self.max_rows or bucket.length > self.max_length or len(self._forwards) >= self.max_graphs
-                or self.stats.memory_bytes >= self.memory_budget):
+        if (bucket.rows > self.max_rows or bucket.length > self.max_length or bucket.prefix > self.max_prefix_length
+                or len(self._forwards) >= self.max_graphs or self.stats.memory_bytes >= self.memory_budget):
             return None
+        device = model.device
+        before = torch.cuda.memory_allocated(device) if self.capture else 0
         forward = StaticForward(model, bucket)
         if self.capture:
-            device = model.device
-            before = torch.cuda.memory_allocated(device)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             forward.capture(model, self._pool)
@@ -208,6 +243,10 @@ class TextGraphs:
 
 def _power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 __all__ = ["TextGraphs", "StaticForward", "Bucket", "GraphStats"]

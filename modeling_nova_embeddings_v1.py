@@ -19,7 +19,7 @@ from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel, Qwen2_5_VLTextModel
 from transformers.utils import logging
 
-from .caching_nova_embeddings_v1 import PrefixCache, PrefixCachingMixin, PrefixKV, attention_bias
+from .caching_nova_embeddings_v1 import PrefixCache, PrefixCachingMixin, PrefixKV, RowPrefixes, attention_bias
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
 from .graphs_nova_embeddings_v1 import TextGraphs
 from .jina_nova_embeddings_v1 import JinaV4Mixin
@@ -155,11 +155,11 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
 
     # ---- forward -------------------------------------------------------------------------------------
 
-    def forward_hidden(self, batch: TokenBatch, adapters: list[str | None], prefix_kv=None, multivector: bool = True,
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_hidden(self, batch: TokenBatch, adapters: list[str | None], prefixes: RowPrefixes | None = None,
+                       multivector: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(last hidden states [B, T, H], multi-vector projections [B, T, 128] or None) of a collated batch,
-        each row through its own adapter. With `prefix_kv` (per layer [B, kv_heads, P, head_dim] key/values of
-        the rows' dropped prefixes, see `collate(drop_prefix=True)`), the rows continue after their prefix."""
+        each row through its own adapter. With `prefixes` (the key/values of the rows' dropped prefixes, see
+        `collate(drop_prefix=True)` and `prefix_states`), the rows continue after their prefix."""
         check_backbone_dtype(self.model.embed_tokens.weight.dtype)
         device = self.device
         input_ids = batch.input_ids.to(device)
@@ -167,9 +167,10 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
         pixel_grids = batch.pixel_grid_thw
         image_tokens = pixel_grids.prod(-1).tolist() if pixel_grids is not None else []
         position_ids = batch.position_ids if batch.position_ids is not None else self.rope_positions(batch)
-        graphed = self.cuda_graphs.run(self, batch, prefix_kv, position_ids, adapters, multivector)
+        graphed = self.cuda_graphs.run(self, batch, prefixes, position_ids, adapters, multivector)
         if graphed is not None:
             return graphed
+        prefix_kv = prefixes.padded() if prefixes is not None else None
         position_ids = position_ids.to(device)
         attention = self.attention_masks(batch, self.model.embed_tokens.weight.dtype, device)
         with self.lora.route(adapters, batch.pixel_rows, image_tokens, merge * merge):
@@ -181,13 +182,15 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
             return self.language_pass(inputs_embeds, attention, position_ids, prefix_kv, multivector)
 
     def text_forward(self, input_ids: torch.Tensor, attention, position_ids: torch.Tensor, slots: torch.Tensor | None,
-                     multivector: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`forward_hidden` of a text-only batch without cached prefixes, as a function of fixed-shape device
-        tensors (`slots`: each row's adapter slot, `lora.slot_indices`; None: no adapter). No host sync, no
-        data-dependent shape, no branch on a tensor's value: a CUDA graph captures it, and
-        `torch.compile(fullgraph=True)` traces it whole (the tests hold it to that)."""
+                     multivector: bool, prefix_kv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward_hidden` of a text-only batch, as a function of fixed-shape device tensors (`slots`: each
+        row's adapter slot, `lora.slot_indices`; None: no adapter; `prefix_kv`: cached prefixes' key/values,
+        `RowPrefixes.padded()`'s shape). No host sync, no data-dependent shape, no branch on a tensor's value:
+        a CUDA graph captures it, and `torch.compile(fullgraph=True)` traces it whole (the tests hold it to
+        that)."""
         with self.lora.routed(None if slots is None else self.lora.routing_for(slots)):
-            return self.language_pass(self.model.embed_tokens(input_ids), attention, position_ids, None, multivector)
+            return self.language_pass(self.model.embed_tokens(input_ids), attention, position_ids, prefix_kv,
+                                      multivector)
 
     def language_pass(self, inputs_embeds, attention, position_ids, prefix_kv, multivector: bool):
         """(last hidden states, multi-vector projections or None) from input embeddings."""
@@ -206,8 +209,8 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
         return {"full_attention": bias, "sliding_attention": bias}
 
     def text_backbone(self, inputs_embeds: torch.Tensor, attention, position_ids: torch.Tensor,
-                      prefix_kv=None) -> torch.Tensor:
-        """Last hidden states of the language model. With `prefix_kv` (per layer [B, kv_heads, P, head_dim]
+                      prefix_kv: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden states of the language model. With `prefix_kv` ([layers, 2, B, kv_heads, P, head_dim]
         key/values of the rows' dropped prefixes), the rows continue after their prefix."""
         cache = {} if prefix_kv is None else {self._cache_argument: PrefixKV(prefix_kv)}
         return self.model(inputs_embeds=inputs_embeds, attention_mask=attention, position_ids=position_ids,
@@ -308,8 +311,8 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
                        if a is not None and a not in self.lora.adapters]
             if missing:
                 raise ValueError(f"item {missing[0][0].index}: adapter {missing[0][1]!r} is not loaded")
-            prefix_kv = self.prefix_states(collated.rows, row_adapters) if collated.drop_prefix else None
-            hidden, projected = self.forward_hidden(batch, row_adapters, prefix_kv, multivector)
+            prefixes = self.prefix_states(collated.rows, row_adapters) if collated.drop_prefix else None
+            hidden, projected = self.forward_hidden(batch, row_adapters, prefixes, multivector)
         pooled_out = tokens = token_mask = None
         if pooled:
             mask = batch.pool_mask.to(hidden.device).unsqueeze(-1)

@@ -13,7 +13,8 @@ Parts (each prints its figures; a failed check exits non-zero at the end, after 
   3. throughput of a given shape (`--size full`: config.json at the repository root, Jina V4's 3B shape) with
      random bf16 weights generated on the device, random rank-32 adapters: text bs=1 (P50 latency), text
      bs=32, images bs=8, one and three adapters bs=16, a 40-token instruction on short queries; eagerly,
-     then with CUDA graphs (checked against eager first, cosine >= 0.9999); printed next to the model
+     then with CUDA graphs (checked against eager first, cosine >= 0.9999; the instructed batch once through
+     a prefix bucket and once with prefix buckets off, to decide which pays); printed next to the model
      card's A100 figures (15 ms P50 at bs=1, 400 req/s at bs=32) and against the GPU-forward targets.
   4. new batch shapes: a stream of 64 batches of shapes not run before, timed, then again; padded to a
      multiple of 16 (the CUDA default) and of 1.
@@ -323,6 +324,7 @@ def throughput(device, args, rounds, failures) -> dict:
         ("three adapters bs=16", mixed),
         ("text bs=32 + 40-token instruction", instructed),
         ("same, naive (no prefix cache)", instructed),
+        ("same, prefix cache, prefixes eager", instructed),  # graphs pass only: prefix buckets off
     ]
     results: dict = {}
     live = model.prefix_cache
@@ -330,7 +332,8 @@ def throughput(device, args, rounds, failures) -> dict:
     for mode in passes:
         if mode == "cuda graphs":
             model.configure_cuda_graphs(True, capture=device.type == "cuda")
-            for label, batch in (("text bs=32", queries), ("three adapters bs=16", mixed)):
+            for label, batch in (("text bs=32", queries), ("three adapters bs=16", mixed),
+                                 ("text bs=32 + 40-token instruction", instructed)):
                 got = both(model, batch, len(batch))
                 model.cuda_graphs.enabled = False
                 want = both(model, batch, len(batch))
@@ -339,7 +342,10 @@ def throughput(device, args, rounds, failures) -> dict:
         results[mode] = figures = {}
         print(f"  -- {mode}")
         for label, batch in cases:
+            if "prefixes eager" in label and mode == "eager":
+                continue
             model.prefix_cache = type(live)(0) if "naive" in label else live
+            model.cuda_graphs.prefixes = "prefixes eager" not in label  # no configure(): it drops the graphs
             times = timed(lambda batch=batch, model=model: model.encode(batch, batch_size=len(batch)), device, rounds)
             p50 = statistics.median(times)
             figures[label] = {"p50_ms": p50 * 1e3, "items_per_s": len(batch) / p50, "batch": len(batch)}
@@ -351,6 +357,10 @@ def throughput(device, args, rounds, failures) -> dict:
         mix = figures["three adapters bs=16"]["p50_ms"] / figures["one adapter bs=16"]["p50_ms"]
         print(f"  instruction / no instruction throughput: {instr / base:.2f}x (naive {naive / base:.2f}x); "
               f"three adapters / one adapter time at bs=16: {mix:.2f}x")
+        if "same, prefix cache, prefixes eager" in figures:
+            unbucketed = figures["same, prefix cache, prefixes eager"]["items_per_s"]
+            print(f"  instructed batches through prefix buckets / eagerly: {instr / unbucketed:.2f}x "
+                  f"(instructed / uninstructed with prefixes eager: {unbucketed / base:.2f}x)")
         measured = {"text bs=1 P50 ms": figures["text bs=1"]["p50_ms"], "text bs=32 items/s": base,
                     "three / one adapter": mix, "images bs=8 ms": figures["images bs=8"]["p50_ms"],
                     "instructed / uninstructed": instr / base}

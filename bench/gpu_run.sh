@@ -90,7 +90,7 @@ if [ -z "${SKIP_FULL:-}" ]; then
 fi
 
 echo "=== summary"
-grep -h -e "^device:" -e " ok$" -e "FAIL" -e "P50" -e "here (" -e "padded to a multiple" -e "target " -e "cuda graphs:" -e "three adapters / one" "$OUT/check.log"
+grep -h -e "^device:" -e " ok$" -e "FAIL" -e "P50" -e "here (" -e "padded to a multiple" -e "target " -e "cuda graphs:" -e "three adapters / one" -e "prefix buckets" "$OUT/check.log"
 for name in small-sentences open-loop full-items full-sentences; do
     [ -f "$OUT/$name.log" ] || continue
     echo "--- $name"

@@ -149,8 +149,8 @@ class Settings:
              "costs a GPU a slow first forward; 0 = 16 on CUDA, 1 on CPU")
     cuda_graphs: bool = setting(
         False, group="batching",
-        help="replay text-only batches through CUDA graphs, one per batch shape (rows, padded length), captured "
-             "on first use; needs the model on CUDA")
+        help="replay text-only batches through CUDA graphs, one per batch shape (rows, padded length, cached "
+             "instruction prefix slots), captured on first use; needs the model on CUDA")
     prefix_cache_mb: int = setting(
         256, group="batching", type=non_negative_int, metavar="MB",
         help="memory for cached instruction-prefix key/values (LRU); 0 disables")

@@ -3,6 +3,8 @@ text forward with no host sync or graph break, the CUDA-graph bucket path (its s
 here), and cached prefixes that follow in-place adapter edits. Operation counts are machine-independent: on a
 GPU each non-view operation is a kernel launch."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -111,6 +113,81 @@ def test_bucket_graphs_follow_adapter_loads_and_in_place_edits(bucketed, tiny_di
     edited = bucketed.encode([item])[0]
     assert float(edited @ before) < 0.99999
     assert torch.allclose(edited, eager(bucketed, lambda: bucketed.encode([item])[0]), atol=1e-6)
+
+
+INSTRUCTED = [
+    {"text": TEXTS[0], "instructions": "Find Python code", "adapter": "code"},
+    {"text": TEXTS[1], "instructions": "Find Python code", "adapter": "retrieval"},
+    {"text": TEXTS[2]},  # no prefix in a batch of prefixes
+    {"text": TEXTS[3], "instructions": "Given a question, retrieve passages that answer it", "adapter": "code"},
+    {"text": TEXTS[4], "instructions": "Find Python code", "adapter": "code"},
+]
+
+
+def prefix_buckets(model):
+    return [bucket for bucket in model.cuda_graphs.buckets if bucket.prefix]
+
+
+def test_bucket_path_is_exact_for_cached_prefixes(bucketed):
+    """Batches with cached instruction prefixes go through prefix buckets (the prefix's slots rounded up to a
+    multiple of 16) and give the eager forward's vectors, with the cache and without it."""
+    shared = [{"text": t, "instructions": "Find Python code", "adapter": "code"} for t in TEXTS[:4]]
+    for items in (shared, INSTRUCTED):
+        longest = max(len(bucketed.processor.prepare_item(item).prefix_ids) for item in items)
+        for multivector in (False, True):
+            replays = bucketed.cuda_graphs.stats.replays
+            got = bucketed.encode(items, batch_size=len(items), return_multivector=multivector)
+            assert bucketed.cuda_graphs.stats.replays == replays + 1
+            assert [bucket.prefix for bucket in bucketed.cuda_graphs.buckets] == [16 * -(-longest // 16)]
+            want = eager(bucketed, lambda items=items, mv=multivector: bucketed.encode(
+                items, batch_size=len(items), return_multivector=mv))
+            bucketed.prefix_cache.configure(0)
+            uncached = eager(bucketed, lambda items=items, mv=multivector: bucketed.encode(
+                items, batch_size=len(items), return_multivector=mv))
+            bucketed.prefix_cache.configure(64 << 20)
+            for a, b, c in zip(got, want, uncached, strict=True):
+                assert a.shape == b.shape == c.shape
+                assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
+
+
+def test_a_prefix_bucket_never_reads_another_batchs_slots(bucketed):
+    """Slots that no row of the batch uses are zeroed: a non-finite value left in the static buffer (a
+    previous batch's overflowed prefix, say) cannot reach the rows of the next."""
+    bucketed.encode(INSTRUCTED, batch_size=len(INSTRUCTED))
+    (bucket,) = prefix_buckets(bucketed)
+    bucketed.cuda_graphs._forwards[bucket].prefix_kv.fill_(float("nan"))
+    shorter = [dict(item, instructions="Find code") if item.get("instructions") == "Find Python code" else item
+               for item in INSTRUCTED]
+    got = bucketed.encode(shorter, batch_size=len(shorter))
+    assert prefix_buckets(bucketed) == [bucket]  # the same bucket, its buffer reused
+    want = eager(bucketed, lambda: bucketed.encode(shorter, batch_size=len(shorter)))
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_prefix_buckets_can_be_left_to_the_eager_forward(bucketed):
+    bucketed.cuda_graphs.configure(prefixes=False)
+    bucketed.encode(INSTRUCTED, batch_size=len(INSTRUCTED))
+    assert bucketed.cuda_graphs.stats.replays == 0 and not bucketed.cuda_graphs.buckets
+    bucketed.cuda_graphs.configure(prefixes=True)
+    held = bucketed.cuda_graphs.prepare(bucketed, rows=(3,), lengths=(16,), adapters=(False,), prefixes=(0, 40))
+    assert [dataclasses.astuple(bucket) for bucket in held] == [(4, 16, False, False, 0), (4, 16, False, False, 48)]
+    with pytest.raises(ValueError, match="cuda graphs: prefixes must be True or False, got 'no'"):
+        bucketed.cuda_graphs.configure(prefixes="no")
+
+
+def test_a_prefix_bucket_forward_traces_whole(bucketed):
+    """What a prefix bucket captures (the attention bias from its static lengths, the prefix key/values, the
+    routed text forward) has no graph break and no host sync."""
+    bucketed.encode(INSTRUCTED, batch_size=len(INSTRUCTED))
+    (bucket,) = prefix_buckets(bucketed)
+    forward = bucketed.cuda_graphs._forwards[bucket]
+    torch._dynamo.reset()
+    compiled = torch.compile(forward.forward, fullgraph=True, backend="eager")
+    with torch.inference_mode():
+        want_hidden, _ = forward.forward(bucketed)
+        hidden, _ = compiled(bucketed)
+    assert torch.equal(hidden, want_hidden)
 
 
 def test_cached_prefixes_follow_in_place_adapter_edits(fresh_model):
