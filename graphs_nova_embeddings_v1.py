@@ -93,7 +93,10 @@ class StaticForward:
                 self.forward(model)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # "thread_local": a host sync in this forward still fails the capture, but other threads' CUDA calls do
+        # not (torch's default, "global", fails them): a server's model process captures new shapes while its
+        # reply thread waits on the previous forward's event and an adapter load may copy weights to the device
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.outputs = self.forward(model)
 
     def fill(self, batch: TokenBatch, position_ids: torch.Tensor, slots: list[int], no_slot: int,
