@@ -10,8 +10,8 @@
 #      bench/results/2026-11-27-h100*);
 #   3. on the full 3B shape, random bf16 weights written on the GPU (`nova tiny --size full`): open-loop load
 #      (bench/bench_load.py: Poisson arrivals from 8 client processes, swept to saturation, with the clients'
-#      own CPU use; extra flags in OPEN_LOOP_ARGS, e.g. --cuda-graphs or --http-workers 4), then 4 items per request and one
-#      sentence per request, closed loop.
+#      own CPU use; with --cuda-graphs when step 1 found the graphs exact, OPEN_LOOP_GRAPHS=0 to not; extra flags
+#      in OPEN_LOOP_ARGS, e.g. --http-workers 4), then 4 items per request and one sentence per request, closed loop.
 # PLAN=train measures `nova train`'s large contrastive batch (about 4 minutes):
 #   4. bench/bench_train.py on the full 3B shape, LoRA rank 32, bf16 autocast, gradient checkpointing: a contrastive
 #      batch of 1,024 query/passage pairs (passages of 100 words, about 100 tokens) embedded 32 at a time
@@ -79,10 +79,19 @@ step small-sentences 90 "$PY" bench/bench_server.py --device "$DEVICE" --items "
 load_model=("${full_model[@]}")
 [ -z "${SKIP_FULL:-}" ] || load_model=(--size tiny)
 # ~25 s to load the server and the in-process model, a few to warm up, ~6 s per rate: 80 s with these settings
+# the server's target is with the graph-captured forward where it exists: --cuda-graphs (server and encode()
+# alike) once the check above found graphs exact on this GPU (all three comparisons ok); OPEN_LOOP_GRAPHS=0: off
+graphs=()
+if [ "${OPEN_LOOP_GRAPHS:-1}" = 1 ] && [ "$DEVICE" = cuda ] \
+        && [ "$(grep -c '^  graphs vs eager, .* ok$' "$OUT/check.log")" -ge 3 ] \
+        && ! grep -q '^  graphs vs eager, .* FAIL$' "$OUT/check.log"; then
+    graphs=(--cuda-graphs)
+fi
+echo "=== open-loop forward: ${graphs[*]:-eager}"
 # shellcheck disable=SC2086  # OPEN_LOOP_ARGS: extra flags, word-split on purpose
 step open-loop 80 "$PY" bench/bench_load.py --device "$DEVICE" "${load_model[@]}" --client-processes 8 \
     --start-rate 100 --duration 2 --drain 4 --refine 1 --sentences 256 --encode-batch-sizes 32,64 --closed-loop 32 \
-    ${OPEN_LOOP_ARGS:-}
+    "${graphs[@]}" ${OPEN_LOOP_ARGS:-}
 if [ -z "${SKIP_FULL:-}" ]; then
     step full-items 70 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" --model /tmp/nova-full
     step full-sentences 100 "$PY" bench/bench_server.py --device "$DEVICE" --items "$ITEMS" --rounds "$ROUNDS" --model /tmp/nova-full \
