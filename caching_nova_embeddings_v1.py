@@ -192,9 +192,6 @@ def attention_bias(prefix_lens, lengths, width: int, dtype, device, prefix_slots
     return bias[:, None]
 
 
-__all__ = ["PrefixCache", "PrefixKV", "RowPrefixes", "attention_bias", "DEFAULT_MAX_BYTES"]
-
-
 class PrefixCachingMixin:
     """How the model uses its `PrefixCache`: which batches it applies to, the rows' prefix key/values (cached,
     or computed together in one forward and stored), and when cached ones go stale (a weight replaced, edited in
@@ -267,3 +264,6 @@ class PrefixCachingMixin:
         """The backbone's name for its cache argument (`cache` in newer transformers, `past_key_values` before);
         read once, not on every batch."""
         return "cache" if "cache" in inspect.signature(type(self.model).forward).parameters else "past_key_values"
+
+
+__all__ = ["PrefixCache", "PrefixKV", "RowPrefixes", "PrefixCachingMixin", "attention_bias", "DEFAULT_MAX_BYTES"]

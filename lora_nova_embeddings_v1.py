@@ -446,9 +446,6 @@ def _input_groups(modules: list[str]) -> dict[str, tuple[str, ...]]:
     return groups
 
 
-__all__ = ["LoraRegistry", "LoraAdapter", "LoraGroup", "LoraRouting", "read_peft_folder", "normalize_module_name"]
-
-
 class AdapterMixin:
     """The model's adapter API (`load_adapter`, `unload_adapter`, `list_adapters`, `adapter_state`, the task
     adapters a checkpoint ships), next to the registry it drives. Mixed into the model class, as PEFT's
@@ -543,3 +540,7 @@ def check_targets(config: dict, pairs: dict, name: str) -> None:
         unmatched = [m for m in pairs if not any(m == t or m.endswith("." + t) for t in targets)]
     if unmatched:
         raise ValueError(f"adapter {name!r}: weights for {unmatched[0]!r}, which target_modules {targets!r} does not name")
+
+
+__all__ = ["LoraRegistry", "LoraAdapter", "LoraGroup", "LoraRouting", "AdapterMixin", "read_peft_folder",
+           "peft_folder", "normalize_module_name"]
