@@ -12,13 +12,15 @@ layer's keys and values stacked: [layers, 2, kv_heads, p, head_dim], so that a b
 backbone as its cache: it records each layer's key/values (to fill the store) and/or prepends a batch's
 padded prefix key/values. It implements only what the attention layers call (`update`), so it does not
 depend on the Cache classes that change between transformers releases. `PrefixCachingMixin` is how the model
-uses them (mixed into the model class).
+uses them (mixed into the model class). `WeightsWatch` is how the caches built from the weights (these
+prefixes, and the CUDA graphs) notice that the weights changed.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,6 +31,53 @@ from .lora_nova_embeddings_v1 import NO_ROUTE
 from .processing_nova_embeddings_v1 import PreparedItem
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+_registrations = 0  # parameters, buffers and submodules registered by any module of this process so far
+
+
+def _count_registration(*_) -> None:
+    global _registrations
+    _registrations += 1
+
+
+_VERSION = operator.attrgetter("_version")
+
+for _hook in ("parameter", "buffer", "module"):  # returning None keeps what is registered as it is
+    getattr(torch.nn.modules.module, f"register_module_{_hook}_registration_hook")(_count_registration)
+
+
+class WeightsWatch:
+    """Whether a module's parameters (or buffers) changed since a cache was built from them.
+
+    `storage()`: each tensor's memory (and the first one's dtype and device), which changes when a tensor is
+    replaced (`module.weight = ...`, `load_state_dict(assign=True)`, `.data = ...`) or moved (`.to()`,
+    `.half()`): what a CUDA graph reads. `state()`: that and each tensor's in-place version counter, which an
+    in-place edit bumps: what cached key/values were computed from. Both read a list of the tensors kept
+    between calls, not the module tree (walking 36 layers' modules costs ~0.6 ms of CPU per call, the list a
+    tenth of it); the list is rebuilt after any module registers a parameter, buffer or submodule (torch's
+    global registration hooks count them), since that is how a module gets a new tensor or loses one, and when
+    its first tensor is no longer the one listed (a `.to()` that replaces every Parameter object)."""
+
+    def __init__(self, kind: str = "parameters"):
+        self.kind = kind  # "parameters" or "buffers"
+        self._tensors: list[torch.Tensor] = []
+        self._seen: tuple | None = None
+
+    def tensors(self, module: torch.nn.Module) -> list[torch.Tensor]:
+        seen = (_registrations, id(module))
+        first = next(getattr(module, self.kind)(), None)  # `.to()` may swap in new Parameters without registering
+        if seen != self._seen or (self._tensors[0] if self._tensors else None) is not first:
+            self._tensors, self._seen = list(getattr(module, self.kind)()), seen
+        return self._tensors
+
+    def storage(self, module: torch.nn.Module) -> tuple:
+        tensors = self.tensors(module)
+        where = (tensors[0].dtype, tensors[0].device) if tensors else ()
+        return (*where, *map(torch.Tensor.data_ptr, tensors))
+
+    def state(self, module: torch.nn.Module) -> tuple:
+        return self.storage(module), tuple(map(_VERSION, self.tensors(module)))
+
 
 
 class PrefixCache:
@@ -196,7 +245,16 @@ class PrefixCachingMixin:
     """How the model uses its `PrefixCache`: which batches it applies to, the rows' prefix key/values (cached,
     or computed together in one forward and stored), and when cached ones go stale (a weight replaced, edited in
     place or moved; an adapter changed). Mixed into the model class; it reads the model's `prefix_cache`, `lora`,
-    `model` (the backbone), `processor` and `device`."""
+    `model` (the backbone), `processor` and `device`, and keeps `backbone_watch` and `adapters_watch`
+    (`WeightsWatch`es of the backbone's parameters and of the adapters' stacked buffers)."""
+
+    @functools.cached_property
+    def backbone_watch(self) -> WeightsWatch:
+        return WeightsWatch("parameters")
+
+    @functools.cached_property
+    def adapters_watch(self) -> WeightsWatch:
+        return WeightsWatch("buffers")
 
     def _prefix_cache_applies(self, rows: list[PreparedItem]) -> bool:
         """sdpa/eager attention (their additive masks express per-row prefixes; flash-attention 2 would need
@@ -205,18 +263,14 @@ class PrefixCachingMixin:
                 and self.model.config._attn_implementation in ("sdpa", "eager")
                 and any(row.prefix_len for row in rows))
 
-    def _weights_identity(self) -> tuple:
-        """Changes whenever a backbone weight is replaced, modified in place, or moved (dtype, device)."""
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.model.parameters())
-
     def prefix_states(self, rows: list[PreparedItem], adapters: list[str | None]) -> RowPrefixes:
         """The rows' prefix key/values, each distinct prefix once. Cached prefixes are reused; the missing ones
         are computed together in one forward and stored."""
         cache = self.prefix_cache
-        cache.check_weights(self._weights_identity())
+        cache.check_weights(self.backbone_watch.state(self.model))
         # the adapters' stacks are shared, so a change to any adapter (an in-place edit included) drops every
         # adapter's prefixes; prefixes computed without an adapter stay
-        cache.check_weights(self.lora.weights_identity(), part="adapters", depends=lambda key: key[1] != NO_ROUTE)
+        cache.check_weights(self.adapters_watch.state(self.lora), part="adapters", depends=lambda key: key[1] != NO_ROUTE)
         param = self.model.embed_tokens.weight
         keys = [(row.prefix_ids, self.lora.identity(adapter), param.dtype, param.device)
                 for row, adapter in zip(rows, adapters, strict=True)]
@@ -266,4 +320,5 @@ class PrefixCachingMixin:
         return "cache" if "cache" in inspect.signature(type(self.model).forward).parameters else "past_key_values"
 
 
-__all__ = ["PrefixCache", "PrefixKV", "RowPrefixes", "PrefixCachingMixin", "attention_bias", "DEFAULT_MAX_BYTES"]
+__all__ = ["PrefixCache", "PrefixKV", "RowPrefixes", "PrefixCachingMixin", "WeightsWatch", "attention_bias",
+           "DEFAULT_MAX_BYTES"]

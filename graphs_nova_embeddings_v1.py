@@ -15,9 +15,10 @@ and are dropped from the output. A prefix bucket's static buffer holds every lay
 ([layers, 2, rows, kv_heads, slots, head_dim]); each batch zeroes it (so a slot no row uses never holds a
 stale, possibly non-finite, value) and copies in each distinct prefix once. All graphs share one memory
 pool; capture stops at `max_graphs` graphs or once they hold `memory_budget` bytes (static buffers
-included), and new shapes then run eagerly. Loading or unloading an adapter, or moving the model, drops every
-graph (they read the old tensors); an in-place weight edit needs nothing, since a replay reads the same
-memory (the prefix cache drops the prefixes computed with the old weights, as without graphs).
+included), and new shapes then run eagerly. Loading or unloading an adapter, replacing a weight's tensor or
+moving the model drops every graph (they read the old tensors; `WeightsWatch` notices); an in-place weight
+edit needs nothing, since a replay reads the same memory (the prefix cache drops the prefixes computed with
+the old weights, as without graphs).
 """
 
 from __future__ import annotations
@@ -236,9 +237,12 @@ class TextGraphs:
         return forward
 
     def _check_identity(self, model) -> None:
-        """Drop every graph when the tensors they read were replaced (adapters rebuilt, model moved)."""
-        weight = model.model.embed_tokens.weight
-        identity = (model.lora.generation, weight.data_ptr(), weight.dtype, weight.device)
+        """Drop every graph when the tensors they read were replaced (adapters rebuilt, a weight assigned, the
+        model moved). In-place edits keep them: a replay reads the same memory."""
+        projector = model.multi_vector_projector
+        identity = (model.lora.generation, model.backbone_watch.storage(model.model),
+                    model.adapters_watch.storage(model.lora), projector.weight.data_ptr(),
+                    projector.bias.data_ptr() if projector.bias is not None else None)
         if identity != self._identity:
             self.clear()
             self._identity = identity

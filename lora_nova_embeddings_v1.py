@@ -250,10 +250,6 @@ class LoraRegistry(nn.Module):
         """A number that changes whenever the adapter behind `name` is replaced (load, unload, reload)."""
         return NO_ROUTE if name is None else self.adapters[name].adapter_id
 
-    def weights_identity(self) -> tuple:
-        """Changes whenever any resident adapter's matrices change: rebuilt, moved, or edited in place."""
-        return tuple((buffer.data_ptr(), buffer._version, buffer.dtype, buffer.device) for buffer in self.buffers())
-
     # ---- loading -------------------------------------------------------------------------------------
 
     def build(self, name: str, config: dict, pairs: dict, path: str = "") -> tuple[LoraAdapter, dict]:

@@ -115,6 +115,19 @@ def test_bucket_graphs_follow_adapter_loads_and_in_place_edits(bucketed, tiny_di
     assert torch.allclose(edited, eager(bucketed, lambda: bucketed.encode([item])[0]), atol=1e-6)
 
 
+def test_bucket_graphs_follow_replaced_weights(bucketed):
+    """A weight replaced by a new tensor (not edited in place) drops the graphs that read the old one."""
+    item = {"text": "a query routed to an adapter", "adapter": "code"}
+    before = bucketed.encode([item])[0]
+    layer = bucketed.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        layer.weight = torch.nn.Parameter(layer.weight * 1.5)
+    got = bucketed.encode([item])[0]
+    assert float(got @ before) < 0.99999
+    assert bucketed.cuda_graphs.stats.captured == 2  # dropped and captured again
+    assert torch.allclose(got, eager(bucketed, lambda: bucketed.encode([item])[0]), atol=1e-6)
+
+
 INSTRUCTED = [
     {"text": TEXTS[0], "instructions": "Find Python code", "adapter": "code"},
     {"text": TEXTS[1], "instructions": "Find Python code", "adapter": "retrieval"},

@@ -152,6 +152,30 @@ def test_dtype_move_and_weight_change_invalidate(model):
     assert float(bf16 @ uncached(model, [item])[0][0]) >= 0.999
 
 
+def _assign_parameter(model, weight):
+    model.model.layers[0].self_attn.k_proj.weight = torch.nn.Parameter(weight)
+
+
+def _assign_data(model, weight):
+    model.model.layers[0].self_attn.k_proj.weight.data = weight
+
+
+def _load_assigned(model, weight):
+    model.model.layers[0].self_attn.k_proj.load_state_dict({"weight": weight}, strict=False, assign=True)
+
+
+@pytest.mark.parametrize("replace", [_assign_parameter, _assign_data, _load_assigned])
+def test_a_replaced_weight_invalidates(model, replace):
+    """A weight replaced by a new tensor (not edited in place) drops the prefixes computed with the old one."""
+    item = {"text": "q", "instructions": "Find code"}
+    before = model.encode([item])[0]
+    with torch.no_grad():
+        replace(model, model.model.layers[0].self_attn.k_proj.weight * 1.5)
+    got = model.encode([item])[0]
+    assert float(got @ before) < 0.99999  # the change shows in the vector
+    assert float(got @ uncached(model, [item])[0][0]) >= 0.99999
+
+
 def test_training_forward_bypasses_the_cache(model):
     rows = [model.processor.prepare_item({"text": "q", "instructions": "Find code"})]
     with torch.enable_grad():
