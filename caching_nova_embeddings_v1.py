@@ -79,7 +79,6 @@ class WeightsWatch:
         return self.storage(module), tuple(map(_VERSION, self.tensors(module)))
 
 
-
 class PrefixCache:
     """LRU of prefix key/values bounded by bytes. `configure(0)` disables it. Thread-safe."""
 

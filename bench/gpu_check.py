@@ -350,7 +350,7 @@ def throughput(device, args, rounds, failures) -> dict:
             p50 = statistics.median(times)
             figures[label] = {"p50_ms": p50 * 1e3, "items_per_s": len(batch) / p50, "batch": len(batch)}
             print(f"  {label:36s} P50 {p50 * 1e3:8.1f} ms   {len(batch) / p50:8.1f} items/s")
-        model.prefix_cache = live
+        model.prefix_cache, model.cuda_graphs.prefixes = live, True
         base = figures["text bs=32"]["items_per_s"]
         instr = figures["text bs=32 + 40-token instruction"]["items_per_s"]
         naive = figures["same, naive (no prefix cache)"]["items_per_s"]
