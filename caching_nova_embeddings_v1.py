@@ -212,6 +212,8 @@ class PrefixKV:
         if self.prefix is None:
             return key_states, value_states
         keys, values = self.prefix[layer_idx]
+        if keys.device != key_states.device:  # a model split across devices (`device_map`): the layer's own
+            keys, values = keys.to(key_states.device), values.to(key_states.device)
         return torch.cat([keys, key_states], dim=2), torch.cat([values, value_states], dim=2)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -308,7 +310,8 @@ class PrefixCachingMixin:
             self.model(inputs_embeds=embeds, attention_mask={"full_attention": bias, "sliding_attention": bias},
                        position_ids=positions.to(self.device), use_cache=False, **{self._cache_argument: recorder})
         layers = len(self.model.layers)
-        stacked = torch.stack([t for layer in range(layers) for t in recorder.recorded[layer]])
+        device = self.model.embed_tokens.weight.device  # one entry on one device, whatever `device_map` split
+        stacked = torch.stack([t.to(device) for layer in range(layers) for t in recorder.recorded[layer]])
         stacked = stacked.unflatten(0, (layers, 2))  # [layers, 2, prefixes, kv_heads, width, head_dim]
         return [stacked[:, :, i, :, :n].clone() for i, n in enumerate(lengths)]
 
