@@ -153,3 +153,15 @@ def test_the_server_resolves_adapter_paths_by_the_models_rule(tiny_dir, tmp_path
         assert caught.value.code == "lora_path_not_found"
         assert caught.value.message.startswith(f"'lora_path' {given!r} under --lora-root: {reason}")
         assert str(root) not in caught.value.message  # the server's own paths stay its own
+
+
+def test_rows_collated_for_an_adapter_unloaded_since_name_the_first_such_item(fresh_model):
+    """A server collates a batch before its forward; an adapter unloaded in between fails the batch with the
+    first row that needs it, and changes nothing else."""
+    items = [{"text": "a", "adapter": "retrieval"}, {"text": "b", "adapter": "code"}, {"text": "c", "adapter": "code"}]
+    rows = [fresh_model.processor.prepare_item(item, index=i) for i, item in enumerate(items)]
+    collated = fresh_model.collate_rows(rows)
+    fresh_model.unload_adapter("code")
+    with pytest.raises(ValueError, match=r"^item 1: adapter 'code' is not loaded$"):
+        fresh_model.embed_prepared(rows, collated=collated)
+    assert fresh_model.embed_prepared(rows[:1], collated=fresh_model.collate_rows(rows[:1]))[0].shape == (64,)
