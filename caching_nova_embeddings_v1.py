@@ -33,11 +33,13 @@ from .processing_nova_embeddings_v1 import PreparedItem
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
 _registrations = 0  # parameters, buffers and submodules registered by any module of this process so far
+_registrations_lock = threading.Lock()  # two threads registering at once must both count
 
 
 def _count_registration(*_) -> None:
     global _registrations
-    _registrations += 1
+    with _registrations_lock:
+        _registrations += 1
 
 
 _VERSION = operator.attrgetter("_version")
