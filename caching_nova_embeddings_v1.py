@@ -58,7 +58,8 @@ class WeightsWatch:
     between calls, not the module tree (walking 36 layers' modules costs ~0.6 ms of CPU per call, the list a
     tenth of it); the list is rebuilt after any module registers a parameter, buffer or submodule (torch's
     global registration hooks count them), since that is how a module gets a new tensor or loses one, and when
-    its first tensor is no longer the one listed (a `.to()` that replaces every Parameter object)."""
+    its first tensor is no longer the one listed (a cheap guard against a tensor put straight into
+    `module._parameters`, as accelerate's loading helpers do, where it is the first)."""
 
     def __init__(self, kind: str = "parameters"):
         self.kind = kind  # "parameters" or "buffers"
@@ -67,7 +68,7 @@ class WeightsWatch:
 
     def tensors(self, module: torch.nn.Module) -> list[torch.Tensor]:
         seen = (_registrations, id(module))
-        first = next(getattr(module, self.kind)(), None)  # `.to()` may swap in new Parameters without registering
+        first = next(getattr(module, self.kind)(), None)  # swapped in without registering?
         if seen != self._seen or (self._tensors[0] if self._tensors else None) is not first:
             self._tensors, self._seen = list(getattr(module, self.kind)()), seen
         return self._tensors

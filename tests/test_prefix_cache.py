@@ -176,6 +176,19 @@ def test_a_replaced_weight_invalidates(model, replace):
     assert float(got @ uncached(model, [item])[0][0]) >= 0.99999
 
 
+def test_a_first_weight_swapped_in_without_registering_invalidates(model):
+    """accelerate's loading helpers put tensors straight into `module._parameters` (no registration hook):
+    the watch still notices when that tensor is the module's first."""
+    item = {"text": "q", "instructions": "Find code"}
+    before = model.encode([item])[0]
+    embed = model.model.embed_tokens
+    with torch.no_grad():
+        embed._parameters["weight"] = torch.nn.Parameter(embed.weight * 1.5)
+    got = model.encode([item])[0]
+    assert float(got @ before) < 0.99999
+    assert float(got @ uncached(model, [item])[0][0]) >= 0.99999
+
+
 def test_training_forward_bypasses_the_cache(model):
     rows = [model.processor.prepare_item({"text": "q", "instructions": "Find code"})]
     with torch.enable_grad():
