@@ -96,7 +96,7 @@ def test_bucket_path_is_exact_for_padded_rows_adapters_and_multivectors(bucketed
             assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
     stats = bucketed.cuda_graphs.stats
     assert stats.captured == 2 and stats.replays == 2  # 5 rows -> the 8-row bucket, pooled and multi-vector
-    # images and instructions (cached prefixes) run eagerly, untouched by the buckets
+    # a batch with an image runs eagerly, its instructed text row too, untouched by the buckets
     bucketed.encode([{"image": image}, {"text": "q", "instructions": "Find code"}], batch_size=2)
     assert stats.replays == 2
 
