@@ -189,6 +189,17 @@ def test_a_first_weight_swapped_in_without_registering_invalidates(model):
     assert float(got @ uncached(model, [item])[0][0]) >= 0.99999
 
 
+def test_the_weights_watch_keeps_its_list_across_batches(model, image):
+    """Forwards register no parameter, buffer or module, so the staleness checks read the kept list of tensors
+    rather than walk the module tree again on every batch."""
+    items = [{"text": "q", "instructions": "Find code", "adapter": "code"}, {"text": "plain"}, {"image": image}]
+    model.encode(items)
+    kept = model.backbone_watch.tensors(model.model), model.adapters_watch.tensors(model.lora)
+    for multivector in (False, True, False):
+        model.encode(items, return_multivector=multivector)
+    assert model.backbone_watch.tensors(model.model) is kept[0] and model.adapters_watch.tensors(model.lora) is kept[1]
+
+
 def test_training_forward_bypasses_the_cache(model):
     rows = [model.processor.prepare_item({"text": "q", "instructions": "Find code"})]
     with torch.enable_grad():
