@@ -1,0 +1,37 @@
+"""The prepared GPU check and the replay host benchmark, run end to end on this CPU (their smoke modes). A GPU
+session is rare and short, one prepared call, so a script that a change elsewhere broke must fail here, not
+there. Timings are printed, never asserted."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> str:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, f"{args[0]} exited {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return done.stdout
+
+
+def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path):
+    report_path = tmp_path / "check.json"
+    out = run("bench/gpu_check.py", "--device", "cpu", "--size", "tiny", "--rounds", "1", "--json", str(report_path))
+    assert out.rstrip().endswith("all checks passed")
+    report = json.loads(report_path.read_text())
+    assert {"parity", "sdpa", "throughput", "shapes", "dtypes"} <= set(report)
+    graphs = report["throughput"]["cuda graphs"]
+    assert {"text bs=32 + 40-token instruction", "same, prefix cache, prefixes eager"} <= set(graphs)
+    assert set(graphs["targets"]) == set(report["throughput"]["eager"]["targets"])
+    assert "instructed batches through prefix buckets / eagerly:" in out
+
+
+def test_the_replay_host_bench_runs_every_case_through_a_bucket():
+    out = run("bench/bench_replay_host.py", "--layers", "2", "--rounds", "1", "--calls", "2")
+    cases = ["bs=32 ", "three adapters, bs=16 ", "bs=32, one instruction (cached) ",
+             "bs=32, three instructions (cached) "]
+    assert [case for case in cases if any(line.startswith(case) for line in out.splitlines())] == cases
