@@ -94,9 +94,10 @@ class StaticForward:
                 self.forward(model)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        # "thread_local": a host sync in this forward still fails the capture, but other threads' CUDA calls do
-        # not (torch's default, "global", fails them): a server's model process captures new shapes while its
-        # reply thread waits on the previous forward's event and an adapter load may copy weights to the device
+        # "thread_local": a host sync in this forward still fails the capture, while other threads' potentially
+        # unsafe CUDA calls (a cudaMalloc, say) do not error, as under torch's default, "global": a server's
+        # model process captures new shapes while its reply thread waits on the previous forward's event and an
+        # adapter load may allocate and copy weights on the device
         with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.outputs = self.forward(model)
 
