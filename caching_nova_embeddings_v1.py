@@ -74,12 +74,16 @@ class WeightsWatch:
         return self._tensors
 
     def storage(self, module: torch.nn.Module) -> tuple:
-        tensors = self.tensors(module)
-        where = (tensors[0].dtype, tensors[0].device) if tensors else ()
-        return (*where, *map(torch.Tensor.data_ptr, tensors))
+        return _storage(self.tensors(module))
 
     def state(self, module: torch.nn.Module) -> tuple:
-        return self.storage(module), tuple(map(_VERSION, self.tensors(module)))
+        tensors = self.tensors(module)
+        return _storage(tensors), tuple(map(_VERSION, tensors))
+
+
+def _storage(tensors: list[torch.Tensor]) -> tuple:
+    where = (tensors[0].dtype, tensors[0].device) if tensors else ()
+    return (*where, *map(torch.Tensor.data_ptr, tensors))
 
 
 class PrefixCache:

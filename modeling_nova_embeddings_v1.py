@@ -307,10 +307,9 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
                              "collate them with collate_rows(..., for_training=True) to compute gradients")
         batch, row_adapters = collated.batch, collated.adapters
         with self.lora.lock:
-            resident = self.lora.adapters
-            if any(a is not None and a not in resident for a in set(row_adapters)):  # per adapter, not per row
-                row, adapter = next((r, a) for r, a in zip(collated.rows, row_adapters, strict=True)
-                                    if a is not None and a not in resident)
+            unloaded = set(row_adapters) - self.lora.adapters.keys() - {None}  # per adapter, not per row
+            if unloaded:
+                row, adapter = next((r, a) for r, a in zip(collated.rows, row_adapters, strict=True) if a in unloaded)
                 raise ValueError(f"item {row.index}: adapter {adapter!r} is not loaded")
             prefixes = self.prefix_states(collated.rows, row_adapters) if collated.drop_prefix else None
             hidden, projected = self.forward_hidden(batch, row_adapters, prefixes, multivector)

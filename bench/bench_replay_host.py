@@ -31,7 +31,6 @@ import contextlib
 import os
 import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -60,13 +59,6 @@ def without_prefix_buffer_work(bucket, prefixes_type):
         bucket.prefix_kv, prefixes_type.copy_into = buffer, copy_into
 
 
-def thread_us(fn, calls: int) -> float:
-    start = time.thread_time()
-    for _ in range(calls):
-        fn()
-    return (time.thread_time() - start) / calls * 1e6
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=36, help="text layers (default: %(default)s, the 3B shape's)")
@@ -75,6 +67,7 @@ def main() -> int:
     args = parser.parse_args()
     import torch
     from bench_ops import VIEWS
+    from bench_pipe import cpu_us
     from gpu_check import INSTRUCTION, QUERIES, random_model
 
     from nova.op_count import count_ops
@@ -117,12 +110,12 @@ def main() -> int:
         replayed, eager, collate, host = [], [], [], []
         for _ in range(args.rounds):
             with without_prefix_buffer_work(bucket, prefixes_type):
-                host.append(thread_us(launch, args.calls))
-            replayed.append(thread_us(launch, args.calls))
+                host.append(cpu_us(launch, args.calls))
+            replayed.append(cpu_us(launch, args.calls))
             graphs.enabled = False  # not configure(): that would drop the buckets
-            eager.append(thread_us(launch, max(args.calls // 4, 1)))
+            eager.append(cpu_us(launch, max(args.calls // 4, 1)))
             graphs.enabled = True
-            collate.append(thread_us(lambda rows=rows: model.collate_rows(rows), args.calls))
+            collate.append(cpu_us(lambda rows=rows: model.collate_rows(rows), args.calls))
         ops_replayed = count_ops(launch)
         graphs.enabled = False
         ops_eager = sum(count_ops(launch).values())
