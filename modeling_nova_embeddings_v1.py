@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -334,6 +334,32 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
         return self.launch_prepared(rows, return_multivector, collated).result()
 
     @torch.inference_mode()
+    def embed_batches(self, batches: Iterable[list[PreparedItem]], return_multivector: bool = False,
+                      ) -> Iterator[tuple[list[PreparedItem], list[torch.Tensor | ItemError] | Exception]]:
+        """`embed_prepared` over a stream of batches with one launched ahead: the next batch is taken from
+        `batches` (prepared and collated on the host) and launched before the previous one's outputs are read,
+        so on a GPU the host's work per batch overlaps the forward before it instead of leaving the device idle
+        (on the CPU, where a launch returns with its outputs, the order of work is the same as one at a time).
+
+        Yields (rows, outcomes) in the order of `batches`. A batch whose launch or copy raised yields that
+        exception as its outcomes and the stream goes on, so a caller decides what one failed batch costs."""
+        in_flight: tuple[list[PreparedItem], PendingOutcomes] | None = None
+        for rows in batches:
+            try:
+                launched = self.launch_prepared(rows, return_multivector)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller with its batch, after the one before
+                launched = exc
+            if in_flight is not None:
+                yield _read_outcomes(*in_flight)
+            if isinstance(launched, Exception):
+                in_flight = None
+                yield rows, launched
+            else:
+                in_flight = (rows, launched)
+        if in_flight is not None:
+            yield _read_outcomes(*in_flight)
+
+    @torch.inference_mode()
     def launch_prepared(self, rows: list[PreparedItem], return_multivector: bool | list[bool] = False,
                         collated: dict | None = None) -> PendingOutcomes:
         """`embed_prepared` in two halves: this one queues the forward and the copy of its outputs to the host,
@@ -406,8 +432,11 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
                 for i in range(0, len(rows), batch_size):
                     yield rows[i : i + batch_size]
 
-        for chunk in _progress(batches(), n_batches, show_progress):
-            for row, vector in zip(chunk, self.embed_prepared(chunk, return_multivector), strict=True):
+        embedded = self.embed_batches(batches(), return_multivector)
+        for chunk, outcomes in _progress(embedded, n_batches, show_progress):
+            if isinstance(outcomes, Exception):
+                raise outcomes
+            for row, vector in zip(chunk, outcomes, strict=True):
                 if isinstance(vector, ItemError):
                     raise vector
                 vector = self.truncate(vector, dimensions) if not return_multivector else vector
@@ -459,6 +488,14 @@ class PendingOutcomes:
             else:
                 outcomes.append(self.tokens[i][self.token_mask[i]] if want else self.pooled[i])
         return outcomes
+
+
+def _read_outcomes(rows: list[PreparedItem], pending: PendingOutcomes,
+                   ) -> tuple[list[PreparedItem], list[torch.Tensor | ItemError] | Exception]:
+    try:
+        return rows, pending.result()
+    except Exception as exc:  # noqa: BLE001 - `embed_batches` hands it to the caller with its batch
+        return rows, exc
 
 
 def non_finite_error(row: PreparedItem, dtype: torch.dtype) -> ItemError:

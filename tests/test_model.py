@@ -102,6 +102,59 @@ def test_unloading_one_adapter_leaves_the_others_unchanged(fresh_model):
         fresh_model.encode([{"text": "x", "task": "text-matching"}])
 
 
+def _prepared(model, index: int, **fields):
+    return model.processor.prepare_item({"text": f"row number {index}", **fields}, index=index)
+
+
+def test_embed_batches_launches_the_next_batch_before_reading_the_last(fresh_model):
+    """On a GPU the host's work on a batch (taking it from the stream, collating, launching) overlaps the
+    forward before it only if that forward's outputs are read after the next launch."""
+    model, events = fresh_model, []
+    launch = model.launch_prepared
+
+    def recording_launch(rows, *args, **kwargs):
+        ordinal = sum(kind == "launch" for kind, _ in events)
+        pending = launch(rows, *args, **kwargs)
+        events.append(("launch", ordinal))
+        read = pending.result
+        pending.result = lambda: (events.append(("read", ordinal)), read())[1]
+        return pending
+
+    model.launch_prepared = recording_launch
+    items = [{"text": f"sentence {'word ' * i}"} for i in range(12)]
+    got = model.encode(items, batch_size=4)
+    assert events == [("launch", 0), ("launch", 1), ("read", 0), ("launch", 2), ("read", 1), ("read", 2)]
+    del model.launch_prepared
+    assert all(cos(a, b) >= 0.99999 for a, b in zip(got, model.encode(items, batch_size=4), strict=True))
+
+
+def test_a_failed_batch_is_handed_back_in_order_and_the_stream_goes_on(fresh_model):
+    model = fresh_model
+    batches = [[_prepared(model, 0), _prepared(model, 1)],
+               [_prepared(model, 2, adapter="code"), _prepared(model, 3)],
+               [_prepared(model, 4)]]
+    model.unload_adapter("code")  # after its row was prepared: the second batch's launch fails
+    got = list(model.embed_batches(batches))
+    assert [rows for rows, _ in got] == batches
+    assert isinstance(got[1][1], ValueError) and "item 2: adapter 'code' is not loaded" in str(got[1][1])
+    for rows, outcomes in (got[0], got[2]):
+        assert all(torch.equal(a, b) for a, b in zip(outcomes, model.embed_prepared(rows), strict=True))
+
+
+def test_encode_raises_what_a_batch_s_launch_raised(fresh_model):
+    model, launch = fresh_model, fresh_model.launch_prepared
+
+    def unloading_after_the_first_launch(rows, *args, **kwargs):
+        pending = launch(rows, *args, **kwargs)
+        if "code" in model.list_adapters():
+            model.unload_adapter("code")  # as another thread could, while encode() runs
+        return pending
+
+    model.launch_prepared = unloading_after_the_first_launch
+    with pytest.raises(ValueError, match="item 1: adapter 'code' is not loaded"):
+        model.encode([{"text": "fine"}, {"text": "routed", "adapter": "code"}], batch_size=1)
+
+
 def test_instructions_change_the_vector_and_are_not_pooled(tiny_model, image):
     item = {"text": "contract termination clause", "task": "retrieval.query"}
     plain = tiny_model.encode([item])[0]

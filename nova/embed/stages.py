@@ -3,7 +3,8 @@
 `load_items` (CPU, no model): applies the command-line defaults and reads and decodes images, so that an
 unreadable image becomes an error record early. `ModelWorker` holds the model: it renders and tokenizes
 items with the processor's `prepare_item`, packs them by token budget (rows x longest row <=
-`max_batch_tokens`, as the server's batcher does) and runs each pack through `embed_prepared`, the path the
+`max_batch_tokens`, as the server's batcher does) and runs the packs through `embed_batches` (each pack
+launched before the previous one's vectors are read, so a GPU is not left idle between packs), the path the
 server's batches take (and so the instruction prefix cache). A pack that fails is retried row by row, so a
 bad row costs only itself.
 """
@@ -127,8 +128,9 @@ class ModelWorker:
                 continue
             prepared.append(row)
         ids = {record["position"]: record["id"] for record in records}
-        for pack in pack_by_token_budget(prepared, o.max_batch_tokens, o.max_batch_size):
-            for row, outcome in zip(pack, self._run(pack), strict=True):
+        packs = pack_by_token_budget(prepared, o.max_batch_tokens, o.max_batch_size)
+        for pack, outcomes in self.model.embed_batches(packs, o.multivector):
+            for row, outcome in zip(pack, self._outcomes(pack, outcomes), strict=True):
                 position = row.index
                 if isinstance(outcome, Exception):
                     results[position] = {"position": position, "id": ids[position],
@@ -137,32 +139,30 @@ class ModelWorker:
                     results[position] = {"position": position, "id": ids[position], "vector": outcome}
         return [results[record["position"]] for record in records]
 
-    def _run(self, pack: list) -> list:
-        try:
-            return self._vectors(pack)
-        except Exception as exc:  # noqa: BLE001 - retried row by row below; one bad row costs only itself
-            if len(pack) == 1:
-                return [exc]
-        outcomes: list = []
+    def _outcomes(self, pack: list, outcomes: list | Exception) -> list:
+        """Per row: its vector as an array, or its error. A pack whose forward failed is retried row by row, so
+        a bad row costs only itself."""
+        if not isinstance(outcomes, Exception):
+            return [self._array(outcome) for outcome in outcomes]
+        if len(pack) == 1:
+            return [outcomes]
+        alone: list = []
         for row in pack:
             try:
-                outcomes.extend(self._vectors([row]))
-            except Exception as exc:  # noqa: BLE001
-                outcomes.append(exc)
-        return outcomes
+                (outcome,) = self.model.embed_prepared([row], self.options.multivector)
+            except Exception as exc:  # noqa: BLE001 - this row's own failure
+                outcome = exc
+            alone.append(self._array(outcome))
+        return alone
 
-    def _vectors(self, pack: list) -> list:
+    def _array(self, vector) -> np.ndarray | Exception:
+        if isinstance(vector, Exception):  # this row's own error (a non-finite vector, a failed forward)
+            return vector
         o = self.options
-        out = []
-        for vector in self.model.embed_prepared(pack, o.multivector):
-            if isinstance(vector, Exception):  # this row's own error (a non-finite vector)
-                out.append(vector)
-                continue
-            if not o.multivector and o.dimensions is not None:
-                vector = self.model.truncate(vector, o.dimensions)
-            array = vector.detach().to("cpu").float().numpy()
-            out.append(array if np.isfinite(array).all() else ValueError("the embedding has non-finite values"))
-        return out
+        if not o.multivector and o.dimensions is not None:
+            vector = self.model.truncate(vector, o.dimensions)
+        array = vector.detach().to("cpu").float().numpy()
+        return array if np.isfinite(array).all() else ValueError("the embedding has non-finite values")
 
 
 def _torch_dtype(name: str | None):

@@ -115,3 +115,21 @@ def test_embed_worker_flags_without_ray_are_refused(run_cli, tmp_path):
     corpus.write_text('{"id": "a", "text": "x"}\n')
     code, _, stderr = run_cli("embed", corpus, tmp_path / "out", "--no-ray", "--workers", "2")
     assert code == 2 and "need Ray" in stderr
+
+
+def test_a_pack_whose_forward_failed_is_retried_row_by_row(fresh_model):
+    """A pack's forward can fail for all its rows (out of memory on a GPU) or for one row's sake: each row is
+    then run alone, so only a row that fails alone gets an error."""
+    from nova.embed.stages import EmbedOptions, ModelWorker
+
+    worker = ModelWorker(None, EmbedOptions(dimensions=16), model=fresh_model)
+    rows = [fresh_model.processor.prepare_item({"text": f"row {i}", **fields}, index=i)
+            for i, fields in enumerate([{}, {"adapter": "code"}, {"task": "retrieval.passage"}])]
+    fresh_model.unload_adapter("code")  # after its row was prepared: the pack's forward fails
+    ((pack, failure),) = fresh_model.embed_batches([rows])
+    assert isinstance(failure, ValueError)
+    got = worker._outcomes(pack, failure)
+    assert isinstance(got[1], ValueError) and "item 1: adapter 'code' is not loaded" in str(got[1])
+    for i in (0, 2):
+        want = fresh_model.truncate(fresh_model.embed_prepared([rows[i]])[0], 16).numpy()
+        assert got[i].shape == (16,) and np.allclose(got[i], want, atol=1e-6)

@@ -155,3 +155,16 @@ def test_a_launch_cost_needs_the_asynchronous_stand_in(tiny_model):
         StandInModel(tiny_model, ForwardCost(10.0, launch_ms=5.0), asynchronous=False)
     with pytest.raises(ValueError, match="launch_ms=-1"):
         ForwardCost(10.0, launch_ms=-1.0)
+
+
+def test_in_process_batches_keep_the_stand_in_device_fed(tiny_model):
+    """`embed_batches` (the loop of `encode()` and `nova embed`) launches each batch before it reads the one
+    before: on the asynchronous stand-in every forward but the last ends with the next queued behind it."""
+    model = StandInModel(tiny_model, ForwardCost(FORWARD_MS))
+    batches = [[tiny_model.processor.prepare_item({"text": f"batch {b} row {i}"}, index=4 * b + i) for i in range(4)]
+               for b in range(4)]
+    got = list(model.embed_batches(batches))
+    assert [rows for rows, _ in got] == batches and [len(outcomes) for _, outcomes in got] == [4] * 4
+    ends = model.snapshot()
+    assert (ends.forwards, ends.rows) == (4, 16)
+    assert ends.next_batch == {"launched": 3, "launching": 0, "ready": 0, "collating": 0, "queued": 0, "empty": 1}

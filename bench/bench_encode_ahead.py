@@ -1,0 +1,103 @@
+"""What launching the next batch before reading the last one buys in process (`embed_batches`, the loop of
+`encode()` and `nova embed`), against one batch at a time (`embed_prepared` per batch), from one run.
+
+Both sides take the same batches from the same stream: sentences prepared (rendered, tokenized) as each batch
+is taken, as `encode()` does, then collated and launched. With a forward on an asynchronous device (a GPU's,
+or here the stand-in's: serve/stand_in.py, a fixed cost per batch spent by a device thread without the GIL),
+one at a time leaves the device idle while the host prepares, collates and reads each batch; launched ahead,
+the host's work on batch k+1 overlaps forward k. With the forward on this CPU (a launch returns with its
+outputs) both orders do the same work, so that row shows what the loop itself costs.
+
+It prints sentences/s per side (medians of alternating rounds), their ratio, and the stand-in device's busy
+share.
+
+    .venv/bin/python bench/bench_encode_ahead.py
+    .venv/bin/python bench/bench_encode_ahead.py --stand-in-ms 2 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+
+def stream(model, sentences: list[str], batch_size: int):
+    """Batches prepared as they are taken (the host's work per batch before its launch)."""
+    for start in range(0, len(sentences), batch_size):
+        yield [model.processor.prepare_item({"task": "retrieval.query", "text": text}, index=start + i)
+               for i, text in enumerate(sentences[start : start + batch_size])]
+
+
+def launched_ahead(model, sentences: list[str], batch_size: int) -> None:
+    for _, outcomes in model.embed_batches(stream(model, sentences, batch_size)):
+        assert not isinstance(outcomes, Exception), outcomes
+
+
+def one_at_a_time(model, sentences: list[str], batch_size: int) -> None:
+    for rows in stream(model, sentences, batch_size):
+        model.embed_prepared(rows)
+
+
+def timed_rounds(model, sentences: list[str], batch_size: int, rounds: int) -> dict[str, list[float]]:
+    """sentences/s of each side, the sides alternating within each round; plus the stand-in's busy share."""
+    rates: dict[str, list[float]] = {"one at a time": [], "launched ahead": [], "busy one at a time": [],
+                                     "busy launched ahead": []}
+    sides = {"one at a time": one_at_a_time, "launched ahead": launched_ahead}
+    for _ in range(rounds):
+        for name, run in sides.items():
+            busy = model.snapshot().busy_seconds if hasattr(model, "snapshot") else None
+            started = time.perf_counter()
+            run(model, sentences, batch_size)
+            seconds = time.perf_counter() - started
+            rates[name].append(len(sentences) / seconds)
+            if busy is not None:
+                rates[f"busy {name}"].append((model.snapshot().busy_seconds - busy) / seconds)
+    return rates
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stand-in-ms", type=float, default=5.0,
+                        help="the stand-in forward's cost per batch, ms (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per batch (default: %(default)s)")
+    parser.add_argument("--sentences", type=int, default=1024, help="sentences per side and round (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: %(default)s)")
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch threads for the CPU forward (0: torch's default)")
+    args = parser.parse_args()
+    import torch
+    from bench_server import make_sentences
+
+    from nova.loading import load_model
+    from nova.tiny import ensure_tiny_checkpoint
+    from serve.stand_in import ForwardCost, StandInModel
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    model = load_model(ensure_tiny_checkpoint())
+    sentences = make_sentences(args.sentences, seed=0)
+    forwards = {f"stand-in forward, {args.stand_in_ms:g} ms a batch, asynchronous":
+                StandInModel(model, ForwardCost(args.stand_in_ms)),
+                "the tiny checkpoint's forward on this CPU": model}
+    print(f"{args.sentences} ~15-word sentences, batches of {args.batch_size}, {args.rounds} alternating rounds; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
+    for label, forward in forwards.items():
+        one_at_a_time(forward, sentences[: 2 * args.batch_size], args.batch_size)  # warm-up
+        rates = timed_rounds(forward, sentences, args.batch_size, args.rounds)
+        ahead, alone = statistics.median(rates["launched ahead"]), statistics.median(rates["one at a time"])
+        print(f"{label}: one at a time {alone:.0f} sentences/s, launched ahead {ahead:.0f} sentences/s, "
+              f"ratio {ahead / alone:.2f}x")
+        if rates["busy launched ahead"]:
+            print(f"  device busy: one at a time {statistics.median(rates['busy one at a time']):.0%}, "
+                  f"launched ahead {statistics.median(rates['busy launched ahead']):.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
