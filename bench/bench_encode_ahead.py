@@ -8,8 +8,8 @@ one at a time leaves the device idle while the host prepares, collates and reads
 the host's work on batch k+1 overlaps forward k. With the forward on this CPU (a launch returns with its
 outputs) both orders do the same work, so that row shows what the loop itself costs.
 
-It prints sentences/s per side (medians of alternating rounds), their ratio, and the stand-in device's busy
-share.
+It prints sentences/s per side (medians of alternating rounds), their ratio within each round (median and
+range), and the stand-in device's busy share.
 
     .venv/bin/python bench/bench_encode_ahead.py
     .venv/bin/python bench/bench_encode_ahead.py --stand-in-ms 2 --batch-size 64
@@ -91,8 +91,9 @@ def main() -> int:
         one_at_a_time(forward, sentences[: 2 * args.batch_size], args.batch_size)  # warm-up
         rates = timed_rounds(forward, sentences, args.batch_size, args.rounds)
         ahead, alone = statistics.median(rates["launched ahead"]), statistics.median(rates["one at a time"])
-        print(f"{label}: one at a time {alone:.0f} sentences/s, launched ahead {ahead:.0f} sentences/s, "
-              f"ratio {ahead / alone:.2f}x")
+        ratios = [a / b for a, b in zip(rates["launched ahead"], rates["one at a time"], strict=True)]
+        print(f"{label}: one at a time {alone:.0f} sentences/s, launched ahead {ahead:.0f} sentences/s (medians); "
+              f"ratio per round {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f})")
         if rates["busy launched ahead"]:
             print(f"  device busy: one at a time {statistics.median(rates['busy one at a time']):.0%}, "
                   f"launched ahead {statistics.median(rates['busy launched ahead']):.0%}")
