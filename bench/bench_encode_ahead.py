@@ -13,6 +13,7 @@ range), and the stand-in device's busy share.
 
     .venv/bin/python bench/bench_encode_ahead.py
     .venv/bin/python bench/bench_encode_ahead.py --stand-in-ms 2 --batch-size 64
+    python bench/bench_encode_ahead.py --model /tmp/nova-full --device cuda --cuda-graphs   # a GPU's own figure
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def main() -> int:
     parser.add_argument("--sentences", type=int, default=1024, help="sentences per side and round (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: %(default)s)")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch threads for the CPU forward (0: torch's default)")
+    parser.add_argument("--model", default=None, help="model directory (default: the tiny checkpoint)")
+    parser.add_argument("--device", default=None, help="where the model runs (default: its loading default)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="the model's forward replayed from CUDA graphs")
     args = parser.parse_args()
     import torch
     from bench_server import make_sentences
@@ -80,11 +84,13 @@ def main() -> int:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    model = load_model(ensure_tiny_checkpoint())
+    model = load_model(args.model or ensure_tiny_checkpoint(), device=args.device)
+    if args.cuda_graphs:
+        model.configure_cuda_graphs(True, max_rows=args.batch_size)
     sentences = make_sentences(args.sentences, seed=0)
     forwards = {f"stand-in forward, {args.stand_in_ms:g} ms a batch, asynchronous":
                 StandInModel(model, ForwardCost(args.stand_in_ms)),
-                "the tiny checkpoint's forward on this CPU": model}
+                f"the model's forward on {model.device}{' (CUDA graphs)' if args.cuda_graphs else ''}": model}
     print(f"{args.sentences} ~15-word sentences, batches of {args.batch_size}, {args.rounds} alternating rounds; "
           f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
     for label, forward in forwards.items():

@@ -1,6 +1,6 @@
-"""The prepared GPU check and the replay host benchmark, run end to end on this CPU (their smoke modes). A GPU
-session is rare and short, one prepared call, so a script that a change elsewhere broke must fail here, not
-there. Timings are printed, never asserted."""
+"""The prepared GPU check and the host-side benchmarks of the GPU work, run end to end on this CPU (their smoke
+modes). A GPU session is rare and short, one prepared call, so a script that a change elsewhere broke must
+fail here, not there. Timings are printed, never asserted."""
 
 import json
 import os
@@ -35,3 +35,10 @@ def test_the_replay_host_bench_runs_every_case_through_a_bucket():
     cases = ["bs=32 ", "three adapters, bs=16 ", "bs=32, one instruction (cached) ",
              "bs=32, three instructions (cached) "]
     assert [case for case in cases if any(line.startswith(case) for line in out.splitlines())] == cases
+
+
+def test_the_encode_ahead_bench_compares_both_loops_on_both_forwards():
+    out = run("bench/bench_encode_ahead.py", "--sentences", "64", "--rounds", "1")
+    rows = [line.split(":")[0] for line in out.splitlines() if "ratio per round" in line]
+    assert rows == ["stand-in forward, 5 ms a batch, asynchronous", "the model's forward on cpu"]
+    assert "device busy: one at a time" in out
