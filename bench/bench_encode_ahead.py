@@ -1,12 +1,12 @@
-"""What launching the next batch before reading the last one buys in process (`embed_batches`, the loop of
-`encode()` and `nova embed`), against one batch at a time (`embed_prepared` per batch), from one run.
+"""`encode()`, which launches each batch before it reads the last one and prepares the next window of rows
+between launches (`embed_batches`), against the loop it replaced: a window of 16 batches prepared and sorted
+by length, then one batch at a time (`embed_prepared` per batch), from one run.
 
-Both sides take the same batches from the same stream: sentences prepared (rendered, tokenized) as each batch
-is taken, as `encode()` does, then collated and launched. With a forward on an asynchronous device (a GPU's,
+Both sides embed the same sentences in the same batches. With a forward on an asynchronous device (a GPU's,
 or here the stand-in's: serve/stand_in.py, a fixed cost per batch spent by a device thread without the GIL),
-one at a time leaves the device idle while the host prepares, collates and reads each batch; launched ahead,
-the host's work on batch k+1 overlaps forward k. With the forward on this CPU (a launch returns with its
-outputs) both orders do the same work, so that row shows what the loop itself costs.
+one batch at a time leaves the device idle while the host prepares each window and collates and reads each
+batch; `encode()` does that host work while the forward before it runs. With the forward on this CPU (a
+launch returns with its outputs) both do the same work, so that row shows what the loop itself costs.
 
 It prints sentences/s per side (medians of alternating rounds), their ratio within each round (median and
 range), and the stand-in device's busy share.
@@ -29,28 +29,27 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 
-def stream(model, sentences: list[str], batch_size: int):
-    """Batches prepared as they are taken (the host's work per batch before its launch)."""
-    for start in range(0, len(sentences), batch_size):
-        yield [model.processor.prepare_item({"task": "retrieval.query", "text": text}, index=start + i)
-               for i, text in enumerate(sentences[start : start + batch_size])]
-
-
-def launched_ahead(model, sentences: list[str], batch_size: int) -> None:
-    for _, outcomes in model.embed_batches(stream(model, sentences, batch_size)):
-        assert not isinstance(outcomes, Exception), outcomes
+def encode(model, sentences: list[str], batch_size: int) -> None:
+    model.encode(sentences, batch_size=batch_size, show_progress=False)
 
 
 def one_at_a_time(model, sentences: list[str], batch_size: int) -> None:
-    for rows in stream(model, sentences, batch_size):
-        model.embed_prepared(rows)
+    """The loop `encode()` ran before: each window of 16 batches prepared and sorted, then each batch
+    launched and read before the next."""
+    window = 16 * batch_size
+    for start in range(0, len(sentences), window):
+        rows = [model.processor.prepare_item({"text": text}, index=start + i)
+                for i, text in enumerate(sentences[start : start + window])]
+        rows.sort(key=lambda r: r.num_tokens)
+        for i in range(0, len(rows), batch_size):
+            model.embed_prepared(rows[i : i + batch_size])
 
 
 def timed_rounds(model, sentences: list[str], batch_size: int, rounds: int) -> dict[str, list[float]]:
     """sentences/s of each side, the sides alternating within each round; plus the stand-in's busy share."""
-    rates: dict[str, list[float]] = {"one at a time": [], "launched ahead": [], "busy one at a time": [],
-                                     "busy launched ahead": []}
-    sides = {"one at a time": one_at_a_time, "launched ahead": launched_ahead}
+    rates: dict[str, list[float]] = {"one at a time": [], "encode()": [], "busy one at a time": [],
+                                     "busy encode()": []}
+    sides = {"one at a time": one_at_a_time, "encode()": encode}
     for _ in range(rounds):
         for name, run in sides.items():
             busy = model.snapshot().busy_seconds if hasattr(model, "snapshot") else None
@@ -96,13 +95,13 @@ def main() -> int:
     for label, forward in forwards.items():
         one_at_a_time(forward, sentences[: 2 * args.batch_size], args.batch_size)  # warm-up
         rates = timed_rounds(forward, sentences, args.batch_size, args.rounds)
-        ahead, alone = statistics.median(rates["launched ahead"]), statistics.median(rates["one at a time"])
-        ratios = [a / b for a, b in zip(rates["launched ahead"], rates["one at a time"], strict=True)]
-        print(f"{label}: one at a time {alone:.0f} sentences/s, launched ahead {ahead:.0f} sentences/s (medians); "
+        ahead, alone = statistics.median(rates["encode()"]), statistics.median(rates["one at a time"])
+        ratios = [a / b for a, b in zip(rates["encode()"], rates["one at a time"], strict=True)]
+        print(f"{label}: one at a time {alone:.0f} sentences/s, encode() {ahead:.0f} sentences/s (medians); "
               f"ratio per round {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f})")
-        if rates["busy launched ahead"]:
+        if rates["busy encode()"]:
             print(f"  device busy: one at a time {statistics.median(rates['busy one at a time']):.0%}, "
-                  f"launched ahead {statistics.median(rates['busy launched ahead']):.0%}")
+                  f"encode() {statistics.median(rates['busy encode()']):.0%}")
     return 0
 
 

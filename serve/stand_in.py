@@ -205,10 +205,19 @@ class StandInModel:
         row."""
         return self.launch_prepared(rows, return_multivector, collated).result()
 
+    @property
+    def launches_ahead(self) -> bool:
+        """The asynchronous stand-in's launches return before its forwards end, as a GPU's do."""
+        return self.asynchronous
+
     def embed_batches(self, batches, return_multivector=False):
         """The model's own loop over a stream of batches (one launched ahead: `encode()` and `nova embed` use
         it), run on the stand-in's launches."""
         return type(self.inner).embed_batches(self, batches, return_multivector)
+
+    def encode(self, items, **kwargs):
+        """The model's own `encode()`, its batches run on the stand-in's launches."""
+        return type(self.inner).encode(self, items, **kwargs)
 
     def _waited_forward(self, rows, return_multivector, collated) -> list[torch.Tensor]:
         """The synchronous stand-in's forward: its vectors, then the rest of its cost waited without the GIL."""

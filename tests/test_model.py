@@ -1,5 +1,7 @@
 """Embedding semantics: batch invariance, per-row adapters, instructions, matryoshka, multi-vector."""
 
+import sys
+
 import pytest
 import torch
 
@@ -128,6 +130,44 @@ def test_embed_batches_launches_the_next_batch_before_reading_the_last(fresh_mod
     assert all(cos(a, b) >= 0.99999 for a, b in zip(got, model.encode(items, batch_size=4), strict=True))
 
 
+@pytest.mark.parametrize("launches_ahead, events", [
+    # a GPU's: windows of 2, 4, 8, 16, 32 and the last 2 rows; each window of n batches takes the next (2n
+    # batches, 4n rows) in shares of 4 rows a launch
+    (True, "PP" + "LPPPP" * (1 + 2 + 4 + 8) + "LP" * 2 + "L" * 14 + "L"),
+    (False, "P" * 32 + "L" * 16 + "P" * 32 + "L" * 16),  # a CPU's: two windows of 32 rows, each prepared at once
+], ids=["gpu", "cpu"])
+def test_encode_prepares_the_next_window_between_this_window_s_launches(fresh_model, monkeypatch, launches_ahead,
+                                                                         events):
+    """Rows are sorted by length within windows of 16 batches. Where launches return before their forwards end
+    (a GPU), the first forward starts after one batch is prepared and the next window is prepared a share at a
+    time between launches, so preparing rows overlaps forwards instead of leaving the device idle."""
+    model, seen = fresh_model, []
+    prepare, launch = model.processor.prepare_item, model.launch_prepared
+
+    def recording_prepare(*args, **kwargs):
+        seen.append("P")
+        return prepare(*args, **kwargs)
+
+    def recording_launch(*args, **kwargs):
+        seen.append("L")
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(type(model), "launches_ahead", launches_ahead)  # the scheduling a GPU gets, on this CPU
+    model.processor.prepare_item, model.launch_prepared = recording_prepare, recording_launch
+    items = [{"text": "word " * (i % 7 + 1)} for i in range(64)]
+    got = model.encode(items, batch_size=2)
+    assert "".join(seen) == events
+    del model.processor.prepare_item, model.launch_prepared
+    assert all(cos(a, b) >= 0.99999 for a, b in zip(got, model.encode(items, batch_size=64), strict=True))
+
+
+def test_on_a_gpu_the_first_windows_ramp_up_so_the_first_forward_starts_early(tiny_model):
+    sort_windows = sys.modules[type(tiny_model).__module__].sort_windows
+    assert sort_windows(64, 2) == [(0, 32), (32, 64)]
+    assert sort_windows(70, 2, ramp=True) == [(0, 2), (2, 6), (6, 14), (14, 30), (30, 62), (62, 70)]
+    assert sort_windows(5, 8, ramp=True) == [(0, 5)] and sort_windows(0, 8, ramp=True) == []
+
+
 def test_a_failed_batch_is_handed_back_in_order_and_the_stream_goes_on(fresh_model):
     model = fresh_model
     batches = [[_prepared(model, 0), _prepared(model, 1)],
@@ -142,17 +182,21 @@ def test_a_failed_batch_is_handed_back_in_order_and_the_stream_goes_on(fresh_mod
 
 
 def test_encode_raises_what_a_batch_s_launch_raised(fresh_model):
-    model, launch = fresh_model, fresh_model.launch_prepared
+    model, launch, launches = fresh_model, fresh_model.launch_prepared, []
 
-    def unloading_after_the_first_launch(rows, *args, **kwargs):
+    def unloading_after_the_second_launch(rows, *args, **kwargs):
         pending = launch(rows, *args, **kwargs)
-        if "code" in model.list_adapters():
+        launches.append([row.index for row in rows])
+        if len(launches) == 2:
             model.unload_adapter("code")  # as another thread could, while encode() runs
         return pending
 
-    model.launch_prepared = unloading_after_the_first_launch
-    with pytest.raises(ValueError, match="item 1: adapter 'code' is not loaded"):
-        model.encode([{"text": "fine"}, {"text": "routed", "adapter": "code"}], batch_size=1)
+    model.launch_prepared = unloading_after_the_second_launch
+    # batches of one, sorted by length: item 2, the longest, is launched last
+    items = [{"text": "first"}, {"text": "fine"}, {"text": "routed, and longer than the others", "adapter": "code"}]
+    with pytest.raises(ValueError, match="item 2: adapter 'code' is not loaded"):
+        model.encode(items, batch_size=1)
+    assert launches == [[0], [1]]
 
 
 def test_instructions_change_the_vector_and_are_not_pooled(tiny_model, image):
