@@ -35,14 +35,17 @@ def encode(model, sentences: list[str], batch_size: int) -> None:
 
 def one_at_a_time(model, sentences: list[str], batch_size: int) -> None:
     """The loop `encode()` ran before: each window of 16 batches prepared and sorted, then each batch
-    launched and read before the next."""
-    window = 16 * batch_size
+    launched and read before the next, its vectors put in input order."""
+    window, results = 16 * batch_size, [None] * len(sentences)
     for start in range(0, len(sentences), window):
-        rows = [model.processor.prepare_item({"text": text}, index=start + i)
+        rows = [model.processor.prepare_item(text, index=start + i, fetch_urls=True)
                 for i, text in enumerate(sentences[start : start + window])]
         rows.sort(key=lambda r: r.num_tokens)
         for i in range(0, len(rows), batch_size):
-            model.embed_prepared(rows[i : i + batch_size])
+            chunk = rows[i : i + batch_size]
+            for row, vector in zip(chunk, model.embed_prepared(chunk), strict=True):
+                assert not isinstance(vector, Exception), vector
+                results[row.index] = vector
 
 
 def timed_rounds(model, sentences: list[str], batch_size: int, rounds: int) -> dict[str, list[float]]:
