@@ -413,9 +413,9 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
         """Embed a mixed list of items (text, image, text+image, each with its own task/adapter/instructions).
 
         Rows are sorted by length inside windows of 16 batches to limit padding (`sort_windows`), and each
-        batch is launched before the last one's vectors are read (`embed_batches`); results come back in input
-        order and do not depend on what else is in a batch. An item whose vector is not finite (float16 overflow) raises
-        an `ItemError` (a ValueError) naming it.
+        batch is launched before the last one's vectors are read (`embed_batches`); results come back in
+        input order and do not depend on what else is in a batch. An item whose vector is not finite (float16
+        overflow) raises an `ItemError` (a ValueError) naming it.
         """
         items = list(items)
         self.check_dimensions(dimensions, return_multivector)
@@ -436,7 +436,7 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
         def batches():
             """Each window's rows sorted by length. On a GPU the next window is prepared a share at a time after
             each batch of this one is taken (and launched, by `embed_batches`), so preparing it overlaps this
-            window's forwards; on a CPU, at once after the last (one tight loop is a few percent faster there)."""
+            window's forwards; on a CPU, where there is no device to overlap, at once after the last."""
             prepared = prepare(*windows[0]) if windows else []
             for w in range(len(windows)):
                 rows = sorted(prepared, key=lambda r: r.num_tokens)
