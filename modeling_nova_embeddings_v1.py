@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +49,40 @@ def _progress(iterable, total: int, enabled: bool):
     except ImportError:
         return iterable
     return tqdm(iterable, total=total, desc="Encoding", unit="batch")
+
+
+def sort_windows(n_items: int, batch_size: int, ramp: bool = False) -> list[tuple[int, int]]:
+    """`encode()`'s windows of items, (start, stop): rows are sorted by length within each, and each next window
+    is prepared while this one's batches run. 16 batches a window; with `ramp` (the model `launches_ahead`, on
+    a GPU) 1, 2, 4 and 8 batches first, so the first forward starts once one batch is prepared instead of
+    sixteen. On a CPU there is no device to keep busy, so every window sorts 16 batches."""
+    bounds = [0]
+    while bounds[-1] < n_items:
+        batches = min(16, 2 ** (len(bounds) - 1)) if ramp else 16
+        bounds.append(min(n_items, bounds[-1] + batch_size * batches))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def windowed_batches(windows: list[tuple[int, int]], prepare: Callable[[int, int], list[PreparedItem]],
+                     split: Callable[[list[PreparedItem]], list[list[PreparedItem]]], overlap: bool,
+                     ) -> Iterator[list[PreparedItem]]:
+    """Batches of items prepared a window at a time: `prepare(start, stop)` gives the rows of items [start,
+    stop) of a window (`sort_windows`), `split` sorts them by length into batches. With `overlap` (the model
+    `launches_ahead`, on a GPU) the next window is prepared a share at a time after each batch of this one is
+    taken, which `embed_batches` does after launching the one before, so preparing rows overlaps forwards;
+    without it, at once after the last (there is no device to overlap)."""
+    prepared = prepare(*windows[0]) if windows else []
+    for w in range(len(windows)):
+        taken = split(prepared)
+        following, end = windows[w + 1] if w + 1 < len(windows) else (windows[w][1], windows[w][1])
+        share = -(-(end - following) // max(len(taken), 1))
+        prepared = []
+        for j, batch in enumerate(taken):
+            yield batch
+            if overlap:
+                prepared += prepare(following + j * share, min(following + (j + 1) * share, end))
+        if not overlap or not taken:
+            prepared = prepare(following, end)
 
 
 @dataclass
@@ -424,8 +458,6 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
         show_progress = len(items) > 4 * batch_size if show_progress is None else show_progress
         results: list = [None] * len(items)
         n_batches = (len(items) + batch_size - 1) // batch_size
-        overlap = self.launches_ahead
-        windows = sort_windows(len(items), batch_size, ramp=overlap)
 
         def prepare(start: int, stop: int) -> list[PreparedItem]:
             return [self.processor.prepare_item(item, index=start + offset, instructions=instructions,
@@ -433,25 +465,13 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
                                                 fetch_urls=True)
                     for offset, item in enumerate(items[start:stop])]
 
-        def batches():
-            """Each window's rows sorted by length. On a GPU the next window is prepared a share at a time after
-            each batch of this one is taken (and launched, by `embed_batches`), so preparing it overlaps this
-            window's forwards; on a CPU, where there is no device to overlap, at once after the last."""
-            prepared = prepare(*windows[0]) if windows else []
-            for w in range(len(windows)):
-                rows = sorted(prepared, key=lambda r: r.num_tokens)
-                taken = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-                following, end = windows[w + 1] if w + 1 < len(windows) else (len(items), len(items))
-                share = -(-(end - following) // len(taken))
-                prepared = []
-                for j, chunk in enumerate(taken):
-                    yield chunk
-                    if overlap:
-                        prepared += prepare(following + j * share, min(following + (j + 1) * share, end))
-                if not overlap:
-                    prepared = prepare(following, end)
+        def split(rows: list[PreparedItem]) -> list[list[PreparedItem]]:
+            rows = sorted(rows, key=lambda r: r.num_tokens)
+            return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
 
-        embedded = self.embed_batches(batches(), return_multivector)
+        overlap = self.launches_ahead
+        batches = windowed_batches(sort_windows(len(items), batch_size, ramp=overlap), prepare, split, overlap)
+        embedded = self.embed_batches(batches, return_multivector)
         for chunk, outcomes in _progress(embedded, n_batches, show_progress):
             if isinstance(outcomes, Exception):
                 raise outcomes
@@ -465,6 +485,9 @@ class NovaEmbeddingsV1Model(AdapterMixin, PrefixCachingMixin, JinaV4Mixin, NovaE
     # model.rerank(query, documents, *, task, instructions, adapter, scoring, normalize, top_n, ...):
     # defined in the scoring module, so the model class holds only its name.
     rerank = _rerank
+    # how encode() takes its batches, for other loops over many items (nova embed's)
+    sort_windows = staticmethod(sort_windows)
+    windowed_batches = staticmethod(windowed_batches)
 
 
 
@@ -507,18 +530,6 @@ class PendingOutcomes:
             else:
                 outcomes.append(self.tokens[i][self.token_mask[i]] if want else self.pooled[i])
         return outcomes
-
-
-def sort_windows(n_items: int, batch_size: int, ramp: bool = False) -> list[tuple[int, int]]:
-    """`encode()`'s windows of items, (start, stop): rows are sorted by length within each, and each next window
-    is prepared while this one's batches run. 16 batches a window; with `ramp` (the model `launches_ahead`, on
-    a GPU) 1, 2, 4 and 8 batches first, so the first forward starts once one batch is prepared instead of
-    sixteen. On a CPU there is no device to keep busy, so every window sorts 16 batches."""
-    bounds = [0]
-    while bounds[-1] < n_items:
-        batches = min(16, 2 ** (len(bounds) - 1)) if ramp else 16
-        bounds.append(min(n_items, bounds[-1] + batch_size * batches))
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def _read_outcomes(rows: list[PreparedItem], pending: PendingOutcomes,

@@ -286,3 +286,30 @@ def float16_overflow_adapter(tmp_path_factory, tiny_dir):
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 4,
                                                              "target_modules": ["down_proj"]}))
     return folder
+
+
+@pytest.fixture
+def record_preparing_and_launching():
+    """record(model) -> a list to which the model's `prepare_item` calls add "P" and its `launch_prepared`
+    calls "L", in the order they happen (the real calls, made as they are); unwrapped after the test."""
+    wrapped = []
+
+    def record(model) -> list[str]:
+        seen: list[str] = []
+        prepare, launch = model.processor.prepare_item, model.launch_prepared
+
+        def recording_prepare(*args, **kwargs):
+            seen.append("P")
+            return prepare(*args, **kwargs)
+
+        def recording_launch(*args, **kwargs):
+            seen.append("L")
+            return launch(*args, **kwargs)
+
+        model.processor.prepare_item, model.launch_prepared = recording_prepare, recording_launch
+        wrapped.append(model)
+        return seen
+
+    yield record
+    for model in wrapped:
+        del model.processor.prepare_item, model.launch_prepared

@@ -137,27 +137,16 @@ def test_embed_batches_launches_the_next_batch_before_reading_the_last(fresh_mod
     (False, "P" * 32 + "L" * 16 + "P" * 32 + "L" * 16),  # a CPU's: two windows of 32 rows, each prepared at once
 ], ids=["gpu", "cpu"])
 def test_encode_prepares_the_next_window_between_this_window_s_launches(fresh_model, monkeypatch, launches_ahead,
-                                                                         events):
+                                                                         events, record_preparing_and_launching):
     """Rows are sorted by length within windows of 16 batches. Where launches return before their forwards end
     (a GPU), the first forward starts after one batch is prepared and the next window is prepared a share at a
     time between launches, so preparing rows overlaps forwards instead of leaving the device idle."""
-    model, seen = fresh_model, []
-    prepare, launch = model.processor.prepare_item, model.launch_prepared
-
-    def recording_prepare(*args, **kwargs):
-        seen.append("P")
-        return prepare(*args, **kwargs)
-
-    def recording_launch(*args, **kwargs):
-        seen.append("L")
-        return launch(*args, **kwargs)
-
+    model = fresh_model
     monkeypatch.setattr(type(model), "launches_ahead", launches_ahead)  # the scheduling a GPU gets, on this CPU
-    model.processor.prepare_item, model.launch_prepared = recording_prepare, recording_launch
+    seen = record_preparing_and_launching(model)
     items = [{"text": "word " * (i % 7 + 1)} for i in range(64)]
     got = model.encode(items, batch_size=2)
     assert "".join(seen) == events
-    del model.processor.prepare_item, model.launch_prepared
     assert all(cos(a, b) >= 0.99999 for a, b in zip(got, model.encode(items, batch_size=64), strict=True))
 
 

@@ -3,10 +3,11 @@
 `load_items` (CPU, no model): applies the command-line defaults and reads and decodes images, so that an
 unreadable image becomes an error record early. `ModelWorker` holds the model: it renders and tokenizes
 items with the processor's `prepare_item`, packs them by token budget (rows x longest row <=
-`max_batch_tokens`, as the server's batcher does) and runs the packs through `embed_batches` (each pack
-launched before the previous one's vectors are read, so a GPU is not left idle between packs), the path the
-server's batches take (and so the instruction prefix cache). A pack that fails is retried row by row, so a
-bad row costs only itself.
+`max_batch_tokens`, as the server's batcher does) and runs the packs through `embed_batches`, the path the
+server's batches take (and so the instruction prefix cache). As in `encode()`, each pack is launched before
+the previous one's vectors are read, and on a GPU the next window of records is prepared between launches
+(`windowed_batches`), so the device is not left idle while the host works. A pack that fails is retried row
+by row, so a bad row costs only itself.
 """
 
 from __future__ import annotations
@@ -113,22 +114,28 @@ class ModelWorker:
     def embed(self, records: list[dict]) -> list[dict]:
         o = self.options
         results: dict[int, dict] = {}
-        prepared = []
-        for record in records:
-            if "error" in record:
-                results[record["position"]] = record
-                continue
-            try:
-                row = self.model.processor.prepare_item(
-                    record["item"], index=record["position"], max_pixels=o.max_pixels, max_length=o.max_length,
-                    prompt_set=o.prompt_set,
-                )
-            except ValueError as exc:
-                results[record["position"]] = {**_strip(record), "error": str(exc)}
-                continue
-            prepared.append(row)
+
+        def prepare(start: int, stop: int) -> list:
+            """Records [start, stop) as prepared rows; a record that fails to prepare gets its error result."""
+            rows = []
+            for record in records[start:stop]:
+                if "error" in record:
+                    results[record["position"]] = record
+                    continue
+                try:
+                    rows.append(self.model.processor.prepare_item(
+                        record["item"], index=record["position"], max_pixels=o.max_pixels,
+                        max_length=o.max_length, prompt_set=o.prompt_set,
+                    ))
+                except ValueError as exc:
+                    results[record["position"]] = {**_strip(record), "error": str(exc)}
+            return rows
+
         ids = {record["position"]: record["id"] for record in records}
-        packs = pack_by_token_budget(prepared, o.max_batch_tokens, o.max_batch_size)
+        overlap = self.model.launches_ahead  # on a GPU, the next records are prepared between launches
+        windows = self.model.sort_windows(len(records), o.max_batch_size, ramp=overlap)
+        packs = self.model.windowed_batches(
+            windows, prepare, lambda rows: pack_by_token_budget(rows, o.max_batch_tokens, o.max_batch_size), overlap)
         for pack, outcomes in self.model.embed_batches(packs, o.multivector):
             for row, outcome in zip(pack, self._outcomes(pack, outcomes), strict=True):
                 position = row.index

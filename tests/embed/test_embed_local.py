@@ -133,3 +133,22 @@ def test_a_pack_whose_forward_failed_is_retried_row_by_row(fresh_model):
     for i in (0, 2):
         want = fresh_model.truncate(fresh_model.embed_prepared([rows[i]])[0], 16).numpy()
         assert got[i].shape == (16,) and np.allclose(got[i], want, atol=1e-6)
+
+
+def test_on_a_gpu_records_are_prepared_between_launches(fresh_model, monkeypatch, record_preparing_and_launching):
+    """Where launches return before their forwards end (a GPU), the first pack is launched once a few records
+    are prepared and the next window of records is prepared a share at a time between launches, so the
+    device is not idle while the host tokenizes; a window whose records all failed passes straight on."""
+    from nova.embed.stages import EmbedOptions, ModelWorker
+
+    model = fresh_model
+    monkeypatch.setattr(type(model), "launches_ahead", True)  # the scheduling a GPU gets, on this CPU
+    seen = record_preparing_and_launching(model)
+    records = [{"position": i, "id": f"r{i}", "error": "unreadable"} for i in range(2)]
+    records += [{"position": i, "id": f"r{i}", "item": {"text": "word " * (i % 5 + 1)}} for i in range(2, 66)]
+    got = ModelWorker(None, EmbedOptions(max_batch_size=2), model=model).embed(records)
+    # windows of 2 (both failed: the next is prepared at once), 4, 8, 16, 32 and the last 4 records
+    assert "".join(seen) == "PPPP" + "LPPPP" * (2 + 4 + 8) + "LP" * 4 + "L" * 12 + "LL"
+    assert [r.get("error") for r in got[:2]] == ["unreadable"] * 2 and [r["id"] for r in got] == [f"r{i}" for i in range(66)]
+    want = model.encode([r["item"] for r in records[2:]], return_numpy=True)
+    assert all(np.allclose(r["vector"], w, atol=1e-5) for r, w in zip(got[2:], want, strict=True))
