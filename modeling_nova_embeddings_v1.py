@@ -52,10 +52,11 @@ def _progress(iterable, total: int, enabled: bool):
 
 
 def sort_windows(n_items: int, batch_size: int, ramp: bool = False) -> list[tuple[int, int]]:
-    """`encode()`'s windows of items, (start, stop): rows are sorted by length within each, and each next window
-    is prepared while this one's batches run. 16 batches a window; with `ramp` (the model `launches_ahead`, on
-    a GPU) 1, 2, 4 and 8 batches first, so the first forward starts once one batch is prepared instead of
-    sixteen. On a CPU there is no device to keep busy, so every window sorts 16 batches."""
+    """Windows of items, (start, stop), for `windowed_batches` (`encode()`'s, `nova embed`'s): rows are sorted
+    by length within each, and each next window is prepared while this one's batches run. 16 batches a
+    window; with `ramp` (the model `launches_ahead`, on a GPU) 1, 2, 4 and 8 batches first, so the first
+    forward starts once one batch is prepared instead of sixteen. On a CPU there is no device to keep busy,
+    so every window sorts 16 batches."""
     bounds = [0]
     while bounds[-1] < n_items:
         batches = min(16, 2 ** (len(bounds) - 1)) if ramp else 16
