@@ -1,17 +1,20 @@
 """`encode()`, which launches each batch before it reads the last one and prepares the next window of rows
-between launches (`embed_batches`), against the loop it replaced: a window of 16 batches prepared and sorted
-by length, then one batch at a time (`embed_prepared` per batch), from one run.
+between launches (`embed_batches`, `windowed_batches`), against the loop it replaced: a window of 16 batches
+prepared and sorted by length, then one batch at a time (`embed_prepared` per batch), from one run.
+`--loop nova-embed`: the same for `nova embed`'s model stage in one process (`ModelWorker.embed`), against
+its loop before (every record prepared, packed by token budget, then one pack at a time).
 
 Both sides embed the same sentences in the same batches. With a forward on an asynchronous device (a GPU's,
 or here the stand-in's: serve/stand_in.py, a fixed cost per batch spent by a device thread without the GIL),
-one batch at a time leaves the device idle while the host prepares each window and collates and reads each
-batch; `encode()` does that host work while the forward before it runs. With the forward on this CPU (a
-launch returns with its outputs) both do the same work, so that row shows what the loop itself costs.
+one batch at a time leaves the device idle while the host prepares rows and collates and reads each batch;
+the new loops do that host work while the forward before it runs. With the forward on this CPU (a launch
+returns with its outputs) both do the same work, so that row shows what the loop itself costs.
 
 It prints sentences/s per side (medians of alternating rounds), their ratio within each round (median and
 range), and the stand-in device's busy share.
 
     .venv/bin/python bench/bench_encode_ahead.py
+    .venv/bin/python bench/bench_encode_ahead.py --loop nova-embed
     .venv/bin/python bench/bench_encode_ahead.py --stand-in-ms 2 --batch-size 64
     python bench/bench_encode_ahead.py --model /tmp/nova-full --device cuda --cuda-graphs   # a GPU's own figure
 """
@@ -33,7 +36,7 @@ def encode(model, sentences: list[str], batch_size: int) -> None:
     model.encode(sentences, batch_size=batch_size, show_progress=False)
 
 
-def one_at_a_time(model, sentences: list[str], batch_size: int) -> None:
+def encode_before(model, sentences: list[str], batch_size: int) -> None:
     """The loop `encode()` ran before: each window of 16 batches prepared and sorted, then each batch
     launched and read before the next, its vectors put in input order."""
     window, results = 16 * batch_size, [None] * len(sentences)
@@ -48,11 +51,41 @@ def one_at_a_time(model, sentences: list[str], batch_size: int) -> None:
                 results[row.index] = vector
 
 
-def timed_rounds(model, sentences: list[str], batch_size: int, rounds: int) -> dict[str, list[float]]:
+def _records(sentences: list[str]) -> list[dict]:
+    return [{"position": i, "id": str(i), "item": {"text": text}} for i, text in enumerate(sentences)]
+
+
+def nova_embed(model, sentences: list[str], batch_size: int) -> None:
+    from nova.embed.stages import EmbedOptions, ModelWorker
+
+    results = ModelWorker(None, EmbedOptions(max_batch_size=batch_size), model=model).embed(_records(sentences))
+    assert all("vector" in result for result in results)
+
+
+def nova_embed_before(model, sentences: list[str], batch_size: int) -> None:
+    """The loop `nova embed`'s model stage ran before: every record of the call (a shard in one process)
+    prepared, packed by token budget, then each pack launched and read before the next; each vector made an
+    array and a result record, as the model stage does."""
+    from nova.embed.stages import EmbedOptions, ModelWorker, pack_by_token_budget
+
+    worker = ModelWorker(None, EmbedOptions(max_batch_size=batch_size), model=model)
+    o, records = worker.options, _records(sentences)
+    rows = [model.processor.prepare_item(r["item"], index=r["position"], max_pixels=o.max_pixels,
+                                         max_length=o.max_length, prompt_set=o.prompt_set) for r in records]
+    ids = {r["position"]: r["id"] for r in records}
+    results = {}
+    for pack in pack_by_token_budget(rows, o.max_batch_tokens, o.max_batch_size):
+        for row, vector in zip(pack, model.embed_prepared(pack, o.multivector), strict=True):
+            results[row.index] = {"position": row.index, "id": ids[row.index], "vector": worker._array(vector)}
+    assert len(results) == len(sentences)
+
+
+LOOPS = {"encode": ("encode()", encode, encode_before), "nova-embed": ("nova embed", nova_embed, nova_embed_before)}
+
+
+def timed_rounds(model, sides: dict, sentences: list[str], batch_size: int, rounds: int) -> dict[str, list[float]]:
     """sentences/s of each side, the sides alternating within each round; plus the stand-in's busy share."""
-    rates: dict[str, list[float]] = {"one at a time": [], "encode()": [], "busy one at a time": [],
-                                     "busy encode()": []}
-    sides = {"one at a time": one_at_a_time, "encode()": encode}
+    rates: dict[str, list[float]] = {key: [] for name in sides for key in (name, f"busy {name}")}
     for _ in range(rounds):
         for name, run in sides.items():
             busy = model.snapshot().busy_seconds if hasattr(model, "snapshot") else None
@@ -76,6 +109,8 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="model directory (default: the tiny checkpoint)")
     parser.add_argument("--device", default=None, help="where the model runs (default: its loading default)")
     parser.add_argument("--cuda-graphs", action="store_true", help="the model's forward replayed from CUDA graphs")
+    parser.add_argument("--loop", choices=sorted(LOOPS), default="encode",
+                        help="encode() or nova embed's model stage in one process (default: %(default)s)")
     args = parser.parse_args()
     import torch
     from bench_server import make_sentences
@@ -95,16 +130,18 @@ def main() -> int:
                 f"the model's forward on {model.device}{' (CUDA graphs)' if args.cuda_graphs else ''}": model}
     print(f"{args.sentences} ~15-word sentences, batches of {args.batch_size}, {args.rounds} alternating rounds; "
           f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
+    name, new_loop, old_loop = LOOPS[args.loop]
+    sides = {"one at a time": old_loop, name: new_loop}
     for label, forward in forwards.items():
-        one_at_a_time(forward, sentences[: 2 * args.batch_size], args.batch_size)  # warm-up
-        rates = timed_rounds(forward, sentences, args.batch_size, args.rounds)
-        ahead, alone = statistics.median(rates["encode()"]), statistics.median(rates["one at a time"])
-        ratios = [a / b for a, b in zip(rates["encode()"], rates["one at a time"], strict=True)]
-        print(f"{label}: one at a time {alone:.0f} sentences/s, encode() {ahead:.0f} sentences/s (medians); "
+        old_loop(forward, sentences[: 2 * args.batch_size], args.batch_size)  # warm-up
+        rates = timed_rounds(forward, sides, sentences, args.batch_size, args.rounds)
+        ahead, alone = statistics.median(rates[name]), statistics.median(rates["one at a time"])
+        ratios = [a / b for a, b in zip(rates[name], rates["one at a time"], strict=True)]
+        print(f"{label}: one at a time {alone:.0f} sentences/s, {name} {ahead:.0f} sentences/s (medians); "
               f"ratio per round {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f})")
-        if rates["busy encode()"]:
+        if rates[f"busy {name}"]:
             print(f"  device busy: one at a time {statistics.median(rates['busy one at a time']):.0%}, "
-                  f"encode() {statistics.median(rates['busy encode()']):.0%}")
+                  f"{name} {statistics.median(rates[f'busy {name}']):.0%}")
     return 0
 
 
