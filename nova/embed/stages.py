@@ -132,8 +132,11 @@ class ModelWorker:
             return rows
 
         ids = {record["position"]: record["id"] for record in records}
-        overlap = self.model.launches_ahead  # on a GPU, the next records are prepared between launches
-        windows = self.model.sort_windows(len(records), o.max_batch_size, ramp=overlap)
+        # on a GPU, windows that grow from one pack, each prepared between the launches of the one before;
+        # elsewhere the call's records at once, packed over all of them (the least padding)
+        overlap = self.model.launches_ahead
+        windows = (self.model.sort_windows(len(records), o.max_batch_size, ramp=True) if overlap
+                   else [(0, len(records))])
         packs = self.model.windowed_batches(
             windows, prepare, lambda rows: pack_by_token_budget(rows, o.max_batch_tokens, o.max_batch_size), overlap)
         for pack, outcomes in self.model.embed_batches(packs, o.multivector):
