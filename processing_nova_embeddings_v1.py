@@ -104,6 +104,11 @@ class PreparedItem:
     def has_image(self) -> bool:
         return self.image_grid_thw is not None
 
+    def as_fields(self) -> dict:
+        """Its fields as plain values (lists, arrays, tensors, strings), for a process that may lack this module:
+        there, `processor.item_from_fields` rebuilds the item with the model's own class (`nova embed` on Ray)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     @property
     def prefix_ids(self) -> tuple[int, ...]:
         """The shareable prefix's token ids as Python ints (the prefix cache's key, whatever the fields' type)."""
@@ -632,6 +637,11 @@ class NovaEmbeddingsV1Processor:
     def pack(self, items: list[PreparedItem]) -> PackedItems:
         """Items as columns, to send to another process (`PackedItems.unpack()` there)."""
         return PackedItems.of(items)
+
+    def item_from_fields(self, values: dict) -> PreparedItem:
+        """An item from `PreparedItem.as_fields()` (made by another copy of this code, such as a processor that
+        tokenized in another process); a field this version does not know is a TypeError naming it."""
+        return PreparedItem(**values)
 
     def collate(self, rows: list[PreparedItem], *, drop_prefix: bool = False, pad_to_multiple_of: int = 1) -> TokenBatch:
         """Right-padded batch tensors (right padding keeps every row's positions independent of the batch).

@@ -3,6 +3,9 @@ between launches (`embed_batches`, `windowed_batches`), against the loop it repl
 prepared and sorted by length, then one batch at a time (`embed_prepared` per batch), from one run.
 `--loop nova-embed`: the same for `nova embed`'s model stage in one process (`ModelWorker.embed`), against
 its loop before (every record prepared, packed by token budget, then one pack at a time).
+`--loop nova-embed-ray`: `nova embed`'s model actor on Ray (`ModelStage`, one call per 256 pickled records),
+fed records tokenized by the load stage (`prepare_records`, done before the clock starts, as other processes
+do it on Ray) against records it tokenizes itself, as it did before.
 
 Both sides embed the same sentences in the same batches. With a forward on an asynchronous device (a GPU's,
 or here the stand-in's: serve/stand_in.py, a fixed cost per batch spent by a device thread without the GIL),
@@ -15,6 +18,7 @@ range), and the stand-in device's busy share.
 
     .venv/bin/python bench/bench_encode_ahead.py
     .venv/bin/python bench/bench_encode_ahead.py --loop nova-embed
+    .venv/bin/python bench/bench_encode_ahead.py --loop nova-embed-ray [--rows-per-call 64]
     .venv/bin/python bench/bench_encode_ahead.py --stand-in-ms 2 --batch-size 64
     python bench/bench_encode_ahead.py --model /tmp/nova-full --device cuda --cuda-graphs   # a GPU's own figure
 """
@@ -26,10 +30,15 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from nova.embed.ray_pipeline import ROWS_PER_MODEL_CALL  # noqa: E402 - after the path set-up
 
 
 def encode(model, sentences: list[str], batch_size: int) -> None:
@@ -80,17 +89,70 @@ def nova_embed_before(model, sentences: list[str], batch_size: int) -> None:
     assert len(results) == len(sentences)
 
 
-LOOPS = {"encode": ("encode()", encode, encode_before), "nova-embed": ("nova embed", nova_embed, nova_embed_before)}
+@dataclass(frozen=True)
+class RayCalls:
+    """The batches Ray hands `nova embed`'s model actors, as `ModelStage` receives them (pickled records, 64 a call):
+    untokenized, and tokenized by the load stage."""
+
+    untokenized: list[dict]
+    tokenized: list[dict]
+
+    @classmethod
+    def of(cls, model, sentences: list[str], rows_per_call: int) -> RayCalls:
+        from nova.embed.ray_pipeline import _pack
+        from nova.embed.stages import EmbedOptions, prepare_records
+
+        records = _records(sentences)
+        calls = [records[i : i + rows_per_call] for i in range(0, len(records), rows_per_call)]
+        return cls([_pack(call, 0) for call in calls],
+                   [_pack(prepare_records(call, model.processor, EmbedOptions()), 0) for call in calls])
 
 
-def timed_rounds(model, sides: dict, sentences: list[str], batch_size: int, rounds: int) -> dict[str, list[float]]:
+def _model_actor(model, batches: list[dict], batch_size: int) -> None:
+    from nova.embed.ray_pipeline import ModelStage, _unpack
+    from nova.embed.stages import EmbedOptions
+
+    stage = ModelStage({"model_ref": None, "options": EmbedOptions(max_batch_size=batch_size), "model": model})
+    for batch in batches:
+        assert all("vector" in record for record in _unpack(stage(batch))[1])
+
+
+def nova_embed_ray(model, calls: RayCalls, batch_size: int) -> None:
+    _model_actor(model, calls.tokenized, batch_size)
+
+
+def nova_embed_ray_before(model, calls: RayCalls, batch_size: int) -> None:
+    _model_actor(model, calls.untokenized, batch_size)
+
+
+@dataclass(frozen=True)
+class Loop:
+    """One comparison: a loop and the one it replaced, run on the same input (`inputs(model, sentences)`)."""
+
+    name: str
+    before_name: str
+    run: Callable
+    before: Callable
+    inputs: Callable[[Any, list[str], int], Any] = lambda model, sentences, rows_per_call: sentences
+
+
+LOOPS = {
+    "encode": Loop("encode()", "one at a time", encode, encode_before),
+    "nova-embed": Loop("nova embed", "one at a time", nova_embed, nova_embed_before),
+    "nova-embed-ray": Loop("tokenized by the load stage", "tokenized by the actor", nova_embed_ray,
+                           nova_embed_ray_before, RayCalls.of),
+}
+
+
+def timed_rounds(model, sides: dict, sentences: list[str], batch_size: int, rounds: int,
+                 inputs: Any) -> dict[str, list[float]]:
     """sentences/s of each side, the sides alternating within each round; plus the stand-in's busy share."""
     rates: dict[str, list[float]] = {key: [] for name in sides for key in (name, f"busy {name}")}
     for _ in range(rounds):
         for name, run in sides.items():
             busy = model.snapshot().busy_seconds if hasattr(model, "snapshot") else None
             started = time.perf_counter()
-            run(model, sentences, batch_size)
+            run(model, inputs, batch_size)
             seconds = time.perf_counter() - started
             rates[name].append(len(sentences) / seconds)
             if busy is not None:
@@ -111,6 +173,8 @@ def main() -> int:
     parser.add_argument("--cuda-graphs", action="store_true", help="the model's forward replayed from CUDA graphs")
     parser.add_argument("--loop", choices=sorted(LOOPS), default="encode",
                         help="encode() or nova embed's model stage in one process (default: %(default)s)")
+    parser.add_argument("--rows-per-call", type=int, default=ROWS_PER_MODEL_CALL,
+                        help="nova-embed-ray: records per model call (default: nova embed's, %(default)s)")
     args = parser.parse_args()
     import torch
     from bench_server import make_sentences
@@ -130,17 +194,20 @@ def main() -> int:
                 f"the model's forward on {model.device}{' (CUDA graphs)' if args.cuda_graphs else ''}": model}
     print(f"{args.sentences} ~15-word sentences, batches of {args.batch_size}, {args.rounds} alternating rounds; "
           f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
-    name, new_loop, old_loop = LOOPS[args.loop]
-    sides = {"one at a time": old_loop, name: new_loop}
+    loop = LOOPS[args.loop]
+    name, before = loop.name, loop.before_name
+    sides = {before: loop.before, name: loop.run}
+    inputs = loop.inputs(model, sentences, args.rows_per_call)
+    warm_up = loop.inputs(model, sentences[: 2 * args.batch_size], args.rows_per_call)
     for label, forward in forwards.items():
-        old_loop(forward, sentences[: 2 * args.batch_size], args.batch_size)  # warm-up
-        rates = timed_rounds(forward, sides, sentences, args.batch_size, args.rounds)
-        ahead, alone = statistics.median(rates[name]), statistics.median(rates["one at a time"])
-        ratios = [a / b for a, b in zip(rates[name], rates["one at a time"], strict=True)]
-        print(f"{label}: one at a time {alone:.0f} sentences/s, {name} {ahead:.0f} sentences/s (medians); "
+        loop.before(forward, warm_up, args.batch_size)
+        rates = timed_rounds(forward, sides, sentences, args.batch_size, args.rounds, inputs)
+        new, old = statistics.median(rates[name]), statistics.median(rates[before])
+        ratios = [a / b for a, b in zip(rates[name], rates[before], strict=True)]
+        print(f"{label}: {before} {old:.0f} sentences/s, {name} {new:.0f} sentences/s (medians); "
               f"ratio per round {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f})")
         if rates[f"busy {name}"]:
-            print(f"  device busy: one at a time {statistics.median(rates['busy one at a time']):.0%}, "
+            print(f"  device busy: {before} {statistics.median(rates[f'busy {before}']):.0%}, "
                   f"{name} {statistics.median(rates[f'busy {name}']):.0%}")
     return 0
 

@@ -58,3 +58,22 @@ def load_model(model: str | os.PathLike | None = None, *, device: str | None = N
 
         return AutoModel.from_pretrained(path, trust_remote_code=True, **kwargs)
     return model_class().from_pretrained(path, **kwargs)
+
+
+def load_processor(model: str | os.PathLike | None = None, *, trust_remote_code: bool = True):
+    """The processor that `load_model(model)` attaches, without loading weights: for work that tokenizes away from
+    the model (`nova embed`'s Ray load stage). It comes from the same code as the model's (a Nova directory's own,
+    else this repository's) and routes by the config alone: the model's processor checks adapter names."""
+    from nova.tiny import ensure_tiny_checkpoint
+
+    check_model_source(model, trust_remote_code=trust_remote_code)
+    path = str(ensure_tiny_checkpoint() if model is None else model)
+    if os.path.isfile(os.path.join(path, REMOTE_CODE_MARKER)):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    if not os.path.isdir(path):  # a hub id: the files a processor reads, fetched as the model's loading fetches them
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path, allow_patterns=["*.json", "*.txt"])
+    return model_class("NovaEmbeddingsV1Processor").from_pretrained(path)

@@ -1,8 +1,11 @@
 """The Ray Data runner: read -> load -> model stages, committed shard by shard on the driver.
 
 - read (tasks): a pending shard's descriptor -> its rows (`inputs.read_shard`).
-- load (tasks): defaults applied, images read and decoded (`stages.load_items`).
-- model (an actor pool, `--workers` actors, one GPU each when the cluster has GPUs): `stages.ModelWorker`.
+- load (tasks): defaults applied, images read and decoded (`stages.load_items`), text items rendered and tokenized
+  by the model's processor, loaded once per worker process without the weights (`stages.prepare_records`).
+- model (an actor pool, `--workers` actors, one GPU each when the cluster has GPUs): `stages.ModelWorker`, which
+  routes, packs and embeds text rows that arrive tokenized, so a GPU does not wait while its actor tokenizes;
+  it patchifies images itself, between launches (patches would take 8x a decoded image's object-store space).
 - the driver streams results, keeps each row once per (shard, position), and commits a shard as soon as
   all of its rows are in. Ray retries the work of a killed actor on a restarted one (Ray Data's actor pool
   restarts actors and retries their tasks); a row delivered twice is dropped by the driver, a shard with a
@@ -13,17 +16,21 @@ Records travel between stages pickled in a binary column, so PIL images and ragg
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 
 from .inputs import read_shard
 from .job import Job
 from .output import OutputFolder
-from .stages import ModelWorker, load_items
+from .stages import ModelWorker, load_items, prepare_records
 
 log = logging.getLogger("nova.embed")
 
-ROWS_PER_MODEL_CALL = 64  # rows handed to a model actor per call (packed by token budget inside)
+# Rows handed to a model actor per call, packed by token budget inside: several packs a call, so that the actor
+# launches one while it reads another and patchifies the next images, and the call's own overhead is shared
+# (bench/bench_encode_ahead.py --loop nova-embed-ray).
+ROWS_PER_MODEL_CALL = 256
 
 
 def _pack(records: list[dict], shard: int) -> dict:
@@ -44,10 +51,19 @@ def _read_stage(batch: dict, job: Job) -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def _processor(model_ref: str | None, trust_remote_code: bool):
+    """The model's processor, loaded once per Ray worker process (a load task reuses its process)."""
+    from nova.loading import load_processor
+
+    return load_processor(model_ref, trust_remote_code=True if model_ref is None else trust_remote_code)
+
+
 def _load_stage(batch: dict, job: Job) -> dict:
     shards, records = _unpack(batch)
     loaded = load_items(records, job.defaults, job.model["max_image_pixels"])
-    return {"shard": shards, "payload": [pickle.dumps(r, protocol=5) for r in loaded]}
+    prepared = prepare_records(loaded, _processor(job.model_ref, job.trust_remote_code), job.options)
+    return {"shard": shards, "payload": [pickle.dumps(r, protocol=5) for r in prepared]}
 
 
 class ModelStage:

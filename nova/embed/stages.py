@@ -1,13 +1,19 @@
 """The work on rows, the same in one process and on Ray: load items, then embed them with the model.
 
 `load_items` (CPU, no model): applies the command-line defaults and reads and decodes images, so that an
-unreadable image becomes an error record early. `ModelWorker` holds the model: it renders and tokenizes
-items with the processor's `prepare_item`, packs them by token budget (rows x longest row <=
-`max_batch_tokens`, as the server's batcher does) and runs the packs through `embed_batches`, the path the
-server's batches take (and so the instruction prefix cache). As in `encode()`, each pack is launched before
-the previous one's vectors are read, and on a GPU the next window of records is prepared between launches
-(`windowed_batches`), so the device is not left idle while the host works. A pack that fails is retried row
-by row, so a bad row costs only itself.
+unreadable image becomes an error record early. `prepare_records` (CPU, a processor without the model):
+renders and tokenizes the items without an image, so that on Ray the model's actor receives them ready to
+pack. `ModelWorker` holds the model: it tokenizes the items that come unprepared (all of them in one process,
+rows with an image on Ray) with the processor's `prepare_item`, routes every row to its adapter by the model's
+own rule, packs rows by
+token budget (rows x longest row <= `max_batch_tokens`, as the server's batcher does) and runs the packs
+through `embed_batches`, the path the server's batches take (and so the instruction prefix cache). As in
+`encode()`, each pack is launched before the previous one's vectors are read, and on a GPU the next window of
+records is prepared between launches (`windowed_batches`), so the device is not left idle while the host
+works. A pack that fails is retried row by row, so a bad row costs only itself.
+
+A record is a dict: `position` and `id` always; then `item` (the row's fields), `prepared` (the tokenized
+row, `PreparedItem.as_fields()`, beside an `item` that keeps only the routing keys), `error` or `vector`.
 """
 
 from __future__ import annotations
@@ -56,6 +62,35 @@ def load_items(records: list[dict], defaults: ItemDefaults, max_image_pixels: in
                 out.append({**_strip(record), "error": str(exc)})
                 continue
         out.append({**record, "item": item})
+    return out
+
+
+# The item fields that choose a row's task and adapter: kept beside a prepared row, so that the model's processor,
+# which knows which adapters are resident, makes the routing decision (a missing 'adapter' inherits the task's).
+ROUTING_KEYS = ("task", "adapter")
+
+
+def prepare_records(records: list[dict], processor, options: EmbedOptions) -> list[dict]:
+    """Items without an image rendered and tokenized (`processor.prepare_item`, as `ModelWorker` would), as plain
+    fields that any copy of the model code rebuilds; failures become error records. The processor routes by the
+    config alone, so an unknown task fails here, while a named adapter is checked by the model's stage.
+
+    A row with an image passes on decoded: its patches (float32) are 8x the decoded image's bytes, too much to
+    hold a shard of in Ray's object store; the model's stage makes them between its launches instead."""
+    out = []
+    for record in records:
+        if "error" in record or record["item"].get("image") is not None:
+            out.append(record)
+            continue
+        item = record["item"]
+        try:
+            prepared = processor.prepare_item(item, index=record["position"], max_pixels=options.max_pixels,
+                                              max_length=options.max_length, prompt_set=options.prompt_set)
+        except ValueError as exc:
+            out.append({**_strip(record), "error": str(exc)})
+            continue
+        routing = {key: item[key] for key in ROUTING_KEYS if key in item}
+        out.append({**_strip(record), "item": routing, "prepared": prepared.as_fields()})
     return out
 
 
@@ -123,10 +158,7 @@ class ModelWorker:
                     results[record["position"]] = record
                     continue
                 try:
-                    rows.append(self.model.processor.prepare_item(
-                        record["item"], index=record["position"], max_pixels=o.max_pixels,
-                        max_length=o.max_length, prompt_set=o.prompt_set,
-                    ))
+                    rows.append(self._prepared_row(record))
                 except ValueError as exc:
                     results[record["position"]] = {**_strip(record), "error": str(exc)}
             return rows
@@ -148,6 +180,18 @@ class ModelWorker:
                 else:
                     results[position] = {"position": position, "id": ids[position], "vector": outcome}
         return [results[record["position"]] for record in records]
+
+    def _prepared_row(self, record: dict):
+        """A record's row for the model: tokenized here, or rebuilt from `prepare_records`' fields and routed by
+        this model (an adapter it does not hold is this row's error; a task adapter the checkpoint did not ship
+        runs on the base model, exactly as when the row is tokenized here)."""
+        o = self.options
+        processor = self.model.processor
+        if "prepared" not in record:
+            return processor.prepare_item(record["item"], index=record["position"], max_pixels=o.max_pixels,
+                                          max_length=o.max_length, prompt_set=o.prompt_set)
+        route = processor.resolve_item(record["item"], index=record["position"], prompt_set=o.prompt_set)
+        return processor.item_from_fields({**record["prepared"], "adapter": route.adapter})
 
     def _outcomes(self, pack: list, outcomes: list | Exception) -> list:
         """Per row: its vector as an array, or its error. A pack whose forward failed is retried row by row, so
