@@ -3,14 +3,14 @@
 `load_items` (CPU, no model): applies the command-line defaults and reads and decodes images, so that an
 unreadable image becomes an error record early. `prepare_records` (CPU, a processor without the model):
 renders and tokenizes the items without an image, so that on Ray the model's actor receives them ready to
-pack. `ModelWorker` holds the model: it tokenizes the items that come unprepared (all of them in one process,
-rows with an image on Ray) with the processor's `prepare_item`, routes every row to its adapter by the model's
-own rule, packs rows by
-token budget (rows x longest row <= `max_batch_tokens`, as the server's batcher does) and runs the packs
-through `embed_batches`, the path the server's batches take (and so the instruction prefix cache). As in
-`encode()`, each pack is launched before the previous one's vectors are read, and on a GPU the next window of
-records is prepared between launches (`windowed_batches`), so the device is not left idle while the host
-works. A pack that fails is retried row by row, so a bad row costs only itself.
+pack. `ModelWorker` holds the model: it tokenizes the items that come unprepared (all of them in one
+process, rows with an image on Ray) with the processor's `prepare_item`, routes every row to its adapter by
+the model's own rule, packs rows by token budget (rows x longest row <= `max_batch_tokens`, as the server's
+batcher does) and runs the packs through `embed_batches`, the path the server's batches take (and so the
+instruction prefix cache). As in `encode()`, each pack is launched before the previous one's vectors are
+read, and on a GPU the next window of records is prepared between launches (`windowed_batches`), so the
+device is not left idle while the host works. A pack that fails is retried row by row, so a bad row costs
+only itself.
 
 A record is a dict: `position` and `id` always; then `item` (the row's fields), `prepared` (the tokenized
 row, `PreparedItem.as_fields()`, beside an `item` that keeps only the routing keys), `error` or `vector`.
