@@ -22,7 +22,8 @@
 #
 # Wheels for what the GPU machine lacks (transformers>=5.20, starlette, uvicorn, httptools, peft), when
 # present in .whl/, are installed to /tmp/site first: see docs/performance.md for the download command.
-# Smoke mode, the same steps on this CPU:
+# Smoke mode, the same steps on this CPU (tests/test_bench_scripts.py runs it, with LIMIT_SCALE=3: each step's
+# time limit times 3, for a busy CI machine):
 #   DEVICE=cpu SIZE_CHECK=tiny SKIP_FULL=1 SKIP_WHEELS=1 ITEMS=64 PY=.venv/bin/python bash bench/gpu_run.sh
 #   PLAN=train DEVICE=cpu SKIP_FULL=1 SKIP_WHEELS=1 TRAIN_BATCH=64 PY=.venv/bin/python bash bench/gpu_run.sh
 set -uo pipefail
@@ -43,8 +44,8 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 NOVA_HOME=${NOVA_HOME:-/tmp/nova-home}
 failed=()
 
-step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, remember a failure
-    local name=$1 limit=$2
+step() {  # step NAME SECONDS COMMAND...: run with a limit (times LIMIT_SCALE), log to $OUT/NAME.log, remember a failure
+    local name=$1 limit=$(( $2 * ${LIMIT_SCALE:-1} ))
     shift 2
     echo "=== $name: $* ($(date -u +%T) UTC, limit ${limit}s)"
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1

@@ -20,6 +20,23 @@ def run(*args: str) -> str:
     return done.stdout
 
 
+def test_the_gpu_run_script_passes_every_step_in_its_smoke_mode(tmp_path):
+    """`bench/gpu_run.sh` as a GPU session calls it, on this CPU: every step of the forward and server plan runs,
+    the CUDA-graphs decision reads the check's log, and the summary finds each step's key lines."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), NOVA_HOME=str(tmp_path / "home"), DEVICE="cpu",
+               SIZE_CHECK="tiny", SKIP_FULL="1", SKIP_WHEELS="1", ITEMS="64", PY=sys.executable, LIMIT_SCALE="3")
+    done = subprocess.run(["bash", "bench/gpu_run.sh"], cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
+    assert done.returncode == 0, f"gpu_run.sh exited {done.returncode}:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
+    assert done.stdout.rstrip().endswith("all steps passed")
+    assert "=== open-loop forward: eager" in done.stdout  # no graphs on a CPU
+    summary = done.stdout.split("=== summary\n", 1)[1].splitlines()
+    for start in ("  float16: min pooled cosine to float32", "  bfloat16: min pooled cosine to float32",
+                  "  here (CPU, tiny shape, cuda graphs)", "--- small-sentences", "in-process encode(): ",
+                  "server CPU ms per request beyond", "--- open-loop", "reference: ", "saturation: ",
+                  "lone request (1 client, p50)", "closed loop, 32 clients"):
+        assert any(line.startswith(start) for line in summary), f"no summary line starts with {start!r}"
+
+
 def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     report_path = tmp_path / "check.json"
     out = run("bench/gpu_check.py", "--device", "cpu", "--size", "tiny", "--rounds", "1", "--json", str(report_path))
