@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import Qwen2Tokenizer, Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .fetching_nova_embeddings_v1 import FetchError, UrlFetcher
 from .inputs_nova_embeddings_v1 import (
@@ -603,11 +604,27 @@ class NovaEmbeddingsV1Processor:
             end = end + item_ids[end:].index(self.im_end_token_id) - 1
         return [start <= i <= end for i in range(len(item_ids))]
 
-    def _patchify(self, image: Image.Image, max_pixels: int | None, index):
+    def fit_image(self, image: Image.Image, *, max_pixels: int | None = None, index: int | None = None) -> Image.Image:
+        """An RGB image at the size the image processor resizes it to, by its own size rule and filter: patchifying
+        it later resizes nothing (PIL copies an image resized to its own size), so its patches are the same, bit
+        for bit. Lets work that moves images between processes (`nova embed` on Ray) carry at most max_pixels x 3
+        bytes per image, however large the photo, and resize away from the model's process. ValueError (an
+        aspect ratio the size rule refuses, a bad max_pixels) as patchifying raises it."""
+        min_pixels, max_pixels = self._pixel_bounds(max_pixels, index)
+        factor = self.image_processor.patch_size * self.image_processor.merge_size
+        height, width = smart_resize(image.height, image.width, factor=factor, min_pixels=min_pixels,
+                                     max_pixels=max_pixels)
+        return image.resize((width, height), resample=self.image_processor.resample)
+
+    def _pixel_bounds(self, max_pixels: int | None, index) -> tuple[int, int]:
         min_pixels = self.image_processor.size["shortest_edge"]
         max_pixels = max_pixels or self.image_processor.size["longest_edge"]
         if not isinstance(max_pixels, int) or max_pixels < min_pixels:
             raise item_error(index, f"max_pixels must be an integer >= {min_pixels}, got {max_pixels!r}")
+        return min_pixels, max_pixels
+
+    def _patchify(self, image: Image.Image, max_pixels: int | None, index):
+        min_pixels, max_pixels = self._pixel_bounds(max_pixels, index)
         out = self.image_processor(
             images=[image], return_tensors="pt", size={"shortest_edge": min_pixels, "longest_edge": max_pixels}
         )

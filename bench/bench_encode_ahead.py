@@ -5,7 +5,8 @@ prepared and sorted by length, then one batch at a time (`embed_prepared` per ba
 its loop before (every record prepared, packed by token budget, then one pack at a time).
 `--loop nova-embed-ray`: `nova embed`'s model actor on Ray (`ModelStage`, one call per 256 pickled records),
 fed records tokenized by the load stage (`prepare_records`, done before the clock starts, as other processes
-do it on Ray) against records it tokenizes itself, as it did before.
+do it on Ray) against records it tokenizes itself, as it did before; with `--image-size`, rows of a caption and
+a photo, which the load stage now resizes to the model's input size.
 
 Both sides embed the same sentences in the same batches. With a forward on an asynchronous device (a GPU's,
 or here the stand-in's: serve/stand_in.py, a fixed cost per batch spent by a device thread without the GIL),
@@ -19,6 +20,7 @@ range), and the stand-in device's busy share.
     .venv/bin/python bench/bench_encode_ahead.py
     .venv/bin/python bench/bench_encode_ahead.py --loop nova-embed
     .venv/bin/python bench/bench_encode_ahead.py --loop nova-embed-ray [--rows-per-call 64]
+    .venv/bin/python bench/bench_encode_ahead.py --loop nova-embed-ray --image-size 2000x1500 --sentences 64
     .venv/bin/python bench/bench_encode_ahead.py --stand-in-ms 2 --batch-size 64
     python bench/bench_encode_ahead.py --model /tmp/nova-full --device cuda --cuda-graphs   # a GPU's own figure
 """
@@ -89,20 +91,35 @@ def nova_embed_before(model, sentences: list[str], batch_size: int) -> None:
     assert len(results) == len(sentences)
 
 
+def photo(width: int, height: int):
+    """A photo-like RGB image (smooth shading plus noise), decoded as `nova embed`'s load stage decodes files."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    shade = np.add.outer(np.linspace(0, 255, height), np.linspace(0, 255, width))[..., None] / 2
+    return Image.fromarray((shade + rng.normal(0, 30, (height, width, 3))).clip(0, 255).astype(np.uint8))
+
+
 @dataclass(frozen=True)
 class RayCalls:
-    """The batches Ray hands `nova embed`'s model actors, as `ModelStage` receives them (pickled records, 64 a call):
-    untokenized, and tokenized by the load stage."""
+    """The batches Ray hands `nova embed`'s model actors, as `ModelStage` receives them (pickled records, 256 a
+    call): as the load stage made them before (decoded, untokenized), and as it makes them now (`prepare_records`:
+    text tokenized, images fitted to the model's input size)."""
 
     untokenized: list[dict]
     tokenized: list[dict]
 
     @classmethod
-    def of(cls, model, sentences: list[str], rows_per_call: int) -> RayCalls:
+    def of(cls, model, sentences: list[str], args) -> RayCalls:
         from nova.embed.ray_pipeline import _pack
         from nova.embed.stages import EmbedOptions, prepare_records
 
         records = _records(sentences)
+        if args.image_size:
+            image = photo(*(int(side) for side in args.image_size.split("x")))
+            records = [{**record, "item": {**record["item"], "image": image}} for record in records]
+        rows_per_call = args.rows_per_call
         calls = [records[i : i + rows_per_call] for i in range(0, len(records), rows_per_call)]
         return cls([_pack(call, 0) for call in calls],
                    [_pack(prepare_records(call, model.processor, EmbedOptions()), 0) for call in calls])
@@ -127,13 +144,13 @@ def nova_embed_ray_before(model, calls: RayCalls, batch_size: int) -> None:
 
 @dataclass(frozen=True)
 class Loop:
-    """One comparison: a loop and the one it replaced, run on the same input (`inputs(model, sentences)`)."""
+    """One comparison: a loop and the one it replaced, run on the same input (`inputs(model, sentences, args)`)."""
 
     name: str
     before_name: str
     run: Callable
     before: Callable
-    inputs: Callable[[Any, list[str], int], Any] = lambda model, sentences, rows_per_call: sentences
+    inputs: Callable[[Any, list[str], argparse.Namespace], Any] = lambda model, sentences, args: sentences
 
 
 LOOPS = {
@@ -175,6 +192,8 @@ def main() -> int:
                         help="encode() or nova embed's model stage in one process (default: %(default)s)")
     parser.add_argument("--rows-per-call", type=int, default=ROWS_PER_MODEL_CALL,
                         help="nova-embed-ray: records per model call (default: nova embed's, %(default)s)")
+    parser.add_argument("--image-size", default=None, metavar="WxH",
+                        help="nova-embed-ray: every sentence a caption of one photo of this size, e.g. 2000x1500")
     args = parser.parse_args()
     import torch
     from bench_server import make_sentences
@@ -192,13 +211,14 @@ def main() -> int:
     forwards = {f"stand-in forward, {args.stand_in_ms:g} ms a batch, asynchronous":
                 StandInModel(model, ForwardCost(args.stand_in_ms)),
                 f"the model's forward on {model.device}{' (CUDA graphs)' if args.cuda_graphs else ''}": model}
-    print(f"{args.sentences} ~15-word sentences, batches of {args.batch_size}, {args.rounds} alternating rounds; "
+    photos = f", each with a {args.image_size} photo" if args.image_size and args.loop == "nova-embed-ray" else ""
+    print(f"{args.sentences} ~15-word sentences{photos}, batches of {args.batch_size}, {args.rounds} alternating rounds; "
           f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
     loop = LOOPS[args.loop]
     name, before = loop.name, loop.before_name
     sides = {before: loop.before, name: loop.run}
-    inputs = loop.inputs(model, sentences, args.rows_per_call)
-    warm_up = loop.inputs(model, sentences[: 2 * args.batch_size], args.rows_per_call)
+    inputs = loop.inputs(model, sentences, args)
+    warm_up = loop.inputs(model, sentences[: 2 * args.batch_size], args)
     for label, forward in forwards.items():
         loop.before(forward, warm_up, args.batch_size)
         rates = timed_rounds(forward, sides, sentences, args.batch_size, args.rounds, inputs)

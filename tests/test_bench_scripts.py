@@ -56,11 +56,15 @@ def test_the_replay_host_bench_runs_every_case_through_a_bucket():
     assert [case for case in cases if any(line.startswith(case) for line in out.splitlines())] == cases
 
 
-@pytest.mark.parametrize("loop, before, name", [("encode", "one at a time", "encode()"),
-                                                ("nova-embed", "one at a time", "nova embed"),
-                                                ("nova-embed-ray", "tokenized by the actor", "tokenized by the load stage")])
-def test_the_encode_ahead_bench_compares_both_loops_on_both_forwards(loop, before, name):
-    out = run("bench/bench_encode_ahead.py", "--sentences", "64", "--rounds", "1", "--loop", loop)
+@pytest.mark.parametrize("loop, before, name, extra", [
+    ("encode", "one at a time", "encode()", ()),
+    ("nova-embed", "one at a time", "nova embed", ()),
+    ("nova-embed-ray", "tokenized by the actor", "tokenized by the load stage", ()),
+    ("nova-embed-ray", "tokenized by the actor", "tokenized by the load stage", ("--image-size", "900x600")),
+])
+def test_the_encode_ahead_bench_compares_both_loops_on_both_forwards(loop, before, name, extra):
+    out = run("bench/bench_encode_ahead.py", "--sentences", "64", "--rounds", "1", "--loop", loop, *extra)
+    assert ("each with a 900x600 photo" in out.splitlines()[0]) == bool(extra)
     rows = [line.split(":")[0] for line in out.splitlines()
             if f": {before} " in line and f"{name} " in line and "ratio per round" in line]
     assert rows == ["stand-in forward, 5 ms a batch, asynchronous", "the model's forward on cpu"]

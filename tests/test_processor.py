@@ -59,6 +59,39 @@ def test_max_pixels_per_call_changes_the_grid(tiny_model, make_image):
         processor.prepare_item({"image": big}, index=3, max_pixels=100)
 
 
+@pytest.mark.parametrize("height, width, max_pixels", [(1500, 2000, None), (3000, 400, None), (300, 200, None),
+                                                       (40, 1000, None), (448, 448, None), (900, 700, 100_000)])
+def test_an_image_fitted_to_the_model_gives_the_same_patches_bit_for_bit(tiny_model, height, width, max_pixels):
+    """`fit_image` (what `nova embed`'s Ray load stage sends on, to keep a large photo's bytes and resize off the
+    model's process) resizes exactly as patchifying does: downscaled, upscaled to the minimum, already fitted."""
+    from PIL import Image
+
+    rng = np.random.default_rng(height + width)
+    ramp = np.add.outer(np.linspace(0, 255, height), np.linspace(0, 255, width))[..., None] / 2
+    image = Image.fromarray((ramp + rng.normal(0, 30, (height, width, 3))).clip(0, 255).astype(np.uint8))
+    processor = tiny_model.processor
+    fitted = processor.fit_image(image, max_pixels=max_pixels)
+    whole = processor.prepare_item({"image": image}, index=0, max_pixels=max_pixels)
+    again = processor.prepare_item({"image": fitted}, index=0, max_pixels=max_pixels)
+    t, grid_h, grid_w = whole.image_grid_thw[0].tolist()
+    assert fitted.size == (grid_w * 14, grid_h * 14) and fitted.width * fitted.height <= (max_pixels or 602112)
+    assert torch.equal(again.image_grid_thw, whole.image_grid_thw)
+    assert torch.equal(again.pixel_values, whole.pixel_values)
+    assert list(again.input_ids) == list(whole.input_ids)
+
+
+def test_an_image_the_size_rule_refuses_is_refused_by_fit_image_as_by_patchifying(tiny_model, make_image):
+    processor = tiny_model.processor
+    thin = make_image(2010, 10)
+    with pytest.raises(ValueError, match="aspect ratio") as fitting:
+        processor.fit_image(thin)
+    with pytest.raises(ValueError, match="aspect ratio") as patchifying:
+        processor.prepare_item({"image": thin}, index=0)
+    assert str(fitting.value) in str(patchifying.value)
+    with pytest.raises(ValueError, match="max_pixels must be an integer >= 3136"):
+        processor.fit_image(thin, max_pixels=100, index=3)
+
+
 def test_instructions_are_a_pure_prefix_and_excluded_from_pooling(tiny_model, image):
     processor = tiny_model.processor
     plain = processor.prepare_item({"text": "hello", "task": "retrieval.query"})

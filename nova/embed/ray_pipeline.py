@@ -1,11 +1,12 @@
 """The Ray Data runner: read -> load -> model stages, committed shard by shard on the driver.
 
 - read (tasks): a pending shard's descriptor -> its rows (`inputs.read_shard`).
-- load (tasks): defaults applied, images read and decoded (`stages.load_items`), text items rendered and tokenized
-  by the model's processor, loaded once per worker process without the weights (`stages.prepare_records`).
+- load (tasks): defaults applied, images read and decoded (`stages.load_items`); by the model's processor, loaded
+  once per worker process without the weights (`stages.prepare_records`), text items rendered and tokenized and
+  images resized to the model's input size.
 - model (an actor pool, `--workers` actors, one GPU each when the cluster has GPUs): `stages.ModelWorker`, which
   routes, packs and embeds text rows that arrive tokenized, so a GPU does not wait while its actor tokenizes;
-  it patchifies images itself, between launches (patches would take 8x a decoded image's object-store space).
+  it patchifies the fitted images itself, between launches (patches take 8x an image's object-store space).
 - the driver streams results, keeps each row once per (shard, position), and commits a shard as soon as
   all of its rows are in. Ray retries the work of a killed actor on a restarted one (Ray Data's actor pool
   restarts actors and retries their tasks); a row delivered twice is dropped by the driver, a shard with a

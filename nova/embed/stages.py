@@ -3,14 +3,14 @@
 `load_items` (CPU, no model): applies the command-line defaults and reads and decodes images, so that an
 unreadable image becomes an error record early. `prepare_records` (CPU, a processor without the model):
 renders and tokenizes the items without an image, so that on Ray the model's actor receives them ready to
-pack. `ModelWorker` holds the model: it tokenizes the items that come unprepared (all of them in one
-process, rows with an image on Ray) with the processor's `prepare_item`, routes every row to its adapter by
-the model's own rule, packs rows by token budget (rows x longest row <= `max_batch_tokens`, as the server's
-batcher does) and runs the packs through `embed_batches`, the path the server's batches take (and so the
-instruction prefix cache). As in `encode()`, each pack is launched before the previous one's vectors are
-read, and on a GPU the next window of records is prepared between launches (`windowed_batches`), so the
-device is not left idle while the host works. A pack that fails is retried row by row, so a bad row costs
-only itself.
+pack, and resizes images to the model's input size. `ModelWorker` holds the model: it tokenizes the items
+that come unprepared (all of them in one process, rows with an image on Ray) with the processor's
+`prepare_item`, routes every row to its adapter by the model's own rule, packs rows by token budget (rows x
+longest row <= `max_batch_tokens`, as the server's batcher does) and runs the packs through `embed_batches`,
+the path the server's batches take (and so the instruction prefix cache). As in `encode()`, each pack is
+launched before the previous one's vectors are read, and on a GPU the next window of records is prepared
+between launches (`windowed_batches`), so the device is not left idle while the host works. A pack that
+fails is retried row by row, so a bad row costs only itself.
 
 A record is a dict: `position` and `id` always; then `item` (the row's fields), `prepared` (the tokenized
 row, `PreparedItem.as_fields()`, beside an `item` that keeps only the routing keys), `error` or `vector`.
@@ -75,14 +75,20 @@ def prepare_records(records: list[dict], processor, options: EmbedOptions) -> li
     fields that any copy of the model code rebuilds; failures become error records. The processor routes by the
     config alone, so an unknown task fails here, while a named adapter is checked by the model's stage.
 
-    A row with an image passes on decoded: its patches (float32) are 8x the decoded image's bytes, too much to
-    hold a shard of in Ray's object store; the model's stage makes them between its launches instead."""
+    A row with an image passes on untokenized, its image resized to the model's input size (`fit_image`: the
+    same patches, bit for bit; at most max_pixels x 3 bytes, and a large photo's costly resize done here); the
+    model's stage patchifies it between its launches, because patches (float32) take 8x the image's bytes, too
+    much to hold a shard of in Ray's object store. An image the size rule refuses passes on as it came, so that
+    the model's stage reports it as it would in one process."""
     out = []
     for record in records:
-        if "error" in record or record["item"].get("image") is not None:
+        if "error" in record:
             out.append(record)
             continue
         item = record["item"]
+        if item.get("image") is not None:
+            out.append(_fitted(record, processor, options))
+            continue
         try:
             prepared = processor.prepare_item(item, index=record["position"], max_pixels=options.max_pixels,
                                               max_length=options.max_length, prompt_set=options.prompt_set)
@@ -92,6 +98,15 @@ def prepare_records(records: list[dict], processor, options: EmbedOptions) -> li
         routing = {key: item[key] for key in ROUTING_KEYS if key in item}
         out.append({**_strip(record), "item": routing, "prepared": prepared.as_fields()})
     return out
+
+
+def _fitted(record: dict, processor, options: EmbedOptions) -> dict:
+    item = record["item"]
+    try:
+        image = processor.fit_image(item["image"], max_pixels=options.max_pixels, index=record["position"])
+    except ValueError:
+        return record
+    return {**record, "item": {**item, "image": image}}
 
 
 def _strip(record: dict) -> dict:

@@ -155,11 +155,11 @@ def test_on_a_gpu_records_are_prepared_between_launches(fresh_model, monkeypatch
 
 
 def test_records_tokenized_without_the_model_embed_as_records_tokenized_by_it(fresh_model, tiny_dir, image,
-                                                                             monkeypatch):
+                                                                             make_image, monkeypatch):
     """Ray's load stage tokenizes text rows with a processor of its own (`load_processor`: no weights, routing by
     the config); the model's stage then only routes, packs and embeds them: same vectors, same errors, including an
     adapter the model does not hold (caught by the model's routing) and a task adapter it did not ship (its base
-    model). Image rows are patchified by the model's stage, as in one process."""
+    model). Image rows pass on resized to the model's input size and are patchified by the model's stage."""
     from nova.embed.stages import EmbedOptions, ModelWorker, prepare_records
     from nova.loading import load_processor
 
@@ -169,21 +169,22 @@ def test_records_tokenized_without_the_model_embed_as_records_tokenized_by_it(fr
     items = [{"text": "rivers and their deltas"}, {"text": "def f(): pass", "task": "code"},
              {"text": "same words", "instructions": "Find notes on rivers."}, {"text": "x", "adapter": "code"},
              {"text": "y", "adapter": "nope"}, {"text": "", "task": "retrieval.passage"}, {"text": "z", "task": "nope"},
-             {"text": "a caption", "image": image, "adapter": "none"}]
+             {"text": "a caption", "image": image, "adapter": "none"}, {"image": make_image(2010, 10)}]
     records = [{"position": i, "id": f"r{i}", "item": item} for i, item in enumerate(items)]
     options = EmbedOptions(max_batch_size=3, dimensions=32, max_length=64)
     here = ModelWorker(None, options, model=model).embed(records)
 
     prepared = prepare_records(records, load_processor(str(tiny_dir)), options)
     assert [sorted(r) for r in prepared[:2]] == [["id", "item", "position", "prepared"]] * 2
-    assert prepared[7] is records[7]  # an image row passes on decoded, to be patchified by the model's stage
+    fitted = prepared[7]["item"]["image"]  # an image row passes on untokenized, its image fitted to the model
+    assert "prepared" not in prepared[7] and image.size == (120, 80) and fitted.size == (112, 84)
     assert "unknown task 'nope'" in prepared[6]["error"] and "'text' is empty" in prepared[5]["error"]
     tokenized_by_the_model = []
     prepare_item = type(model.processor).prepare_item
     monkeypatch.setattr(type(model.processor), "prepare_item", lambda processor, item, **kwargs: (
         tokenized_by_the_model.append(kwargs["index"]), prepare_item(processor, item, **kwargs))[1])
     there = ModelWorker(None, options, model=model).embed(prepared)
-    assert tokenized_by_the_model == [7]
+    assert tokenized_by_the_model == [7, 8]  # the image rows (one the size rule refuses: as in one process)
 
     assert [sorted(r) for r in there] == [sorted(r) for r in here]
     for a, b in zip(here, there, strict=True):
@@ -191,6 +192,6 @@ def test_records_tokenized_without_the_model_embed_as_records_tokenized_by_it(fr
         if "vector" in a:
             assert a["vector"].shape == (32,) and np.allclose(a["vector"], b["vector"], atol=1e-6)
     errors = {r["position"]: r["error"] for r in there if "error" in r}
-    assert sorted(errors) == [3, 4, 5, 6]
+    assert sorted(errors) == [3, 4, 5, 6, 8] and "aspect ratio" in errors[8]
     assert "adapter 'code'" in errors[3] and "unknown adapter 'nope'" in errors[4]
     assert "vector" in there[1]  # task 'code' inherits its absent adapter: the base model, as when tokenized here
