@@ -181,8 +181,12 @@ def test_records_tokenized_without_the_model_embed_as_records_tokenized_by_it(fr
     assert "unknown task 'nope'" in prepared[6]["error"] and "'text' is empty" in prepared[5]["error"]
     tokenized_by_the_model = []
     prepare_item = type(model.processor).prepare_item
-    monkeypatch.setattr(type(model.processor), "prepare_item", lambda processor, item, **kwargs: (
-        tokenized_by_the_model.append(kwargs["index"]), prepare_item(processor, item, **kwargs))[1])
+
+    def counted_prepare_item(processor, item, **kwargs):
+        tokenized_by_the_model.append(kwargs["index"])
+        return prepare_item(processor, item, **kwargs)
+
+    monkeypatch.setattr(type(model.processor), "prepare_item", counted_prepare_item)
     there = ModelWorker(None, options, model=model).embed(prepared)
     assert tokenized_by_the_model == [7, 8]  # the image rows (one the size rule refuses: as in one process)
 
