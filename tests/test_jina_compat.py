@@ -1,9 +1,11 @@
 """A Jina V4 directory loads as it is, `nova convert` turns it into a Nova directory, same vectors."""
 
+import inspect
+
 import torch
 
 from nova.cli import main
-from nova.loading import load_model
+from nova.loading import load_model, load_processor
 from nova.tiny import write_checkpoint
 
 
@@ -20,6 +22,16 @@ def test_jina_layout_and_its_conversion_give_identical_vectors(tiny_model, tmp_p
         {"text": "def f(): pass", "task": "code.passage", "instructions": "Find code"},
         {"image": make_image(), "task": "text-matching"},
     ]
+    for model, directory in ((jina, jina_dir), (nova, tmp_path / "nova")):  # a processor without the weights
+        alone = load_processor(directory)
+        # the same code (this repository's, or the directory's own), if not the same module object
+        assert inspect.getsource(type(alone)) == inspect.getsource(type(model.processor))
+        for item in items:
+            mine, theirs = alone.prepare_item(item), model.processor.prepare_item(item)
+            assert mine.as_fields().keys() == theirs.as_fields().keys()
+            assert list(mine.input_ids) == list(theirs.input_ids) and mine.adapter == theirs.adapter
+            assert (mine.pixel_values is None) == (theirs.pixel_values is None)
+            assert mine.pixel_values is None or torch.equal(mine.pixel_values, theirs.pixel_values)
     for multi in (False, True):
         a = jina.encode(items, return_multivector=multi)
         b = nova.encode(items, return_multivector=multi)
