@@ -38,6 +38,16 @@ def check_model_source(model: str | os.PathLike | None, *, trust_remote_code: bo
         )
 
 
+def _checked_source(model: str | os.PathLike | None, trust_remote_code: bool) -> tuple[str, bool]:
+    """(the path or hub id to load, whether it is a Nova directory that carries its own code), after
+    `check_model_source`; None is the bundled tiny checkpoint."""
+    from nova.tiny import ensure_tiny_checkpoint  # imports torch: not needed by check_model_source's callers
+
+    check_model_source(model, trust_remote_code=trust_remote_code)
+    path = str(ensure_tiny_checkpoint() if model is None else model)
+    return path, os.path.isfile(os.path.join(path, REMOTE_CODE_MARKER))
+
+
 def load_model(model: str | os.PathLike | None = None, *, device: str | None = None, dtype=None,
                chat_template: str | None = None, max_loras: int | None = None, max_lora_rank: int | None = None,
                trust_remote_code: bool = True):
@@ -46,14 +56,11 @@ def load_model(model: str | os.PathLike | None = None, *, device: str | None = N
     A Nova directory is loaded through `AutoModel(trust_remote_code=True)` with its own remote code, exactly
     as a Hugging Face user would; anything else (a Jina V4 checkpoint) through this repository's classes.
     """
-    from nova.tiny import ensure_tiny_checkpoint  # imports torch: not needed by check_model_source's callers
-
-    check_model_source(model, trust_remote_code=trust_remote_code)
-    path = str(ensure_tiny_checkpoint() if model is None else model)
+    path, own_code = _checked_source(model, trust_remote_code)
     kwargs = {"chat_template": chat_template, "max_loras": max_loras, "max_lora_rank": max_lora_rank,
               "device": device, "dtype": dtype}
     kwargs = {key: value for key, value in kwargs.items() if value is not None}
-    if os.path.isfile(os.path.join(path, REMOTE_CODE_MARKER)):
+    if own_code:
         from transformers import AutoModel
 
         return AutoModel.from_pretrained(path, trust_remote_code=True, **kwargs)
@@ -64,11 +71,8 @@ def load_processor(model: str | os.PathLike | None = None, *, trust_remote_code:
     """The processor that `load_model(model)` attaches, without loading weights: for work that tokenizes away from
     the model (`nova embed`'s Ray load stage). It comes from the same code as the model's (a Nova directory's own,
     else this repository's) and routes by the config alone: the model's processor checks adapter names."""
-    from nova.tiny import ensure_tiny_checkpoint
-
-    check_model_source(model, trust_remote_code=trust_remote_code)
-    path = str(ensure_tiny_checkpoint() if model is None else model)
-    if os.path.isfile(os.path.join(path, REMOTE_CODE_MARKER)):
+    path, own_code = _checked_source(model, trust_remote_code)
+    if own_code:
         from transformers import AutoProcessor
 
         return AutoProcessor.from_pretrained(path, trust_remote_code=True)
